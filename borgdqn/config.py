@@ -1,0 +1,344 @@
+"""One validated configuration model for an agent, the replay memory and the hive.
+
+The CLI builds it from defaults < YAML file < ``BORG_*`` environment variables < flags; the operator renders
+the same model into a ConfigMap. Every section forbids unknown keys so that a misspelt field is an error, not
+a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "BORG_"
+ENV_NESTING = "__"
+
+
+class ConfigError(ValueError):
+    """A configuration the user gave cannot work; the message is one line that names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- schedules
+class ConstantSchedule(_Strict):
+    kind: Literal["constant"] = "constant"
+    value: float
+
+
+class LinearSchedule(_Strict):
+    """From ``start`` to ``end`` over ``steps`` steps (after ``begin``), then ``end``."""
+
+    kind: Literal["linear"] = "linear"
+    start: float
+    end: float
+    steps: int = Field(gt=0)
+    begin: int = Field(default=0, ge=0)
+
+
+class ExponentialSchedule(_Strict):
+    """``start * decay ** (step / steps)``, floored (or capped) at ``end``."""
+
+    kind: Literal["exponential"] = "exponential"
+    start: float
+    end: float
+    decay: float = Field(gt=0.0, lt=1.0, default=0.1)
+    steps: int = Field(gt=0)
+
+
+class PiecewiseSchedule(_Strict):
+    """Linear interpolation between ``(step, value)`` points; constant outside them."""
+
+    kind: Literal["piecewise"] = "piecewise"
+    points: list[tuple[int, float]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sorted(self) -> PiecewiseSchedule:
+        steps = [p[0] for p in self.points]
+        if steps != sorted(steps):
+            raise ValueError("points must be sorted by step")
+        return self
+
+
+Schedule = Annotated[
+    ConstantSchedule | LinearSchedule | ExponentialSchedule | PiecewiseSchedule, Field(discriminator="kind")
+]
+
+
+# ---------------------------------------------------------------------------------------------- policies
+class RandomPolicySpec(_Strict):
+    kind: Literal["random"] = "random"
+    name: str | None = None
+
+
+class GreedyPolicySpec(_Strict):
+    kind: Literal["greedy"] = "greedy"
+    name: str | None = None
+
+
+class EpsilonGreedyPolicySpec(_Strict):
+    kind: Literal["epsilon_greedy"] = "epsilon_greedy"
+    name: str | None = None
+    epsilon: Schedule = Field(
+        default_factory=lambda: LinearSchedule(start=1.0, end=0.01, steps=250_000),
+    )
+
+
+class BoltzmannPolicySpec(_Strict):
+    kind: Literal["boltzmann"] = "boltzmann"
+    name: str | None = None
+    temperature: Schedule = Field(default_factory=lambda: ConstantSchedule(value=1.0))
+
+
+class SwitchPolicySpec(_Strict):
+    """Acts with ``first`` for the first ``after`` steps of each episode, then with ``second``."""
+
+    kind: Literal["switch"] = "switch"
+    name: str | None = None
+    first: PolicySpec
+    second: PolicySpec
+    after: int = Field(gt=0, description="episode step at which the second policy takes over")
+
+
+class MixtureComponent(_Strict):
+    policy: PolicySpec
+    weight: Schedule
+
+
+class MixturePolicySpec(_Strict):
+    """At each episode start a component is drawn with probability proportional to its scheduled weight."""
+
+    kind: Literal["mixture"] = "mixture"
+    name: str | None = None
+    components: list[MixtureComponent] = Field(min_length=1)
+
+
+PolicySpec = Annotated[
+    RandomPolicySpec
+    | GreedyPolicySpec
+    | EpsilonGreedyPolicySpec
+    | BoltzmannPolicySpec
+    | SwitchPolicySpec
+    | MixturePolicySpec,
+    Field(discriminator="kind"),
+]
+SwitchPolicySpec.model_rebuild()
+MixtureComponent.model_rebuild()
+MixturePolicySpec.model_rebuild()
+
+
+class EpsilonLadder(_Strict):
+    """Ape-X: agent i of N explores with eps_i = base ** (1 + alpha * i / (N - 1)).
+
+    When enabled, every epsilon-greedy policy of agent i anneals from its schedule's start to eps_i (instead of
+    its schedule's end) over the schedule's steps.
+    """
+
+    enabled: bool = False
+    base: float = Field(default=0.4, gt=0.0, le=1.0)
+    alpha: float = Field(default=7.0, ge=0.0)
+
+
+# --------------------------------------------------------------------------------------------- sections
+class EnvConfig(_Strict):
+    id: str = Field(default="ALE/Pong-v5", description="any gymnasium id; ALE/* ids get DQN preprocessing")
+    num_envs: int = Field(default=8, ge=1, le=1024, description="environments per agent (one vector env)")
+    frame_stack: int = Field(default=4, ge=1, le=16, description="1 turns stacking off (e.g. with an LSTM)")
+    frame_skip: int = Field(default=4, ge=1)
+    screen_size: int = Field(default=84, ge=16, le=256)
+    noop_max: int = Field(default=30, ge=0)
+    terminal_on_life_loss: bool = False
+    clip_rewards: bool = Field(default=True, description="clip rewards to [-1, 1] for learning only")
+    max_episode_steps: int | None = Field(default=27_000, ge=1, description="agent steps per episode")
+    sticky_actions: float = Field(default=0.0, ge=0.0, le=1.0, description="ALE repeat_action_probability")
+
+
+class NetworkConfig(_Strict):
+    torso: Literal["auto", "nature_cnn", "mlp"] = "auto"
+    mlp_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 256], min_length=1)
+    dueling: bool = True
+    lstm: bool = Field(default=False, description="recurrent core; sequences with burn-in replace stacking")
+    lstm_hidden: int = Field(default=512, gt=0)
+
+
+class LearnerConfig(_Strict):
+    gamma: float = Field(default=0.99, gt=0.0, le=1.0)
+    n_step: int = Field(default=3, ge=1, le=100)
+    double: bool = True
+    lr: float = Field(default=1e-4, gt=0.0)
+    adam_eps: float = Field(default=1.5e-4, gt=0.0)
+    batch_size: int = Field(default=32, ge=1)
+    huber_delta: float = Field(default=1.0, gt=0.0)
+    max_grad_norm: float | None = Field(default=10.0, gt=0.0)
+    target_update: Literal["hard", "soft"] = "hard"
+    target_update_period: int = Field(default=2000, ge=1, description="updates between hard target copies")
+    tau: float = Field(default=0.005, gt=0.0, le=1.0, description="soft target update rate")
+    learning_starts: int = Field(default=20_000, ge=0, description="steps in the memory before learning")
+    update_every: int = Field(
+        default=4, ge=1, description="agent env steps (summed over its envs) per gradient update"
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    burn_in: int = Field(default=20, ge=0, description="LSTM: steps replayed only to warm up the state")
+    sequence_length: int = Field(default=40, ge=1, description="LSTM: trained steps per sampled sequence")
+
+
+class ReplayConfig(_Strict):
+    backend: Literal["shared"] = "shared"
+    capacity: int = Field(default=250_000, ge=64, description="steps stored, shared by all agents")
+    chunk_length: int = Field(default=32, ge=1, le=4096, description="steps per chunk an agent adds")
+    prioritized: bool = True
+    alpha: float = Field(default=0.6, ge=0.0)
+    beta: Schedule = Field(default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=1_000_000))
+    priority_eps: float = Field(default=1e-6, gt=0.0)
+
+
+class HiveConfig(_Strict):
+    agents: int = Field(default=2, ge=1, le=256)
+    steps: int = Field(default=2_000_000, ge=1, description="total env steps over the whole hive")
+    seed: int = 0
+    out: Path = Path("runs/hive")
+    threads_per_agent: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=100_000, ge=1, description="env steps per agent between saves")
+    report_every_s: float = Field(default=2.0, gt=0.0)
+    live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
+
+
+class BorgConfig(_Strict):
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    policy: PolicySpec = Field(default_factory=EpsilonGreedyPolicySpec)
+    epsilon_ladder: EpsilonLadder = Field(default_factory=EpsilonLadder)
+    hive: HiveConfig = Field(default_factory=HiveConfig)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> BorgConfig:
+        if self.network.lstm and self.learner.sequence_length < self.learner.n_step:
+            raise ValueError("learner.sequence_length must be >= learner.n_step when network.lstm is on")
+        if self.learner.batch_size > self.replay.capacity:
+            raise ValueError("learner.batch_size must not exceed replay.capacity")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``learner.lr=3e-4`` -> ("learner.lr", 3e-4); values are YAML scalars (or YAML lists/maps)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. learner.lr=3e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from err
+    return key.strip(), value
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``BORG_LEARNER__LR=3e-4`` -> {"learner": {"lr": 3e-4}}; section and field names are case-insensitive."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or ENV_NESTING not in name:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace(ENV_NESTING, ".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{name}: value is not valid YAML ({err.__class__.__name__})") from err
+        _set_path(tree, dotted, value)
+    return tree
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first problem as one line: ``learner.lr: Input should be greater than 0 (got -1)``."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) or first["type"] == "missing" else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    suffix = f"; and {more} more problem{'s' if more > 1 else ''}" if more else ""
+    return f"{loc}: {msg}{shown}{suffix}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator value (e.g. "linear") into the location of tagged unions.
+    return isinstance(part, str) and part in {
+        "constant", "linear", "exponential", "piecewise",
+        "random", "greedy", "epsilon_greedy", "boltzmann", "switch", "mixture",
+    }  # fmt: skip
+
+
+def build_config(
+    data: Mapping[str, Any] | None = None,
+    *,
+    yaml_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> BorgConfig:
+    """Merge defaults < YAML < environment < overrides (dotted keys) and validate; raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if yaml_path is not None:
+        tree = _deep_merge(tree, read_yaml(yaml_path))
+    if data:
+        tree = _deep_merge(tree, data)
+    tree = _deep_merge(tree, environment_overrides(os.environ if environ is None else environ))
+    for dotted, value in (overrides or {}).items():
+        _set_path(tree, dotted, value)
+    try:
+        return BorgConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
+
+
+def dump_config(config: BorgConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
