@@ -141,9 +141,9 @@ class EpsilonLadder(_Strict):
     its schedule's end) over the schedule's steps.
     """
 
-    enabled: bool = False
-    base: float = Field(default=0.4, gt=0.0, le=1.0)
-    alpha: float = Field(default=7.0, ge=0.0)
+    enabled: bool = Field(default=False, description="give agent i its own final epsilon")
+    base: float = Field(default=0.4, gt=0.0, le=1.0, description="epsilon of agent 0")
+    alpha: float = Field(default=7.0, ge=0.0, description="spread of the ladder")
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -151,64 +151,69 @@ class EnvConfig(_Strict):
     id: str = Field(default="ALE/Pong-v5", description="any gymnasium id; ALE/* ids get DQN preprocessing")
     num_envs: int = Field(default=8, ge=1, le=1024, description="environments per agent (one vector env)")
     frame_stack: int = Field(default=4, ge=1, le=16, description="1 turns stacking off (e.g. with an LSTM)")
-    frame_skip: int = Field(default=4, ge=1)
-    screen_size: int = Field(default=84, ge=16, le=256)
-    noop_max: int = Field(default=30, ge=0)
-    terminal_on_life_loss: bool = False
+    frame_skip: int = Field(default=4, ge=1, description="ALE frames per agent step (max-pooled)")
+    screen_size: int = Field(default=84, ge=16, le=256, description="ALE frames are resized to this square")
+    noop_max: int = Field(default=30, ge=0, description="ALE: up to this many no-ops at each reset")
+    terminal_on_life_loss: bool = Field(default=False, description="ALE: a lost life ends the learning episode")
     clip_rewards: bool = Field(default=True, description="clip rewards to [-1, 1] for learning only")
     max_episode_steps: int | None = Field(default=27_000, ge=1, description="agent steps per episode")
     sticky_actions: float = Field(default=0.0, ge=0.0, le=1.0, description="ALE repeat_action_probability")
 
 
 class NetworkConfig(_Strict):
-    torso: Literal["auto", "nature_cnn", "mlp"] = "auto"
-    mlp_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 256], min_length=1)
-    dueling: bool = True
+    torso: Literal["auto", "nature_cnn", "mlp"] = Field(
+        default="auto", description="auto: CNN for images, MLP for vectors"
+    )
+    mlp_hidden: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [256, 256], min_length=1, description="MLP torso layer widths"
+    )
+    dueling: bool = Field(default=True, description="dueling head: Q = V + A - mean(A)")
     lstm: bool = Field(default=False, description="recurrent core; sequences with burn-in replace stacking")
-    lstm_hidden: int = Field(default=512, gt=0)
+    lstm_hidden: int = Field(default=512, gt=0, description="LSTM state size")
 
 
 class LearnerConfig(_Strict):
-    gamma: float = Field(default=0.99, gt=0.0, le=1.0)
-    n_step: int = Field(default=3, ge=1, le=100)
-    double: bool = True
-    lr: float = Field(default=1e-4, gt=0.0)
-    adam_eps: float = Field(default=1.5e-4, gt=0.0)
-    batch_size: int = Field(default=32, ge=1)
-    huber_delta: float = Field(default=1.0, gt=0.0)
-    max_grad_norm: float | None = Field(default=10.0, gt=0.0)
-    target_update: Literal["hard", "soft"] = "hard"
+    gamma: float = Field(default=0.99, gt=0.0, le=1.0, description="discount")
+    n_step: int = Field(default=3, ge=1, le=100, description="steps of the bootstrapped return")
+    double: bool = Field(default=True, description="Double DQN: online argmax, target value")
+    lr: float = Field(default=1e-4, gt=0.0, description="Adam learning rate")
+    adam_eps: float = Field(default=1.5e-4, gt=0.0, description="Adam epsilon")
+    batch_size: int = Field(default=32, ge=1, description="transitions (or sequences) per update")
+    huber_delta: float = Field(default=1.0, gt=0.0, description="Huber loss threshold")
+    max_grad_norm: float | None = Field(default=10.0, gt=0.0, description="global gradient norm clip; null: off")
+    target_update: Literal["hard", "soft"] = Field(default="hard", description="copy every period, or Polyak")
     target_update_period: int = Field(default=2000, ge=1, description="updates between hard target copies")
     tau: float = Field(default=0.005, gt=0.0, le=1.0, description="soft target update rate")
     learning_starts: int = Field(default=20_000, ge=0, description="steps in the memory before learning")
-    update_every: int = Field(
-        default=4, ge=1, description="agent env steps (summed over its envs) per gradient update"
-    )
+    update_every: int = Field(default=4, ge=1, description="agent env steps (summed over its envs) per gradient update")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
+    mixed_precision: Literal["auto", "on", "off"] = Field(default="auto", description="auto: bf16 on CUDA")
+    compile: bool = Field(default=False, description="torch.compile the online network")
     burn_in: int = Field(default=20, ge=0, description="LSTM: steps replayed only to warm up the state")
     sequence_length: int = Field(default=40, ge=1, description="LSTM: trained steps per sampled sequence")
 
 
 class ReplayConfig(_Strict):
-    backend: Literal["shared"] = "shared"
+    backend: Literal["shared"] = Field(default="shared", description="shared: one machine, /dev/shm")
     capacity: int = Field(default=250_000, ge=64, description="steps stored, shared by all agents")
     chunk_length: int = Field(default=32, ge=1, le=4096, description="steps per chunk an agent adds")
-    prioritized: bool = True
-    alpha: float = Field(default=0.6, ge=0.0)
-    beta: Schedule = Field(default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=1_000_000))
-    priority_eps: float = Field(default=1e-6, gt=0.0)
+    prioritized: bool = Field(default=True, description="proportional prioritized replay")
+    alpha: float = Field(default=0.6, ge=0.0, description="priority exponent")
+    beta: Schedule = Field(
+        default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=1_000_000),
+        description="importance-weight exponent over hive env steps",
+    )
+    priority_eps: float = Field(default=1e-6, gt=0.0, description="added to |TD| so no step starves")
 
 
 class HiveConfig(_Strict):
-    agents: int = Field(default=2, ge=1, le=256)
+    agents: int = Field(default=2, ge=1, le=256, description="agent processes")
     steps: int = Field(default=2_000_000, ge=1, description="total env steps over the whole hive")
-    seed: int = 0
-    out: Path = Path("runs/hive")
-    threads_per_agent: int = Field(default=1, ge=1)
+    seed: int = Field(default=0, description="base seed of envs, networks and policies")
+    out: Path = Field(default=Path("runs/hive"), description="run directory")
+    threads_per_agent: int = Field(default=1, ge=1, description="torch threads in each agent process")
     checkpoint_every: int = Field(default=100_000, ge=1, description="env steps per agent between saves")
-    report_every_s: float = Field(default=2.0, gt=0.0)
+    report_every_s: float = Field(default=2.0, gt=0.0, description="seconds between train records")
     live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
 
 

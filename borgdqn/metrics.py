@@ -92,7 +92,7 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
     """
     per_agent: dict[int, EpisodeTally] = {}
     steps: dict[int, int] = {}
-    episodes = sorted(read_records(run_dir, "episode"), key=lambda r: (r.get("wall") or 0.0))
+    episodes = sorted(read_records(run_dir, "episode"), key=lambda r: r.get("wall") or 0.0)
     hive = EpisodeTally()
     for rec in episodes:
         agent = int(rec["agent"])

@@ -1,0 +1,5 @@
+import sys
+
+from borgdqn.cli import main
+
+sys.exit(main())

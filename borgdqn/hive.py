@@ -1,0 +1,223 @@
+"""The one-machine hive: N agent processes that share one embedded replay memory.
+
+The parent owns the shared memory, starts the agents (``spawn``: no forked torch or ALE state), shows their
+progress, turns Ctrl-C into a clean stop (every agent saves a checkpoint) and writes ``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.synchronize
+import queue
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from borgdqn.config import BorgConfig, ConfigError, dump_config
+from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
+from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
+from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
+from borgdqn.rl.adder import STREAMS_PER_AGENT
+from borgdqn.rl.agent import AgentReport
+from borgdqn.rl.checkpoint import CHECKPOINT_DIR, agent_checkpoint_path, read_checkpoint
+from borgdqn.rl.envs import EnvSpec, make_vector_env
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+JOIN_TIMEOUT_S = 120.0
+
+
+class HiveError(RuntimeError):
+    """An agent process failed; the message is the agent's one-line reason."""
+
+
+@dataclass
+class AgentFailure:
+    agent: int
+    message: str
+
+
+def probe_env(config: BorgConfig) -> EnvSpec:
+    """Build one env to learn frame shape and action count (and to reject a bad env id before any spawn)."""
+    env = make_vector_env(config.env.model_copy(update={"num_envs": 1}), seed=config.hive.seed)
+    try:
+        return env.spec
+    finally:
+        env.close()
+
+
+def prepare_run_dir(config: BorgConfig, resume: bool) -> Path:
+    run_dir = config.hive.out
+    has_run = (run_dir / CHECKPOINT_DIR).exists() or (run_dir / "metrics").exists()
+    if has_run and not resume:
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and not has_run:
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    return run_dir
+
+
+def _agent_main(
+    agent: int,
+    config_json: str,
+    handle: SharedReplayHandle,
+    run_dir: Path,
+    stop: multiprocessing.synchronize.Event,
+    reports: Any,
+    resume: bool,
+    clock_offset: float,
+    log_level: int,
+) -> None:
+    # The terminal sends Ctrl-C to the whole process group; the parent alone decides, and sets `stop`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format=f"%(asctime)s agent={agent} %(name)s %(message)s")
+    from borgdqn.rl.agent import run_agent
+
+    config = BorgConfig.model_validate_json(config_json)
+    memory = SharedReplay.attach(handle, seed=agent)
+    try:
+        run_agent(agent, config, memory, run_dir, stop=stop, reports=reports, resume=resume, clock_offset=clock_offset)
+    except Exception as err:
+        log.debug("agent %d failed:\n%s", agent, traceback.format_exc())
+        reports.put(AgentFailure(agent, f"{err.__class__.__name__}: {err}"))
+        sys.exit(1)
+    finally:
+        memory.close()
+
+
+def _make_view(config: BorgConfig) -> HiveView:
+    live = config.hive.live
+    use_rich = live == "on" or (live == "auto" and sys.stderr.isatty())
+    if use_rich:
+        return RichHiveView(config.hive.agents, config.hive.steps)
+    return LogHiveView(config.hive.agents, config.hive.steps, every_s=max(10.0, 5 * config.hive.report_every_s))
+
+
+def _resume_offset(run_dir: Path, agents: int) -> float:
+    walls = []
+    for agent in range(agents):
+        path = agent_checkpoint_path(run_dir, agent)
+        if path.exists():
+            walls.append(read_checkpoint(path)[1].wall)
+    return max(walls, default=0.0)
+
+
+def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json."""
+    spec = probe_env(config)
+    run_dir = prepare_run_dir(config, resume)
+    offset = _resume_offset(run_dir, config.hive.agents) if resume else 0.0
+    if config.env.num_envs > STREAMS_PER_AGENT:
+        raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
+    memory = SharedReplay.create(
+        config.replay.capacity,
+        spec.frame_shape,
+        spec.frame_dtype,
+        prioritized=config.replay.prioritized,
+        alpha=config.replay.alpha,
+        priority_eps=config.replay.priority_eps,
+        recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
+        max_streams=config.hive.agents * STREAMS_PER_AGENT,
+        seed=config.hive.seed,
+    )
+    frame_bytes = int(np.prod(spec.frame_shape)) * np.dtype(spec.frame_dtype).itemsize
+    log.info(
+        "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.2f GB) out=%s",
+        config.hive.agents, config.env.id, spec.frame_shape, spec.num_actions, config.replay.capacity,
+        config.replay.capacity * frame_bytes / 1e9, run_dir,
+    )  # fmt: skip
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    reports = ctx.Queue(maxsize=10_000)
+    config_json = config.model_dump_json()
+    started = time.monotonic()
+    procs = [
+        ctx.Process(
+            target=_agent_main,
+            name=f"borgdqn-agent-{i}",
+            args=(i, config_json, memory.handle(), run_dir, stop, reports, resume, offset, logging.getLogger().level),
+        )
+        for i in range(config.hive.agents)
+    ]
+    failures: list[AgentFailure] = []
+    interrupted = False
+    try:
+        for p in procs:
+            p.start()
+        with _make_view(config) as view:
+            interrupted = _watch(procs, reports, view, failures, stop)
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+            if p.is_alive():
+                log.warning("agent process %s did not stop in %.0fs; terminating it", p.name, JOIN_TIMEOUT_S)
+                p.terminate()
+                p.join(5)
+        _drain(reports, None, failures)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        memory.close()
+        memory.unlink()
+    summary = summarize(run_dir, offset + time.monotonic() - started)
+    summary["interrupted"] = interrupted
+    write_summary(run_dir, summary)
+    if failures:
+        first = failures[0]
+        raise HiveError(f"agent {first.agent} failed: {first.message}")
+    crashed = [p for p in procs if p.exitcode not in (0, None)]
+    if crashed:
+        raise HiveError(f"agent process {crashed[0].name} died with exit code {crashed[0].exitcode}")
+    log.info("summary written to %s", run_dir / SUMMARY_FILE)
+    return summary
+
+
+def _drain(reports: Any, view: HiveView | None, failures: list[AgentFailure], timeout: float = 0.0) -> None:
+    block = timeout > 0
+    while True:
+        try:
+            item = reports.get(block, timeout) if block else reports.get_nowait()
+        except queue.Empty:
+            return
+        block = False
+        if isinstance(item, AgentFailure):
+            failures.append(item)
+        elif isinstance(item, AgentReport) and view is not None:
+            view.update(item)
+
+
+def _watch(
+    procs: list[Any],
+    reports: Any,
+    view: HiveView,
+    failures: list[AgentFailure],
+    stop: multiprocessing.synchronize.Event,
+) -> bool:
+    """Show reports until every agent has exited; returns True when the user interrupted the run."""
+    interrupted = False
+    while any(p.is_alive() for p in procs):
+        try:
+            _drain(reports, view, failures, timeout=0.25)
+            if failures and not stop.is_set():
+                view.note(f"agent {failures[0].agent} failed ({failures[0].message}); stopping the hive")
+                stop.set()
+        except KeyboardInterrupt:
+            if interrupted:
+                view.note("second Ctrl-C: terminating agents without saving")
+                for p in procs:
+                    p.terminate()
+                break
+            interrupted = True
+            stop.set()
+            view.note("stopping: every agent saves a checkpoint (Ctrl-C again to abort)")
+    _drain(reports, view, failures)
+    return interrupted

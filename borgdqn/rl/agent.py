@@ -1,0 +1,318 @@
+"""One agent of the hive: acts in its vector env, writes what it saw to the shared memory, learns from the pool.
+
+Read top to bottom this is the whole DQN loop of one agent process:
+
+    observe -> Q-values -> policy picks actions -> env steps -> adder writes steps to the memory
+            -> every `update_every` env steps: sample the pooled memory -> learner update -> new priorities
+
+Every agent has its own online/target networks and optimizer; what the agents share is the experience.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing.synchronize
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from borgdqn.config import BorgConfig
+from borgdqn.memory.protocol import ReplayMemory
+from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
+from borgdqn.rl.adder import ChunkAdder
+from borgdqn.rl.checkpoint import AgentCheckpoint, load_agent_checkpoint, save_agent_checkpoint
+from borgdqn.rl.envs import make_vector_env
+from borgdqn.rl.frame_stack import FrameStacker
+from borgdqn.rl.learner import Learner
+from borgdqn.rl.policies import build_policy
+from borgdqn.rl.schedules import epsilon_ladder, make_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentReport:
+    """What an agent tells the hive runner now and then (and when an episode ends)."""
+
+    agent: int
+    env_steps: int
+    episodes: int
+    updates: int
+    mean_return: float | None
+    best_mean_return: float | None
+    last_return: float | None
+    epsilon: float
+    loss: float | None
+    env_steps_per_s: float
+    updates_per_s: float
+    memory_size: int
+    memory_capacity: int
+    done: bool = False
+    per_policy: dict[str, float] = field(default_factory=dict)
+
+
+def agent_seed(base: int, agent: int) -> int:
+    # Far-apart seeds: agent i's envs use seed + e, so consecutive agents must not overlap.
+    return base * 1_000_003 + agent * 10_007
+
+
+def ladder_epsilon_for(config: BorgConfig, agent: int) -> float | None:
+    ladder = config.epsilon_ladder
+    if not ladder.enabled:
+        return None
+    return epsilon_ladder(agent, config.hive.agents, ladder.base, ladder.alpha)
+
+
+def per_agent_steps(config: BorgConfig) -> int:
+    """The hive's step budget split over its agents (the first agents take the remainder)."""
+    return config.hive.steps // config.hive.agents
+
+
+def run_agent(
+    agent: int,
+    config: BorgConfig,
+    memory: ReplayMemory,
+    run_dir: Path,
+    *,
+    stop: multiprocessing.synchronize.Event | None = None,
+    reports: Any = None,
+    resume: bool = False,
+    clock_offset: float = 0.0,
+) -> AgentCheckpoint:
+    """Run agent ``agent`` until its share of ``hive.steps`` is done or ``stop`` is set; returns its final state.
+
+    ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
+    """
+    env_cfg, learn_cfg = config.env, config.learner
+    seed = agent_seed(config.hive.seed, agent)
+    budget = per_agent_steps(config) + (1 if agent < config.hive.steps % config.hive.agents else 0)
+
+    env = make_vector_env(env_cfg, seed=seed)
+    spec = env.spec
+    stack = env_cfg.frame_stack
+    learner = Learner(config.network, learn_cfg, spec, stack, seed=seed, threads=config.hive.threads_per_agent)
+    policy = build_policy(
+        config.policy,
+        num_envs=env.num_envs,
+        num_actions=spec.num_actions,
+        seed=seed,
+        ladder_epsilon=ladder_epsilon_for(config, agent),
+    )
+    beta = make_schedule(config.replay.beta)
+    recurrent = learner.online.recurrent
+    adder = ChunkAdder(
+        memory,
+        agent=agent,
+        num_envs=env.num_envs,
+        chunk_length=config.replay.chunk_length,
+        frame_shape=spec.frame_shape,
+        frame_dtype=spec.frame_dtype,
+        recurrent_hidden=learner.online.hidden_size if recurrent else None,
+    )
+    state = AgentCheckpoint(agent=agent)
+    if resume:
+        loaded = load_agent_checkpoint(run_dir, agent)
+        if loaded is not None:
+            state = loaded
+            learner.load_state_dict(loaded.learner)
+            policy.load_state_dict(loaded.policy)
+            log.info("agent=%d resumed env_steps=%d updates=%d", agent, state.env_steps, learner.updates)
+    metrics = MetricsWriter(agent_metrics_path(run_dir, agent))
+    tally = EpisodeTally(episodes=state.episodes, recent=list(state.recent_returns), best_mean=state.best_mean)
+    per_policy: dict[str, EpisodeTally] = {}
+    started = time.monotonic() - clock_offset
+
+    num_envs = env.num_envs
+    frames = env.reset(seed=seed + state.env_steps)
+    stacker = FrameStacker(num_envs, stack, spec.frame_shape, spec.frame_dtype)
+    obs = stacker.reset(frames)
+    first = np.ones(num_envs, dtype=bool)
+    last = np.zeros(num_envs, dtype=bool)
+    terminated = np.zeros(num_envs, dtype=bool)
+    core_state = learner.online.initial_state(num_envs, learner.device) if recurrent else None
+    policy.begin_episodes(np.ones(num_envs, dtype=bool), state.env_steps)
+    episode_return = np.zeros(num_envs, dtype=np.float64)
+    episode_length = np.zeros(num_envs, dtype=np.int64)
+    game_starting = np.zeros(num_envs, dtype=bool)
+
+    updates_due = 0.0
+    learning = False
+    losses: list[float] = []
+    mean_qs: list[float] = []
+    window_start, window_steps, window_updates = time.monotonic(), 0, 0
+    next_checkpoint = state.env_steps + config.hive.checkpoint_every
+    last_report = 0.0
+    last_loss: float | None = None
+
+    def report(done: bool = False, last_return: float | None = None) -> None:
+        nonlocal last_report, window_start, window_steps, window_updates
+        now = time.monotonic()
+        span = max(now - window_start, 1e-9)
+        stats = memory.stats()
+        rep = AgentReport(
+            agent=agent,
+            env_steps=state.env_steps,
+            episodes=tally.episodes,
+            updates=learner.updates,
+            mean_return=tally.mean,
+            best_mean_return=tally.best_mean,
+            last_return=last_return,
+            epsilon=policy.epsilon(state.env_steps),
+            loss=last_loss,
+            env_steps_per_s=window_steps / span,
+            updates_per_s=window_updates / span,
+            memory_size=stats.size,
+            memory_capacity=stats.capacity,
+            done=done,
+            per_policy={k: v.mean for k, v in per_policy.items() if v.mean is not None},
+        )
+        if last_return is None:
+            metrics.write(
+                "train",
+                agent=agent,
+                env_steps=state.env_steps,
+                updates=learner.updates,
+                loss=float(np.mean(losses)) if losses else None,
+                mean_q=float(np.mean(mean_qs)) if mean_qs else None,
+                env_steps_per_s=rep.env_steps_per_s,
+                updates_per_s=rep.updates_per_s,
+                epsilon=rep.epsilon,
+                wall=now - started,
+            )
+            if agent == 0:
+                metrics.write(
+                    "memory",
+                    size=stats.size,
+                    capacity=stats.capacity,
+                    inserted=stats.inserted,
+                    sampled=stats.sampled,
+                    wall=now - started,
+                )
+            losses.clear()
+            mean_qs.clear()
+            window_start, window_steps, window_updates = now, 0, 0
+            last_report = now
+        if reports is not None:
+            # A full queue only costs the view one refresh.
+            with contextlib.suppress(Exception):
+                reports.put_nowait(rep)
+
+    def checkpoint() -> None:
+        state.recent_returns = list(tally.recent)
+        state.best_mean = tally.best_mean
+        state.episodes = tally.episodes
+        state.wall = time.monotonic() - started
+        state.learner = learner.state_dict()
+        state.policy = policy.state_dict()
+        save_agent_checkpoint(run_dir, state, config)
+
+    try:
+        while state.env_steps < budget and not (stop is not None and stop.is_set()):
+            # Act on o_t. `first` resets the recurrent core where an episode starts.
+            q, next_core = learner.act(obs, core_state, first if recurrent else None)
+            actions = policy.select(q, state.env_steps)
+            result = env.step(actions)
+
+            # Record t = (frame of o_t, a_t, r_t, flags of o_t); rewards are clipped for learning only.
+            rewards = result.rewards
+            learn_rewards = np.clip(rewards, -1.0, 1.0) if env_cfg.clip_rewards else rewards
+            adder.add_step(
+                obs[:, -1],
+                actions,
+                learn_rewards,
+                first,
+                last,
+                terminated,
+                policy.acting_ids(),
+                _core_to_numpy(core_state) if recurrent else None,
+            )
+            core_state = next_core
+
+            # Bookkeeping of reported (full-game, raw-reward) episodes.
+            episode_return += rewards
+            episode_length += ~last
+            for e in np.flatnonzero(result.game_over):
+                ret = float(episode_return[e])
+                label = policy.episode_labels()[e]
+                tally.add(ret)
+                per_policy.setdefault(label, EpisodeTally()).add(ret)
+                metrics.write(
+                    "episode",
+                    agent=agent,
+                    env_steps=state.env_steps + num_envs,
+                    episode=tally.episodes,
+                    **{"return": ret},
+                    length=int(episode_length[e]),
+                    policy=label,
+                    epsilon=policy.epsilon(state.env_steps),
+                    wall=time.monotonic() - started,
+                )
+                report(last_return=ret)
+                episode_return[e] = 0.0
+                episode_length[e] = 0
+                game_starting[e] = True
+
+            # o_{t+1} becomes the current observation.
+            first, last, terminated = result.first, result.truncated | result.terminated, result.terminated
+            obs = stacker.push(result.frames, first)
+            new_games = first & game_starting
+            if new_games.any():
+                policy.begin_episodes(new_games, state.env_steps)
+                game_starting &= ~new_games
+            state.env_steps += num_envs
+            window_steps += num_envs
+
+            # Learn from the pool: one update per `update_every` env steps once the memory holds enough.
+            updates_due += num_envs / learn_cfg.update_every
+            if updates_due >= 1.0:
+                # Once the pool is warm it stays warm (it only grows or stays full): check until then.
+                learning = learning or memory.stats().size >= max(learn_cfg.learning_starts, learn_cfg.batch_size)
+                if learning:
+                    b = beta(state.env_steps * config.hive.agents)
+                    while updates_due >= 1.0:
+                        result_u = _learn_once(learner, memory, config, stack, b)
+                        losses.append(result_u.loss)
+                        mean_qs.append(result_u.mean_q)
+                        last_loss = result_u.loss
+                        updates_due -= 1.0
+                        window_updates += 1
+                else:
+                    updates_due = 0.0
+
+            if time.monotonic() - last_report >= config.hive.report_every_s:
+                report()
+            if state.env_steps >= next_checkpoint:
+                checkpoint()
+                next_checkpoint += config.hive.checkpoint_every
+        adder.flush()
+        checkpoint()
+        report(done=True)
+        return state
+    finally:
+        metrics.close()
+        env.close()
+
+
+def _learn_once(learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float) -> Any:
+    cfg = config.learner
+    if learner.online.recurrent:
+        length = cfg.burn_in + cfg.sequence_length + cfg.n_step
+        seq = memory.sample_sequences(cfg.batch_size, length, stack, beta)
+        out = learner.update_sequences(seq)
+        keys = seq.keys
+    else:
+        batch = memory.sample(cfg.batch_size, cfg.n_step, cfg.gamma, stack, beta)
+        out = learner.update(batch)
+        keys = batch.keys
+    if config.replay.prioritized:
+        memory.update_priorities(keys, out.priorities)
+    return out
+
+
+def _core_to_numpy(core: Any) -> np.ndarray:
+    h, c = core
+    return np.stack([h.detach().float().cpu().numpy(), c.detach().float().cpu().numpy()], axis=1)

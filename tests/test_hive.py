@@ -1,0 +1,152 @@
+"""The local hive end to end: real agent processes, real shared memory, real CartPole.
+
+Short runs check the plumbing (metrics, summary, checkpoints, resume, Ctrl-C, eval, plot); the slow test checks
+that the hive really learns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from borgdqn.config import build_config
+from borgdqn.hive import train
+from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+pytestmark = pytest.mark.integration
+
+
+def small_config(out: Path, steps: int, **extra: object) -> dict:
+    overrides = {
+        "hive.out": str(out),
+        "hive.steps": steps,
+        "hive.report_every_s": 0.2,
+        "hive.live": "off",
+        "learner.learning_starts": 200,
+        "learner.batch_size": 32,
+        "learner.target_update_period": 50,
+        "replay.capacity": 5000,
+        "policy.epsilon.steps": 1000,
+        "network.mlp_hidden": [32, 32],
+    }
+    overrides.update(extra)  # type: ignore[arg-type]
+    return overrides
+
+
+def test_short_run_writes_metrics_summary_checkpoints_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = build_config(yaml_path=EXAMPLES / "cartpole.yaml", environ={}, overrides=small_config(out, 3000))
+    summary = train(config)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["hive"] == summary["hive"]
+    assert set(summary["agents"]) == {"0", "1"}
+    assert summary["hive"]["env_steps"] >= 3000
+    assert summary["hive"]["episodes"] == sum(a["episodes"] for a in summary["agents"].values()) > 0
+    episodes = [json.loads(line) for line in (out / "metrics" / "agent-0.jsonl").read_text().splitlines()]
+    kinds = {rec["kind"] for rec in episodes}
+    assert {"episode", "train", "memory"} <= kinds
+    first_ckpt = {a: read_checkpoint(agent_checkpoint_path(out, a))[1] for a in (0, 1)}
+    assert all(c.env_steps >= 1500 for c in first_ckpt.values())
+    assert first_ckpt[0].learner["updates"] > 0
+
+    # Resume with a larger budget: counters continue, nothing restarts from zero.
+    resumed = build_config(yaml_path=EXAMPLES / "cartpole.yaml", environ={}, overrides=small_config(out, 6000))
+    train(resumed, resume=True)
+    for agent in (0, 1):
+        after = read_checkpoint(agent_checkpoint_path(out, agent))[1]
+        before = first_ckpt[agent]
+        assert after.env_steps >= 3000
+        assert after.learner["updates"] > before.learner["updates"]
+        assert after.episodes > before.episodes
+    train_steps = [
+        json.loads(line)["env_steps"]
+        for line in (out / "metrics" / "agent-0.jsonl").read_text().splitlines()
+        if '"kind":"train"' in line
+    ]
+    assert max(train_steps) >= 3000 and min(train_steps) < 1500, "metrics of both sessions are kept"
+
+    # The checkpoint plays: eval through the CLI prints the returns.
+    result = subprocess.run(
+        [sys.executable, "-m", "borgdqn", "eval", str(agent_checkpoint_path(out, 0)), "--episodes", "3"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("episode ") == 3
+    assert "mean return over 3 episodes" in result.stdout
+
+    # And plots are drawn from the run's metrics.
+    result = subprocess.run(
+        [sys.executable, "-m", "borgdqn", "plot", str(out), "--out", str(tmp_path / "plots")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pngs = list((tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_run_dir_is_not_overwritten_without_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "metrics").mkdir(parents=True)
+    config = build_config(yaml_path=EXAMPLES / "cartpole.yaml", environ={}, overrides=small_config(out, 100))
+    from borgdqn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config)
+
+
+def test_ctrl_c_stops_cleanly_and_saves(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"),
+        "--out", str(out), "--steps", "10000000", "--no-live",
+        "--set", "hive.report_every_s=0.2", "--set", "learner.learning_starts=100",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics" / "agent-1.jsonl"
+        # Wait for a condition (both agents reporting), bounded: not a sleep that hopes for timing.
+        while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["hive"]["env_steps"] < 10_000_000
+    for agent in (0, 1):
+        assert read_checkpoint(agent_checkpoint_path(out, agent))[1].env_steps > 0
+    assert "Traceback" not in stderr
+    leftovers = [p for p in Path("/dev/shm").iterdir() if str(proc.pid) in p.name]
+    assert not leftovers, f"shared memory leaked: {leftovers}"
+
+
+@pytest.mark.slow
+def test_cartpole_hive_of_two_learns(tmp_path: Path) -> None:
+    """The issue's bar: mean return >= 475 over the last 20 episodes within 100k total env steps, on CPU."""
+    assert not torch.cuda.is_available() or os.environ.get("BORG_ALLOW_GPU_TESTS"), "CPU bar"
+    config = build_config(
+        yaml_path=EXAMPLES / "cartpole.yaml",
+        environ={},
+        overrides={"hive.out": str(tmp_path / "run"), "hive.live": "off", "hive.seed": 1},
+    )
+    assert config.hive.steps == 100_000 and config.hive.agents == 2
+    summary = train(config)
+    assert summary["hive"]["env_steps"] <= 100_000 + config.env.num_envs * config.hive.agents
+    best = summary["hive"]["best_mean_return_20"]
+    assert best is not None and best >= 475, summary

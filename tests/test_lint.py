@@ -1,0 +1,23 @@
+"""The code base stays ruff- and mypy-clean: checked in the suite so that CI enforces it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_ruff_clean() -> None:
+    result = _run("ruff", "check", "borgdqn", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_clean() -> None:
+    result = _run("mypy", "borgdqn")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,857 @@
+"""The shared-memory replay: real POSIX shared memory, real processes (spawn), every sample checked by an oracle.
+
+Frames encode (stream, step index), so a sampled stack, n-step window or sequence can be checked step by step
+against what the stream really was: ``Stream`` is the oracle that knows episodes, rewards and actions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from borgdqn.memory.protocol import ReplayMemory, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.shared import SEQUENCE_KEY, SharedReplay, SharedReplayHandle
+
+GAMMA = 0.9
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+@dataclass(frozen=True)
+class Codec:
+    """Frames that carry (stream, step index) and a checksum of both in every other value."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def encode(self, sid: int | np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Frames ``[len(idx), *shape]`` for steps ``idx`` of stream(s) ``sid``."""
+        size = int(np.prod(self.shape))
+        idx = np.asarray(idx, dtype=np.int64).ravel()
+        sids = np.broadcast_to(np.asarray(sid, dtype=np.int64).ravel(), idx.shape)[:, None]
+        flat = np.zeros((idx.size, size), dtype=self.dtype)
+        if self.dtype == "float32":
+            flat[:, 0] = sids[:, 0]
+            flat[:, 1] = idx
+            flat[:, 2:] = sids * 1000 + idx[:, None] + 0.5 * np.arange(size - 2)
+        else:
+            flat[:, 0:4] = sids.astype("<u4").view(np.uint8)
+            flat[:, 4:8] = idx.astype("<u4").view(np.uint8).reshape(-1, 4)
+            flat[:, 8:] = (sids * 31 + idx[:, None] * 7 + np.arange(size - 8)) % 251
+        return flat.reshape(idx.size, *self.shape)
+
+    def decode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lead = frames.shape[: frames.ndim - len(self.shape)]
+        flat = frames.reshape(*lead, -1)
+        if self.dtype == "float32":
+            return flat[..., 0].astype(np.int64), flat[..., 1].astype(np.int64)
+        head = np.ascontiguousarray(flat[..., :8]).view("<u4")
+        return head[..., 0].astype(np.int64), head[..., 1].astype(np.int64)
+
+    def intact(self, frames: np.ndarray) -> np.ndarray:
+        """Per frame: every value is what (stream, index) in its head say it must be."""
+        sid, idx = self.decode(frames)
+        expected = self.encode(sid, idx).reshape(*sid.shape, -1)
+        return (frames.reshape(*sid.shape, -1) == expected).all(axis=-1)
+
+
+F32 = Codec((4,), "float32")  # CartPole-like vectors
+U8 = Codec((84, 84), "uint8")  # Atari frames
+U8_SMALL = Codec((16, 16), "uint8")  # the same byte layout, cheaper for the many-process tests
+
+
+@dataclass
+class Stream:
+    """One environment stream: its episodes (first/last/terminated per step), rewards and actions."""
+
+    sid: int
+    agent: int
+    first: np.ndarray
+    last: np.ndarray
+    terminated: np.ndarray
+    rewards: np.ndarray
+    actions: np.ndarray = field(init=False)
+    episode_first: np.ndarray = field(init=False)
+    episode_last: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.first.size
+        self.actions = (self.sid * 7 + np.arange(n)) % 5
+        starts = np.maximum.accumulate(np.where(self.first, np.arange(n), 0))
+        self.episode_first = starts
+        ends = np.where(self.last, np.arange(n), 10**9)
+        self.episode_last = np.minimum.accumulate(ends[::-1])[::-1]
+
+    @classmethod
+    def from_episodes(
+        cls, sid: int, agent: int, lengths: list[int], terminated: list[bool], rewards: list[float] | None = None
+    ) -> Stream:
+        """Episodes of ``lengths`` steps; ``terminated[i]`` tells how episode i ended. A trailing length
+        without an entry in ``terminated`` is an episode still running."""
+        first, last, term = [], [], []
+        for e, length in enumerate(lengths):
+            ends = e < len(terminated)
+            for i in range(length):
+                first.append(i == 0)
+                last.append(ends and i == length - 1)
+                term.append(ends and i == length - 1 and terminated[e])
+        n = len(first)
+        r = np.array(rewards, np.float32) if rewards is not None else ((sid * 13 + np.arange(n) * 7) % 11 - 5) / 4
+        return cls(sid, agent, np.array(first), np.array(last), np.array(term), np.asarray(r, np.float32))
+
+    @classmethod
+    def random(cls, sid: int, agent: int, total: int, max_episode: int = 40) -> Stream:
+        rng = np.random.default_rng(sid)
+        lengths: list[int] = []
+        while sum(lengths) < total:
+            lengths.append(int(rng.integers(2, max_episode)))
+        lengths[-1] -= sum(lengths) - total
+        ends = [bool(t) for t in rng.random(len(lengths) - 1) < 0.5]
+        if lengths[-1] < 1:
+            lengths.pop()
+        return cls.from_episodes(sid, agent, lengths, ends)
+
+    def __len__(self) -> int:
+        return int(self.first.size)
+
+    def chunk(self, start: int, stop: int, codec: Codec, state: bool = False) -> TrajectoryChunk:
+        idx = np.arange(start, stop)
+        return TrajectoryChunk(
+            stream_id=self.sid,
+            agent_id=self.agent,
+            frames=codec.encode(self.sid, idx),
+            actions=self.actions[start:stop].copy(),
+            rewards=self.rewards[start:stop].copy(),
+            first=self.first[start:stop].copy(),
+            last=self.last[start:stop].copy(),
+            terminated=self.terminated[start:stop].copy(),
+            policy_ids=np.zeros(stop - start, np.uint8),
+            recurrent_state=self.state_at(start) if state else None,
+        )
+
+    def state_at(self, start: int) -> np.ndarray:
+        return np.full((2, 3), self.sid * 1000 + start, np.float32)
+
+    def stack(self, t: int, stack: int) -> list[int]:
+        """Indexes of the frames the agent's FrameStacker shows at step t."""
+        return [max(t - k, int(self.episode_first[t])) for k in range(stack - 1, -1, -1)]
+
+    def transition(self, t: int, n: int, stack: int, gamma: float) -> tuple[list[int], int, float, float, list[int]]:
+        assert not self.last[t], f"stream {self.sid}: step {t} is a last step and was sampled as a start"
+        m = n
+        for j in range(1, n + 1):
+            if self.last[t + j]:
+                m = j
+                break
+        ret = sum(gamma**k * float(self.rewards[t + k]) for k in range(m))
+        disc = 0.0 if self.terminated[t + m] else gamma**m
+        return self.stack(t, stack), m, ret, disc, self.stack(t + m, stack)
+
+
+def check_transitions(
+    batch: TransitionBatch,
+    streams: dict[int, Stream],
+    codec: Codec,
+    n: int,
+    stack: int,
+    written: dict[int, int] | None = None,
+) -> list[tuple[int, int]]:
+    """Assert every row against the oracle; returns the (stream, start) of each row."""
+    b = batch.actions.shape[0]
+    assert batch.obs.shape == (b, stack, *codec.shape) == batch.next_obs.shape
+    assert batch.obs.dtype == np.dtype(codec.dtype)
+    assert batch.actions.dtype == np.int64 and batch.keys.dtype == np.int64 and batch.agent_ids.dtype == np.int32
+    assert batch.returns.dtype == batch.discounts.dtype == batch.weights.dtype == np.float32
+    assert codec.intact(batch.obs).all() and codec.intact(batch.next_obs).all(), "torn or corrupt frame"
+    obs_sid, obs_idx = codec.decode(batch.obs)
+    next_sid, next_idx = codec.decode(batch.next_obs)
+    starts = []
+    for row in range(b):
+        sid, t = int(obs_sid[row, -1]), int(obs_idx[row, -1])
+        s = streams[sid]
+        exp_obs, m, ret, disc, exp_next = s.transition(t, n, stack, GAMMA)
+        where = f"row {row}: stream {sid} start {t}"
+        assert (obs_sid[row] == sid).all() and (next_sid[row] == sid).all(), f"{where}: frames of another stream"
+        assert obs_idx[row].tolist() == exp_obs, f"{where}: obs {obs_idx[row].tolist()} != {exp_obs}"
+        assert next_idx[row].tolist() == exp_next, f"{where}: next_obs {next_idx[row].tolist()} != {exp_next}"
+        assert batch.actions[row] == s.actions[t], where
+        assert batch.agent_ids[row] == s.agent, where
+        assert math.isclose(batch.returns[row], ret, rel_tol=1e-5, abs_tol=1e-5), f"{where}: R {batch.returns[row]}"
+        assert math.isclose(batch.discounts[row], disc, rel_tol=1e-6, abs_tol=1e-7), f"{where}: d {batch.discounts}"
+        if written is not None:
+            assert t + m < written[sid], f"{where}: uses step {t + m}, not written yet"
+        starts.append((sid, t))
+    return starts
+
+
+def check_sequences(
+    batch: SequenceBatch,
+    streams: dict[int, Stream],
+    codec: Codec,
+    length: int,
+    stack: int,
+    written: dict[int, tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """Assert every row against the oracle. ``written[sid]``: (steps of the stream written before the call,
+    steps written after it) - equal unless a writer is running."""
+    b = batch.actions.shape[0]
+    frame_dims = (stack, *codec.shape) if stack > 1 else codec.shape
+    assert batch.frames.shape == (b, length, *frame_dims)
+    for name in ("actions", "rewards", "first", "last", "terminated", "mask"):
+        assert getattr(batch, name).shape == (b, length), name
+    assert batch.recurrent_state.shape == (b, 2, 3) and batch.recurrent_state.dtype == np.float32
+    assert (batch.keys & SEQUENCE_KEY != 0).all()
+    newest = batch.frames[:, :, -1] if stack > 1 else batch.frames
+    sids, idxs = codec.decode(newest[:, 0])
+    starts = []
+    for row in range(b):
+        sid, start = int(sids[row]), int(idxs[row])
+        s = streams[sid]
+        where = f"row {row}: stream {sid} start {start}"
+        np.testing.assert_array_equal(batch.recurrent_state[row], s.state_at(start), err_msg=where)
+        assert batch.agent_ids[row] == s.agent
+        assert (np.diff(batch.mask[row].astype(int)) <= 0).all(), f"{where}: mask is not a prefix"
+        before, after = written[sid]
+        for j in range(length):
+            t = start + j
+            if t > s.episode_last[start] or t >= after:
+                assert not batch.mask[row, j], f"{where}: step {t} is not in the episode or not written"
+            elif t < before:
+                assert batch.mask[row, j], f"{where}: step {t} of the episode is stored but masked"
+            frames = batch.frames[row, j]
+            if batch.mask[row, j]:
+                got_sid, got_idx = codec.decode(frames.reshape(-1, *codec.shape))
+                assert (got_sid == sid).all() and got_idx.tolist() == s.stack(t, stack), f"{where}: frames at {j}"
+                assert codec.intact(frames.reshape(-1, *codec.shape)).all()
+                assert (batch.first[row, j], batch.last[row, j], batch.terminated[row, j]) == (
+                    s.first[t],
+                    s.last[t],
+                    s.terminated[t],
+                ), f"{where}: flags at {j}"
+                assert batch.actions[row, j] == s.actions[t] and batch.rewards[row, j] == s.rewards[t]
+            else:
+                assert not frames.any(), f"{where}: padding at {j} is not zero"
+                assert batch.actions[row, j] == 0 and batch.rewards[row, j] == 0
+                assert not (batch.first[row, j] or batch.last[row, j] or batch.terminated[row, j])
+        starts.append((sid, start))
+    return starts
+
+
+def new_memory(capacity: int, codec: Codec = F32, **kwargs: Any) -> SharedReplay:
+    options: dict[str, Any] = {"prioritized": False, "alpha": 0.6, "priority_eps": 1e-6, "seed": 0}
+    options.update(kwargs)
+    return SharedReplay.create(capacity, codec.shape, np.dtype(codec.dtype), **options)
+
+
+@pytest.fixture
+def memories() -> Any:
+    made: list[SharedReplay] = []
+
+    def make(capacity: int, codec: Codec = F32, **kwargs: Any) -> SharedReplay:
+        memory = new_memory(capacity, codec, **kwargs)
+        made.append(memory)
+        return memory
+
+    yield make
+    for memory in made:
+        memory.close()
+        memory.unlink()
+
+
+def sample_many(memory: SharedReplay, batches: int, batch_size: int, n: int, stack: int) -> list[TransitionBatch]:
+    return [memory.sample(batch_size, n, GAMMA, stack, 0.5) for _ in range(batches)]
+
+
+# --------------------------------------------------------------------------------------------- basics
+def test_implements_the_protocol_and_counts_bytes(memories: Any) -> None:
+    memory = memories(10_000, U8, prioritized=True)
+    assert isinstance(memory, ReplayMemory)
+    # Everything stored per step (frame, metadata, sum-tree leaf, tables amortised) within 1.1 frames.
+    assert memory.bytes_per_step() <= 1.1 * 84 * 84
+    assert memory.bytes_per_step() >= 84 * 84
+
+
+def test_wrap_around_evicts_oldest_first(memories: Any, tmp_path: Path) -> None:
+    memory = memories(64)
+    a = Stream.from_episodes(1, 0, [300], [])
+    for start in range(0, 200, 7):  # chunks of 7 cross the ring's end in the middle
+        memory.add(a.chunk(start, min(start + 7, 200), F32))
+    stats = memory.stats()
+    assert (stats.size, stats.capacity, stats.inserted, stats.per_agent) == (64, 64, 200, {0: 64})
+    starts = set()
+    for batch in sample_many(memory, 20, 16, 2, 3):
+        starts.update(t for _, t in check_transitions(batch, {1: a}, F32, 2, 3, {1: 200}))
+    # Only the newest 64 steps remain; starts also need their 2 previous frames and 2 next steps.
+    assert min(starts) >= 200 - 64 + 2 and max(starts) <= 197
+    memory.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as saved:
+        live = np.sort(saved["seq"][saved["seq"] >= 0])
+        np.testing.assert_array_equal(live, np.arange(136, 200))
+        _, idx = F32.decode(saved["frames"])
+        np.testing.assert_array_equal(idx[saved["seq"] >= 0], saved["seq"][saved["seq"] >= 0])
+
+    b = Stream.from_episodes(2, 1, [30], [])
+    memory.add(b.chunk(0, 24, F32))
+    assert memory.stats().per_agent == {0: 40, 1: 24}
+    assert memory.stats().size == 64
+
+
+# The hand-computed table: episode 0..4 terminates (step 4 is its last), episode 5..8 is truncated at 8.
+HAND_REWARDS = [1, 2, 3, 4, 100, 10, 20, 30, 100, 0]
+HAND_TABLE = {  # n: {start: (return, discount, last frame of next_obs)}
+    3: {
+        0: (1 + 0.9 * 2 + 0.81 * 3, 0.729, 3),
+        1: (2 + 0.9 * 3 + 0.81 * 4, 0.0, 4),  # reaches the terminated last step at j = 3 <= n
+        2: (3 + 0.9 * 4, 0.0, 4),
+        3: (4, 0.0, 4),
+        5: (10 + 0.9 * 20 + 0.81 * 30, 0.729, 8),  # truncated at j = 3: bootstrapped with gamma^3
+        6: (20 + 0.9 * 30, 0.81, 8),
+        7: (30, 0.9, 8),
+    },
+    1: {
+        0: (1, 0.9, 1),
+        1: (2, 0.9, 2),
+        2: (3, 0.9, 3),
+        3: (4, 0.0, 4),  # the next step is the terminated last step
+        5: (10, 0.9, 6),
+        6: (20, 0.9, 7),
+        7: (30, 0.9, 8),  # the next step is a truncated last step: bootstrapped
+    },
+}
+
+
+@pytest.mark.parametrize("codec", [F32, U8], ids=["float32", "uint8"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_nstep_returns_and_discounts_by_hand(memories: Any, codec: Codec, n: int) -> None:
+    memory = memories(64, codec)
+    s = Stream.from_episodes(0, 0, [5, 4, 1], [True, False], HAND_REWARDS)
+    other = Stream.random(9, 1, 30)
+    # Chunk boundaries inside both episodes, with another stream's chunks between them.
+    for i, (start, stop) in enumerate([(0, 3), (3, 7), (7, 10)]):
+        memory.add(s.chunk(start, stop, codec))
+        memory.add(other.chunk(10 * i, 10 * i + 10, codec))
+    seen: dict[int, tuple[float, float, int]] = {}
+    for batch in sample_many(memory, 30, 16, n, 4):
+        check_transitions(batch, {0: s, 9: other}, codec, n, 4, {0: 10, 9: 30})
+        sids, idx = codec.decode(batch.obs[:, -1])
+        _, next_idx = codec.decode(batch.next_obs[:, -1])
+        for row in np.flatnonzero(sids == 0):
+            seen[int(idx[row])] = (float(batch.returns[row]), float(batch.discounts[row]), int(next_idx[row]))
+    assert sorted(seen) == sorted(HAND_TABLE[n]), "some start was never sampled, or a last step was"
+    for start, (ret, disc, nxt) in HAND_TABLE[n].items():
+        got = seen[start]
+        assert math.isclose(got[0], ret, rel_tol=1e-6) and math.isclose(got[1], disc, abs_tol=1e-7), (start, got)
+        assert got[2] == nxt, (start, got)
+
+
+def test_stacks_repeat_the_first_frame_and_span_interleaved_chunks(memories: Any) -> None:
+    memory = memories(512)
+    streams = {sid: Stream.random(sid, sid % 2, 90, max_episode=12) for sid in (3, 4, 5)}
+    # Round robin with chunks of 4: between two chunks of a stream come the chunks of the two others.
+    for start in range(0, 90, 4):
+        for s in streams.values():
+            memory.add(s.chunk(start, min(start + 4, 90), F32))
+    seen: set[tuple[int, int]] = set()
+    for batch in sample_many(memory, 60, 32, 2, 4):
+        seen.update(check_transitions(batch, streams, F32, 2, 4, {sid: 90 for sid in streams}))
+    padded = {(sid, t) for sid, t in seen if t - streams[sid].episode_first[t] < 3}
+    spanning = {(sid, t) for sid, t in seen if t % 4 < 3 and t - streams[sid].episode_first[t] >= 3}
+    assert padded and spanning, "the samples did not cover padded stacks and stacks across chunks"
+    valid = {
+        (sid, t) for sid, s in streams.items() for t in range(88) if not s.last[t] and not s.last[t + 1 : t + 2].any()
+    }
+    assert len(seen) >= 0.9 * len(valid)
+
+
+# ----------------------------------------------------------------------------------- property test
+def samplable(
+    streams: dict[int, Stream], adds: list[tuple[int, int, int]], capacity: int, n: int, stack: int
+) -> set[tuple[int, int]]:
+    """Exactly the starts the memory may return after ``adds``, from the eviction and episode rules."""
+    seq_of: dict[tuple[int, int], int] = {}
+    head = 0
+    for sid, start, stop in adds:
+        for t in range(start, stop):
+            seq_of[(sid, t)] = head
+            head += 1
+    oldest = head - capacity
+    drawable = 0 if head <= capacity else oldest + min(capacity // 32, 4096)
+    written = {sid: max(stop for s, _, stop in adds if s == sid) for sid in streams}
+    out = set()
+    for (sid, t), seq in seq_of.items():
+        s = streams[sid]
+        if s.last[t] or seq < drawable:
+            continue
+        m = next((j for j in range(1, n + 1) if t + j < len(s) and s.last[t + j]), n)
+        if t + m >= written[sid]:
+            continue
+        if all(seq_of[(sid, i)] >= oldest for i in [*s.stack(t, stack), *range(t, t + m + 1)]):
+            out.add((sid, t))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    num_streams=st.integers(1, 3),
+    capacity=st.sampled_from([24, 64, 200]),
+    n=st.integers(1, 4),
+    stack=st.integers(1, 4),
+    prioritized=st.booleans(),
+)
+def test_no_transition_crosses_an_episode_end(
+    data: st.DataObject, num_streams: int, capacity: int, n: int, stack: int, prioritized: bool
+) -> None:
+    streams = {}
+    for sid in range(num_streams):
+        lengths = data.draw(st.lists(st.integers(2, 9), min_size=1, max_size=12), label=f"episodes {sid}")
+        ends = data.draw(st.lists(st.booleans(), min_size=len(lengths), max_size=len(lengths)), label=f"ends {sid}")
+        streams[sid] = Stream.from_episodes(sid, sid, lengths, ends)
+    # Interleave the streams' chunks in a random order, with random chunk sizes.
+    cursor = dict.fromkeys(streams, 0)
+    adds = []
+    while any(cursor[sid] < len(s) for sid, s in streams.items()):
+        sid = data.draw(st.sampled_from([k for k in streams if cursor[k] < len(streams[k])]))
+        size = data.draw(st.integers(1, 7))
+        stop = min(cursor[sid] + size, len(streams[sid]))
+        adds.append((sid, cursor[sid], stop))
+        cursor[sid] = stop
+    memory = new_memory(capacity, prioritized=prioritized, seed=data.draw(st.integers(0, 99)))
+    try:
+        for sid, start, stop in adds:
+            memory.add(streams[sid].chunk(start, stop, F32))
+        allowed = samplable(streams, adds, capacity, n, stack)
+        written = {sid: len(s) for sid, s in streams.items()}
+        if not allowed:
+            with pytest.raises(RuntimeError, match="could not draw"):
+                memory.sample(8, n, GAMMA, stack, 0.5)
+            return
+        for _ in range(4):
+            starts = check_transitions(memory.sample(8, n, GAMMA, stack, 0.5), streams, F32, n, stack, written)
+            assert set(starts) <= allowed, f"sampled {set(starts) - allowed}, which cannot start a transition"
+    finally:
+        memory.close()
+        memory.unlink()
+
+
+# ------------------------------------------------------------------------------------------ processes
+def stream_set(agent: int, per_writer: int, steps: int) -> list[Stream]:
+    return [Stream.random(agent * 1024 + e, agent, steps) for e in range(per_writer)]
+
+
+def _writer(handle: SharedReplayHandle, agent: int, per_writer: int, steps: int, start: Any) -> None:
+    memory = SharedReplay.attach(handle, seed=agent)
+    try:
+        rng = np.random.default_rng(agent)
+        queues: list[list[TrajectoryChunk]] = []
+        for s in stream_set(agent, per_writer, steps):
+            cuts = np.cumsum(rng.integers(1, 40, steps))
+            bounds = [0, *cuts[cuts < steps].tolist(), steps]
+            queues.append([s.chunk(a, b, U8_SMALL) for a, b in itertools.pairwise(bounds)])
+        start.wait()
+        # The streams' chunks interleaved at random, each stream's in order.
+        while any(queues):
+            q = queues[int(rng.choice([i for i, q in enumerate(queues) if q]))]
+            memory.add(q.pop(0))
+    finally:
+        memory.close()
+
+
+def _sampler(
+    handle: SharedReplayHandle, seed: int, specs: list[tuple[int, int, int]], start: Any, stop: Any, out: Any
+) -> None:
+    memory = SharedReplay.attach(handle, seed=seed)
+    checked, overlapping, error = 0, 0, ""
+    try:
+        streams = {sid: Stream.random(sid, agent, steps) for sid, agent, steps in specs}
+        rng = np.random.default_rng(seed)
+        start.wait()
+        while not stop.is_set() or checked < 32 * 32:
+            writing = not stop.is_set()
+            batch = memory.sample(32, 3, GAMMA, 4, 0.4)
+            checked += len(check_transitions(batch, streams, U8_SMALL, 3, 4))
+            overlapping += writing
+            memory.update_priorities(batch.keys, rng.random(32) * 3)
+    except Exception as err:
+        error = f"{err.__class__.__name__}: {err}"
+    finally:
+        memory.close()
+        out.put((checked, overlapping, error))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("writers", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_concurrent_writers_and_samplers_lose_and_corrupt_nothing(memories: Any, tmp_path: Path, writers: int) -> None:
+    capacity, per_writer, steps = 2048, 2, 12_000
+    memory = memories(capacity, U8_SMALL, prioritized=True)
+    # The parent's own stream fills the memory first, so that samplers can start at once.
+    seed_stream = Stream.random(99_000, 99, 600)
+    memory.add(seed_stream.chunk(0, 600, U8_SMALL))
+    specs = [(seed_stream.sid, 99, 600)] + [
+        (s.sid, agent, steps) for agent in range(writers) for s in stream_set(agent, per_writer, steps)
+    ]
+    ctx = mp.get_context("spawn")
+    start, stop, results = ctx.Barrier(writers + 2), ctx.Event(), ctx.Queue()
+    samplers = [
+        ctx.Process(target=_sampler, args=(memory.handle(), 100 + i, specs, start, stop, results)) for i in range(2)
+    ]
+    procs = [ctx.Process(target=_writer, args=(memory.handle(), a, per_writer, steps, start)) for a in range(writers)]
+    for p in samplers + procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    stop.set()
+    outcomes = [results.get(timeout=120) for _ in samplers]
+    for p in samplers:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs + samplers)
+    assert [error for _, _, error in outcomes] == ["", ""]
+    assert all(checked >= 32 * 32 for checked, _, _ in outcomes)
+    # The samplers really ran while the writers lapped the ring several times.
+    assert all(overlapping >= 3 for _, overlapping, _ in outcomes), outcomes
+
+    total = 600 + writers * per_writer * steps
+    stats = memory.stats()
+    assert (stats.inserted, stats.size, stats.rejected) == (total, capacity, 0)
+    assert sum(stats.per_agent.values()) == capacity
+    assert stats.sampled >= sum(checked for checked, _, _ in outcomes)
+
+    streams = {sid: Stream.random(sid, agent, n) for sid, agent, n in specs}
+    # Every stored step, read back through a checkpoint: intact frame, the right metadata, valid links.
+    memory.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as saved:
+        seq = saved["seq"]
+        live = np.flatnonzero(seq >= 0)
+        np.testing.assert_array_equal(np.sort(seq[live]), np.arange(total - capacity, total))
+        frames = saved["frames"][live]
+        assert U8_SMALL.intact(frames).all()
+        sids, idx = U8_SMALL.decode(frames)
+        step_of = {int(q): (int(a), int(t)) for q, a, t in zip(seq[live], sids, idx, strict=True)}
+        for slot, sid, t in zip(live, sids, idx, strict=True):
+            s = streams[int(sid)]
+            assert saved["actions"][slot] == s.actions[t] and saved["rewards"][slot] == s.rewards[t]
+            assert saved["flags"][slot] == s.first[t] * 1 + s.last[t] * 2 + s.terminated[t] * 4
+            assert saved["agents"][slot] == s.agent
+            prev = int(saved["prev"][slot])
+            if prev in step_of:  # the link points at a stored step: it must be the stream's previous one
+                assert step_of[prev] == (sid, t - 1)
+        # Each stream's stored steps are its newest ones, without holes.
+        for sid in np.unique(sids):
+            kept = np.sort(idx[sids == sid])
+            np.testing.assert_array_equal(kept, np.arange(kept[0], kept[0] + kept.size))
+    for batch in sample_many(memory, 20, 32, 3, 4):
+        check_transitions(batch, streams, U8_SMALL, 3, 4)
+
+
+LAPPER_STEPS = 30_000
+
+
+def _lapper(handle: SharedReplayHandle, start: Any) -> None:
+    memory = SharedReplay.attach(handle, seed=1)
+    try:
+        s = Stream.random(5, 1, LAPPER_STEPS, max_episode=60)
+        start.wait()
+        for a in range(0, LAPPER_STEPS, 30):
+            memory.add(s.chunk(a, a + 30, U8_SMALL, state=True))
+    finally:
+        memory.close()
+
+
+@pytest.mark.integration
+def test_samples_stay_intact_while_a_writer_laps_a_tiny_ring(memories: Any) -> None:
+    # 512 slots and a writer adding 30-step chunks as fast as it can: slots are overwritten while they are
+    # being copied out, and those torn rows must be replaced, never returned.
+    memory = memories(512, U8_SMALL, prioritized=True, recurrent_hidden=3)
+    old = Stream.random(6, 2, 512, max_episode=60)
+    for a in range(0, 510, 30):
+        memory.add(old.chunk(a, a + 30, U8_SMALL, state=True))
+    streams = {5: Stream.random(5, 1, LAPPER_STEPS, max_episode=60), 6: old}
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    writer = ctx.Process(target=_lapper, args=(memory.handle(), start))
+    writer.start()
+    start.wait()
+    # Sample as fast as possible while the writer runs; check afterwards (the oracle is slow).
+    drawn: list[tuple[TransitionBatch, SequenceBatch, int, int]] = []
+    while writer.is_alive() and len(drawn) < 400:
+        before = memory.stats().inserted - 510
+        transitions = memory.sample(32, 3, GAMMA, 4, 0.4)
+        sequences = memory.sample_sequences(8, 10, 1, 0.4)
+        drawn.append((transitions, sequences, before, memory.stats().inserted - 510))
+    writer.join()
+    assert writer.exitcode == 0
+    assert len(drawn) >= 20
+    for transitions, sequences, before, after in drawn:
+        check_transitions(transitions, streams, U8_SMALL, 3, 4)
+        check_sequences(sequences, streams, U8_SMALL, 10, 1, {5: (before, after), 6: (510, 510)})
+
+
+def test_handle_travels_only_to_spawned_processes(memories: Any) -> None:
+    memory = memories(64)
+    with pytest.raises(TypeError, match="handle"):
+        pickle.dumps(memory)
+    # The lock inside a handle pickles only while a process is being started (Process args, Pool initargs).
+    with pytest.raises(RuntimeError):
+        pickle.dumps(memory.handle())
+
+
+def test_owner_exit_unlinks_the_segment() -> None:
+    code = (
+        "import numpy as np\n"
+        "from borgdqn.memory.shared import SharedReplay\n"
+        "m = SharedReplay.create(64, (4,), np.float32, prioritized=True, alpha=0.6, priority_eps=1e-6)\n"
+        "print(m.name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.strip().lstrip("/")
+    assert name.startswith("borgdqn-replay-")
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert "leaked" not in done.stderr
+
+
+def test_returned_batches_are_never_overwritten_by_later_samples(memories: Any) -> None:
+    # Output buffers are recycled, but only once nothing outside the memory references them any more.
+    memory = memories(256, U8_SMALL, prioritized=True)
+    s = Stream.random(1, 0, 200)
+    memory.add(s.chunk(0, 200, U8_SMALL))
+    kept = memory.sample(16, 2, GAMMA, 4, 0.0)
+    view = memory.sample(16, 2, GAMMA, 4, 0.0).next_obs[3:5]  # a view keeps its whole batch array alive
+    copies = kept.obs.copy(), kept.next_obs.copy(), view.copy()
+    for _ in range(30):
+        memory.sample(16, 2, GAMMA, 4, 0.0)
+    np.testing.assert_array_equal(kept.obs, copies[0])
+    np.testing.assert_array_equal(kept.next_obs, copies[1])
+    np.testing.assert_array_equal(view, copies[2])
+    # Dropped batches do give their buffers back.
+    ids = {id(memory.sample(16, 2, GAMMA, 4, 0.0).obs) for _ in range(30)}
+    assert len(ids) <= 3
+
+
+def test_unlink_frees_the_segment_and_close_is_idempotent() -> None:
+    memory = new_memory(64)
+    path = f"/dev/shm/{memory.name.lstrip('/')}"
+    assert os.path.exists(path)
+    memory.close()
+    memory.close()
+    memory.unlink()
+    assert not os.path.exists(path)
+    with pytest.raises(RuntimeError, match="closed"):
+        memory.stats()
+
+
+# -------------------------------------------------------------------------------------------- sequences
+@pytest.mark.parametrize("stack", [1, 2])
+def test_sequences_return_stored_states_and_mask_after_the_episode(memories: Any, stack: int) -> None:
+    memory = memories(1024, recurrent_hidden=3, prioritized=True)
+    streams = {sid: Stream.random(sid, sid, 118, max_episode=14) for sid in (7, 8)}
+    for start in range(0, 118, 5):
+        for s in streams.values():
+            memory.add(s.chunk(start, min(start + 5, 118), F32, state=True))
+    # Chunk boundaries are the only sequence starts; length = burn-in 2 + 5 learned + n 1.
+    length = 8
+    seen: set[tuple[int, int]] = set()
+    for _ in range(40):
+        batch = memory.sample_sequences(16, length, stack, 0.5)
+        starts = check_sequences(batch, streams, F32, length, stack, {7: (118, 118), 8: (118, 118)})
+        assert all(t % 5 == 0 for _, t in starts)
+        seen.update(starts)
+    ended = [(sid, t) for sid, t in seen if streams[sid].episode_last[t] < t + length - 1]
+    unwritten = [(sid, t) for sid, t in seen if t + length > 118]
+    assert ended and unwritten, "no sequence ran past an episode end or past the stream's newest step"
+    assert len(seen) >= 0.9 * 2 * 24
+
+
+def test_sequence_priorities_use_their_own_keys(memories: Any) -> None:
+    memory = memories(1024, recurrent_hidden=3, prioritized=True, alpha=1.0)
+    s = Stream.random(5, 0, 200)
+    for start in range(0, 200, 10):
+        memory.add(s.chunk(start, start + 10, F32, state=True))
+    batch = memory.sample_sequences(20, 6, 1, 0.0)
+    favourite = batch.keys[0]
+    others = np.setdiff1d(batch.keys, [favourite])
+    memory.update_priorities(np.array([favourite, *others]), np.array([1000.0, *np.full(others.size, 1e-3)]))
+    again = memory.sample_sequences(64, 6, 1, 1.0)
+    assert (again.keys == favourite).mean() > 0.5
+    # The favourite's weight is the smallest, and weights are max-normalised.
+    assert math.isclose(float(again.weights.max()), 1.0)
+    assert again.weights[again.keys == favourite].max() == again.weights.min()
+    with pytest.raises(RuntimeError, match="recurrent_hidden"):
+        memories(64).sample_sequences(4, 4, 1, 0.0)
+
+
+# ----------------------------------------------------------------------------------------- priorities
+def chi_square_limit(df: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (z = 3.09: p = 0.001)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_prioritized_frequencies_follow_priorities(memories: Any) -> None:
+    alpha, eps = 0.7, 1e-6
+    memory = memories(256, prioritized=True, alpha=alpha, priority_eps=eps, seed=3)
+    s = Stream.from_episodes(1, 0, [100], [])  # one running episode: starts 0..98 (99 has no successor yet)
+    memory.add(s.chunk(0, 100, F32))
+    priorities = np.random.default_rng(0).uniform(0.05, 3.0, 99)
+    memory.update_priorities(np.arange(99), priorities)  # keys are seqs: here the step indexes
+    counts = np.zeros(99)
+    for _ in range(300):
+        batch = memory.sample(64, 1, GAMMA, 1, 0.0)
+        np.add.at(counts, batch.keys, 1)
+    expected = (priorities + eps) ** alpha
+    expected *= counts.sum() / expected.sum()
+    limit = chi_square_limit(98)
+    assert ((counts - expected) ** 2 / expected).sum() < limit
+    flat = np.full(99, counts.sum() / 99)  # the test can tell: uniform sampling would fail it
+    assert ((counts - flat) ** 2 / flat).sum() > 10 * limit
+
+
+def test_importance_weights_formula(memories: Any) -> None:
+    alpha, eps, beta = 0.6, 1e-3, 0.5
+    memory = memories(256, prioritized=True, alpha=alpha, priority_eps=eps, seed=1)
+    s = Stream.from_episodes(1, 0, [100], [])
+    memory.add(s.chunk(0, 100, F32))
+    priorities = np.linspace(0.1, 4.0, 99)
+    memory.update_priorities(np.arange(99), priorities)
+    batch = memory.sample(32, 1, GAMMA, 1, beta)
+    leaves = np.append((priorities + eps) ** alpha, 1.0)  # step 99 kept the initial max priority 1
+    p = leaves[batch.keys] / leaves.sum()
+    w = (100 * p) ** -beta  # N = steps stored
+    np.testing.assert_allclose(batch.weights, w / w.max(), rtol=1e-5)
+    uniform = memories(256, prioritized=False)
+    uniform.add(s.chunk(0, 100, F32))
+    np.testing.assert_array_equal(uniform.sample(32, 1, GAMMA, 1, beta).weights, np.ones(32, np.float32))
+
+
+def test_new_steps_get_the_max_priority_and_last_steps_none(memories: Any) -> None:
+    memory = memories(256, prioritized=True, alpha=1.0)
+    s = Stream.from_episodes(1, 0, [10, 20], [True])
+    memory.add(s.chunk(0, 10, F32))
+    memory.update_priorities(np.arange(5), np.full(5, 7.0))
+    memory.add(s.chunk(10, 30, F32))
+    leaves = memory._x.tree.leaves  # white box: the priorities themselves
+    assert leaves[9] == 0.0, "the last step of an episode must never be drawn"
+    np.testing.assert_allclose(leaves[10:30], 7.0 + 1e-6)
+    memory.update_priorities(np.array([9]), np.array([5.0]))  # a last step stays at 0
+    assert leaves[9] == 0.0
+
+
+def test_stale_keys_are_ignored(memories: Any) -> None:
+    memory = memories(64, prioritized=True, alpha=1.0)
+    s = Stream.from_episodes(1, 0, [300], [])
+    memory.add(s.chunk(0, 64, F32))
+    old_keys = memory.sample(32, 1, GAMMA, 1, 0.0).keys
+    memory.add(s.chunk(64, 128, F32))  # overwrites every slot
+    tree = memory._x.tree
+    before = tree.total()
+    memory.update_priorities(old_keys, np.full(32, 1000.0))
+    assert tree.total() == before
+    memory.update_priorities(np.array([100, 101]), np.array([np.nan, np.inf]))  # not finite: ignored too
+    assert tree.total() == before
+    memory.update_priorities(np.array([100]), np.array([1000.0]))  # a live key does count
+    assert tree.total() > before + 900
+    with pytest.raises(ValueError, match="keys"):
+        memory.update_priorities(np.arange(3), np.ones(2))
+
+
+# -------------------------------------------------------------------------------------------- hostile input
+def hostile_chunks(s: Stream) -> dict[str, Any]:
+    good = s.chunk(0, 8, F32)
+
+    def bad(**changes: Any) -> TrajectoryChunk:
+        fields = dict(vars(good))
+        fields.update(changes)
+        return TrajectoryChunk(**fields)
+
+    nan = good.rewards.copy()
+    nan[3] = np.nan
+    term = good.terminated.copy()
+    term[2] = True
+    first = good.first.copy()
+    first[5] = True
+    return {
+        "frame shape": bad(frames=np.zeros((8, 5), np.float32)),
+        "frame dtype": bad(frames=good.frames.astype(np.float64)),
+        "terminated without last": bad(terminated=term),
+        "nan reward": bad(rewards=nan),
+        "float actions": bad(actions=good.actions.astype(np.float32)),
+        "huge action": bad(actions=np.full(8, 2**40)),
+        "negative agent": bad(agent_id=-1),
+        "agent too large": bad(agent_id=10**6),
+        "stream not an int": bad(stream_id="seven"),
+        "first without a last before": bad(first=first),
+        "short actions": bad(actions=good.actions[:3]),
+        "empty": bad(frames=good.frames[:0], actions=good.actions[:0], rewards=good.rewards[:0],
+                     first=good.first[:0], last=good.last[:0], terminated=good.terminated[:0], policy_ids=None),
+        "too long": Stream.from_episodes(2, 0, [100], []).chunk(0, 70, F32),
+        "recurrent state without a table": bad(recurrent_state=np.zeros((2, 3), np.float32)),
+        "non-finite frame": bad(frames=np.full((8, 4), np.inf, np.float32)),
+        "not a chunk": None,
+    }  # fmt: skip
+
+
+def test_hostile_chunks_are_counted_and_skipped(memories: Any, caplog: pytest.LogCaptureFixture) -> None:
+    memory = memories(64)
+    s = Stream.from_episodes(1, 0, [4, 30], [True])
+    memory.add(s.chunk(8, 20, F32))
+    caplog.set_level(logging.WARNING, logger="borgdqn.memory.shared")
+    chunks = hostile_chunks(s)
+    for what, chunk in chunks.items():
+        memory.add(chunk)
+        assert memory.stats().rejected == list(chunks).index(what) + 1, what
+    stats = memory.stats()
+    assert (stats.size, stats.inserted, stats.rejected) == (12, 12, len(chunks))
+    assert sum("rejected chunk" in r.getMessage() for r in caplog.records) == 10  # then one in a thousand
+    memory.add(s.chunk(20, 30, F32))
+    for batch in sample_many(memory, 5, 16, 2, 2):
+        check_transitions(batch, {1: s}, F32, 2, 2)
+
+
+def test_bad_sample_arguments_and_an_empty_memory(memories: Any) -> None:
+    memory = memories(64, prioritized=True)
+    with pytest.raises(RuntimeError, match="could not draw"):
+        memory.sample(4, 1, GAMMA, 1, 0.0)
+    with pytest.raises(ValueError):
+        memory.sample(4, 0, GAMMA, 1, 0.0)
+    with pytest.raises(ValueError):
+        memory.sample(4, 1, 1.5, 1, 0.0)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def test_save_and_restore_keep_contents_and_links(memories: Any, tmp_path: Path) -> None:
+    streams = {sid: Stream.random(sid, sid, 160) for sid in (1, 2)}
+    memory = memories(256, prioritized=True)
+    for start in range(0, 120, 8):
+        for s in streams.values():
+            memory.add(s.chunk(start, start + 8, F32))
+    memory.update_priorities(np.arange(100, 140), np.full(40, 3.0))
+    memory.save(tmp_path / "replay.npz")
+
+    restored = memories(256, prioritized=True, seed=5)
+    restored.restore(tmp_path / "replay.npz")
+    before, after = memory.stats(), restored.stats()
+    assert (after.size, after.inserted, after.per_agent) == (before.size, before.inserted, before.per_agent)
+    np.testing.assert_array_equal(restored._x.tree.leaves, memory._x.tree.leaves)
+    # Streams go on after the restore: stacks and n-step windows cross from the saved chunks into new ones.
+    for s in streams.values():
+        restored.add(s.chunk(120, 160, F32))
+    seen = set()
+    for batch in sample_many(restored, 40, 32, 3, 4):
+        seen.update(check_transitions(batch, streams, F32, 3, 4, {1: 160, 2: 160}))
+    assert any(117 <= t <= 122 for _, t in seen)
+    with pytest.raises(RuntimeError, match="empty"):
+        restored.restore(tmp_path / "replay.npz")
+    with pytest.raises(ValueError, match="parameters"):
+        memories(128).restore(tmp_path / "replay.npz")
