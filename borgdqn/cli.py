@@ -118,8 +118,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     hive = summary["hive"]
     mean = hive["mean_return_last_20"]
     best = hive["best_mean_return_20"]
+    status = "stopped (continue with --resume)" if summary.get("interrupted") else "done"
     print(
-        f"done: {hive['env_steps']:,} env steps, {hive['episodes']} episodes, "
+        f"{status}: {hive['env_steps']:,} env steps, {hive['episodes']} episodes, "
         f"mean return (last 20) {mean if mean is None else round(mean, 2)}, "
         f"best {best if best is None else round(best, 2)}, {summary['wall_seconds']:.0f}s "
         f"-> {config.hive.out / 'summary.json'}"

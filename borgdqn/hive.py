@@ -12,6 +12,7 @@ import multiprocessing.synchronize
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from borgdqn.rl.envs import EnvSpec, make_vector_env
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+LOG_DIR = "logs"
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -79,7 +81,7 @@ def _agent_main(
 ) -> None:
     # The terminal sends Ctrl-C to the whole process group; the parent alone decides, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s agent={agent} %(name)s %(message)s")
+    _agent_logging(run_dir, agent, log_level)
     from borgdqn.rl.agent import run_agent
 
     config = BorgConfig.model_validate_json(config_json)
@@ -92,6 +94,20 @@ def _agent_main(
         sys.exit(1)
     finally:
         memory.close()
+
+
+def _agent_logging(run_dir: Path, agent: int, level: int) -> None:
+    """Agents log to DIR/logs/agent-<i>.log; only warnings reach the terminal, where the live view draws."""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s agent={agent} %(name)s %(message)s")
+    (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(run_dir / LOG_DIR / f"agent-{agent}.log")
+    to_file.setFormatter(fmt)
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setFormatter(fmt)
+    to_terminal.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [to_file, to_terminal]
+    root.setLevel(level)
 
 
 def _make_view(config: BorgConfig) -> HiveView:
@@ -131,9 +147,9 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     frame_bytes = int(np.prod(spec.frame_shape)) * np.dtype(spec.frame_dtype).itemsize
     log.info(
-        "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.2f GB) out=%s",
+        "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.0f MB of frames) out=%s logs=%s",
         config.hive.agents, config.env.id, spec.frame_shape, spec.num_actions, config.replay.capacity,
-        config.replay.capacity * frame_bytes / 1e9, run_dir,
+        config.replay.capacity * frame_bytes / 1e6, run_dir, run_dir / LOG_DIR,
     )  # fmt: skip
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -150,6 +166,7 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
     ]
     failures: list[AgentFailure] = []
     interrupted = False
+    previous = _stop_on_termination_signals()
     try:
         for p in procs:
             p.start()
@@ -168,6 +185,8 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
                 p.kill()
         memory.close()
         memory.unlink()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     summary = summarize(run_dir, offset + time.monotonic() - started)
     summary["interrupted"] = interrupted
     write_summary(run_dir, summary)
@@ -179,6 +198,21 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
         raise HiveError(f"agent process {crashed[0].name} died with exit code {crashed[0].exitcode}")
     log.info("summary written to %s", run_dir / SUMMARY_FILE)
     return summary
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_termination_signals() -> dict[int, Any]:
+    """SIGTERM (kill, a pod's shutdown) and SIGHUP (a closed terminal) stop the hive like Ctrl-C: agents save,
+    the shared memory is unlinked. Only possible from the main thread; elsewhere the defaults stay."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, _raise_interrupt)
+    return previous
 
 
 def _drain(reports: Any, view: HiveView | None, failures: list[AgentFailure], timeout: float = 0.0) -> None:

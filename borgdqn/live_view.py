@@ -55,6 +55,16 @@ class _Board:
         return newest.memory_size, newest.memory_capacity
 
 
+def _progress_row(done: int, total: int) -> Table:
+    # A grid keeps the bar on a line of its own inside the Group.
+    row = Table.grid(padding=(0, 1))
+    row.add_row(
+        ProgressBar(total=max(total, 1), completed=min(done, total), width=60),
+        Text(f"{100.0 * done / max(total, 1):.0f}%"),
+    )
+    return row
+
+
 class RichHiveView:
     def __init__(self, agents: int, total_steps: int, console: Console | None = None) -> None:
         self._board = _Board(agents, total_steps)
@@ -104,7 +114,7 @@ class RichHiveView:
         lines: list[RenderableType] = [
             table,
             Text(f"hive env steps {b.hive_steps:,} / {b.total_steps:,}   elapsed {elapsed:,.0f}s"),
-            ProgressBar(total=max(b.total_steps, 1), completed=min(b.hive_steps, b.total_steps), width=60),
+            _progress_row(b.hive_steps, b.total_steps),
             Text(f"replay memory {size:,} / {capacity:,} steps ({100.0 * size / max(capacity, 1):.1f}% full)"),
         ]
         if b.message:

@@ -105,7 +105,8 @@ def test_run_dir_is_not_overwritten_without_resume(tmp_path: Path) -> None:
         train(config)
 
 
-def test_ctrl_c_stops_cleanly_and_saves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stop_signal_stops_cleanly_and_saves(tmp_path: Path, signum: int) -> None:
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"),
@@ -120,8 +121,8 @@ def test_ctrl_c_stops_cleanly_and_saves(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _stdout, stderr = proc.communicate(timeout=120)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -132,6 +133,7 @@ def test_ctrl_c_stops_cleanly_and_saves(tmp_path: Path) -> None:
     for agent in (0, 1):
         assert read_checkpoint(agent_checkpoint_path(out, agent))[1].env_steps > 0
     assert "Traceback" not in stderr
+    assert "continue with --resume" in stdout
     leftovers = [p for p in Path("/dev/shm").iterdir() if str(proc.pid) in p.name]
     assert not leftovers, f"shared memory leaked: {leftovers}"
 

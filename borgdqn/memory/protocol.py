@@ -129,9 +129,7 @@ class ReplayMemory(Protocol):
         """Draw n-step transitions (prioritized when the memory is), never across an episode end."""
         ...
 
-    def sample_sequences(
-        self, batch_size: int, length: int, stack: int, beta: float
-    ) -> SequenceBatch:
+    def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
         """Draw sequences of ``length`` steps that start where a recurrent state was stored."""
         ...
 
