@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the merged config and exit")
 
     ev = sub.add_parser("eval", help="play a checkpoint greedily and print the returns")
-    ev.add_argument("checkpoint", type=Path, help="DIR/checkpoints/agent-<i>.pt")
+    ev.add_argument("checkpoint", type=Path, help="DIR/checkpoints/agent-<i>-best.pt (or agent-<i>.pt, the latest)")
     ev.add_argument("--episodes", type=int, default=10, help="full games to play (default 10)")
     ev.add_argument("--epsilon", type=float, default=0.0, help="random-action probability (default 0)")
     ev.add_argument("--seed", type=int, default=12_345)

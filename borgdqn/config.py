@@ -230,6 +230,8 @@ class BorgConfig(_Strict):
     def _coherent(self) -> BorgConfig:
         if self.network.lstm and self.learner.sequence_length < self.learner.n_step:
             raise ValueError("learner.sequence_length must be >= learner.n_step when network.lstm is on")
+        if self.replay.chunk_length > self.replay.capacity // 4:
+            raise ValueError("replay.chunk_length must be at most a quarter of replay.capacity")
         if self.learner.batch_size > self.replay.capacity:
             raise ValueError("learner.batch_size must not exceed replay.capacity")
         return self
@@ -304,14 +306,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def describe_validation_error(err: ValidationError) -> str:
     """The first problem as one line: ``learner.lr: Input should be greater than 0 (got -1)``."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or "config"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     got = first.get("input")
     shown = "" if isinstance(got, dict | list) or first["type"] == "missing" else f" (got {got!r})"
     more = len(err.errors()) - 1
     suffix = f"; and {more} more problem{'s' if more > 1 else ''}" if more else ""
+    if not loc:  # a rule across fields: its message names them
+        return f"{msg}{suffix}"
     return f"{loc}: {msg}{shown}{suffix}"
 
 

@@ -79,9 +79,11 @@ def test_bad_values_are_one_line_naming_the_field(overrides: dict, expected: str
     assert message.startswith(expected)
 
 
-def test_cross_field_rule() -> None:
-    with pytest.raises(ConfigError, match=r"batch_size must not exceed replay\.capacity"):
-        build_config(environ={}, overrides={"replay.capacity": 64, "learner.batch_size": 128})
+def test_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match=r"^learner.batch_size must not exceed replay\.capacity$"):
+        build_config(environ={}, overrides={"replay.capacity": 64, "replay.chunk_length": 8, "learner.batch_size": 128})
+    with pytest.raises(ConfigError, match=r"^replay.chunk_length must be at most a quarter of replay.capacity$"):
+        build_config(environ={}, overrides={"replay.capacity": 100, "replay.chunk_length": 64})
 
 
 def test_bad_yaml_file_is_reported_with_its_line(tmp_path: Path) -> None:

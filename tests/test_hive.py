@@ -57,6 +57,10 @@ def test_short_run_writes_metrics_summary_checkpoints_and_resumes(tmp_path: Path
     kinds = {rec["kind"] for rec in episodes}
     assert {"episode", "train", "memory"} <= kinds
     first_ckpt = {a: read_checkpoint(agent_checkpoint_path(out, a))[1] for a in (0, 1)}
+    for agent in (0, 1):
+        best = read_checkpoint(agent_checkpoint_path(out, agent, best=True))[1]
+        assert best.best_mean == pytest.approx(summary["agents"][str(agent)]["best_mean_return_20"])
+        assert best.env_steps <= first_ckpt[agent].env_steps
     assert all(c.env_steps >= 1500 for c in first_ckpt.values())
     assert first_ckpt[0].learner["updates"] > 0
 
@@ -116,9 +120,13 @@ def test_stop_signal_stops_cleanly_and_saves(tmp_path: Path, signum: int) -> Non
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        metrics = out / "metrics" / "agent-1.jsonl"
+        files = [out / "metrics" / f"agent-{a}.jsonl" for a in (0, 1)]
+
+        def both_reporting() -> bool:
+            return all(f.exists() and '"train"' in f.read_text() for f in files)
+
         # Wait for a condition (both agents reporting), bounded: not a sleep that hopes for timing.
-        while time.monotonic() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        while time.monotonic() < deadline and not both_reporting():
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.2)
         proc.send_signal(signum)

@@ -141,6 +141,7 @@ def run_agent(
 
     updates_due = 0.0
     learning = False
+    new_best = False
     losses: list[float] = []
     mean_qs: list[float] = []
     window_start, window_steps, window_updates = time.monotonic(), 0, 0
@@ -201,14 +202,14 @@ def run_agent(
             with contextlib.suppress(Exception):
                 reports.put_nowait(rep)
 
-    def checkpoint() -> None:
+    def checkpoint(best: bool = False) -> None:
         state.recent_returns = list(tally.recent)
         state.best_mean = tally.best_mean
         state.episodes = tally.episodes
         state.wall = time.monotonic() - started
         state.learner = learner.state_dict()
         state.policy = policy.state_dict()
-        save_agent_checkpoint(run_dir, state, config)
+        save_agent_checkpoint(run_dir, state, config, best=best)
 
     try:
         while state.env_steps < budget and not (stop is not None and stop.is_set()):
@@ -238,7 +239,9 @@ def run_agent(
             for e in np.flatnonzero(result.game_over):
                 ret = float(episode_return[e])
                 label = policy.episode_labels()[e]
+                best_before = tally.best_mean
                 tally.add(ret)
+                new_best = new_best or tally.best_mean != best_before
                 per_policy.setdefault(label, EpisodeTally()).add(ret)
                 metrics.write(
                     "episode",
@@ -285,11 +288,17 @@ def run_agent(
 
             if time.monotonic() - last_report >= config.hive.report_every_s:
                 report()
+                # Saved at report pace, not per episode: early on nearly every episode sets a new best.
+                if new_best:
+                    checkpoint(best=True)
+                    new_best = False
             if state.env_steps >= next_checkpoint:
                 checkpoint()
                 next_checkpoint += config.hive.checkpoint_every
         adder.flush()
         checkpoint()
+        if new_best:
+            checkpoint(best=True)
         report(done=True)
         return state
     finally:

@@ -32,12 +32,14 @@ class AgentCheckpoint:
     policy: dict[str, Any] = field(default_factory=dict)
 
 
-def agent_checkpoint_path(run_dir: Path, agent: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"agent-{agent}.pt"
+def agent_checkpoint_path(run_dir: Path, agent: int, *, best: bool = False) -> Path:
+    """``agent-<i>.pt`` is the latest state (what --resume loads); ``agent-<i>-best.pt`` the state at the agent's
+    best mean return over 20 episodes (what you usually want to evaluate: DQN can get worse after it peaks)."""
+    return run_dir / CHECKPOINT_DIR / (f"agent-{agent}-best.pt" if best else f"agent-{agent}.pt")
 
 
-def save_agent_checkpoint(run_dir: Path, state: AgentCheckpoint, config: BorgConfig) -> Path:
-    path = agent_checkpoint_path(run_dir, state.agent)
+def save_agent_checkpoint(run_dir: Path, state: AgentCheckpoint, config: BorgConfig, *, best: bool = False) -> Path:
+    path = agent_checkpoint_path(run_dir, state.agent, best=best)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT_VERSION,

@@ -120,39 +120,32 @@ class _Greedy(_Leaf):
         return _argmax_random_ties(q, self.rng)
 
 
-class _EpsilonGreedy(_Leaf):
+class _ScheduledLeaf(_Leaf):
+    """A leaf with one scheduled parameter (epsilon, temperature), a function of the agent's env steps."""
+
     def __init__(
         self,
         label: str,
         leaf_id: int,
         rng: np.random.Generator,
         num_actions: int,
-        epsilon: Callable[[int], float],
+        schedule: Callable[[int], float],
     ) -> None:
         super().__init__(label, leaf_id, rng, num_actions)
-        self.epsilon = epsilon
+        self.schedule = schedule
 
+
+class _EpsilonGreedy(_ScheduledLeaf):
     def choose(self, q: np.ndarray, step: int) -> np.ndarray:
         n = q.shape[0]
         greedy = _argmax_random_ties(q, self.rng)
-        explore = self.rng.random(n) < self.epsilon(step)
+        explore = self.rng.random(n) < self.schedule(step)
         return np.where(explore, self.rng.integers(self.num_actions, size=n), greedy)
 
 
-class _Boltzmann(_Leaf):
-    def __init__(
-        self,
-        label: str,
-        leaf_id: int,
-        rng: np.random.Generator,
-        num_actions: int,
-        temperature: Callable[[int], float],
-    ) -> None:
-        super().__init__(label, leaf_id, rng, num_actions)
-        self.temperature = temperature
-
+class _Boltzmann(_ScheduledLeaf):
     def choose(self, q: np.ndarray, step: int) -> np.ndarray:
-        temp = max(self.temperature(step), np.finfo(np.float64).tiny)
+        temp = max(self.schedule(step), np.finfo(np.float64).tiny)
         x = q.astype(np.float64)
         x[np.isnan(x)] = -np.inf
         # Finite bounds keep max-subtraction free of inf - inf; a row of only -inf becomes uniform.
