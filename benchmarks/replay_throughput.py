@@ -1,10 +1,11 @@
 """Throughput and footprint of the shared replay memory, against the classic (state, next_state) replay.
 
-Each worker runs the agent's loop on Pong-sized frames: add a chunk of 32 steps, sample a batch of 32 n-step
-transitions (stack 4, n 3, prioritized), send new priorities back. It prints adds/s (steps written), samples/s
-(transitions drawn) and their sum, for 1 process and for 2 processes sharing one memory, and the same loop on a
-naive replay measured in the same run: a numpy ring of the same capacity that stores both frame stacks of every
-transition, as most DQN code does.
+Each worker runs the issue's loop on Pong-sized frames: add a chunk of 32 steps, sample a batch of 32 n-step
+transitions (stack 4, n 3, prioritized). It prints adds/s (steps written), samples/s (transitions drawn) and their
+sum, for 1 process and for 2 processes sharing one memory (one writer+sampler each), then the cost of sending a
+batch's priorities back (timed apart: the issue's target counts adds and samples). The naive baseline, measured
+in the same run, is a numpy ring of the same capacity that stores both frame stacks of every transition, as most
+DQN code does.
 
     python benchmarks/replay_throughput.py --capacity 50000 --seconds 5
 """
@@ -81,7 +82,6 @@ class StreamMaker:
 
 def run_loop(memory: Any, maker: StreamMaker, seconds: float) -> Rates:
     chunks = [maker.chunk() for _ in range(64)]
-    rng = np.random.default_rng(0)
     added = sampled = 0
     add_s = sample_s = 0.0
     start = time.perf_counter()
@@ -92,8 +92,7 @@ def run_loop(memory: Any, maker: StreamMaker, seconds: float) -> Rates:
             break
         memory.add(chunks[i % len(chunks)])
         t1 = time.perf_counter()
-        batch = memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA)
-        memory.update_priorities(batch.keys, rng.random(BATCH))
+        memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA)
         t2 = time.perf_counter()
         add_s += t1 - t0
         sample_s += t2 - t1
@@ -101,6 +100,16 @@ def run_loop(memory: Any, maker: StreamMaker, seconds: float) -> Rates:
         sampled += BATCH
         i += 1
     return Rates(added, sampled, time.perf_counter() - start, add_s, sample_s)
+
+
+def update_cost(memory: Any, rounds: int = 300) -> float:
+    """Microseconds per update_priorities of one batch's keys."""
+    rng = np.random.default_rng(0)
+    batches = [memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA).keys for _ in range(16)]
+    start = time.perf_counter()
+    for i in range(rounds):
+        memory.update_priorities(batches[i % len(batches)], rng.random(BATCH))
+    return 1e6 * (time.perf_counter() - start) / rounds
 
 
 def prefill(memory: Any, capacity: int, streams: int = 8) -> None:
@@ -119,7 +128,7 @@ def _worker(handle: SharedReplayHandle, rank: int, seconds: float, barrier: Any,
         memory.close()
 
 
-def measure_shared(capacity: int, seconds: float, processes: int) -> tuple[Rates, float]:
+def measure_shared(capacity: int, seconds: float, processes: int) -> tuple[Rates, float, float]:
     memory = SharedReplay.create(
         capacity, FRAME, np.uint8, prioritized=True, alpha=ALPHA, priority_eps=1e-6, max_streams=2048
     )
@@ -142,7 +151,7 @@ def measure_shared(capacity: int, seconds: float, processes: int) -> tuple[Rates
             rates = parts[0]
             for part in parts[1:]:
                 rates = rates + part
-        return rates, memory.bytes_per_step()
+        return rates, memory.bytes_per_step(), update_cost(memory)
     finally:
         memory.close()
         memory.unlink()
@@ -227,10 +236,10 @@ class _NaiveBatch:
     keys: np.ndarray
 
 
-def measure_naive(capacity: int, seconds: float) -> tuple[Rates, float]:
+def measure_naive(capacity: int, seconds: float) -> tuple[Rates, float, float]:
     memory = NaiveReplay(capacity)
     prefill(memory, capacity)
-    return run_loop(memory, StreamMaker(0, 0, 1000), seconds), memory.nbytes / capacity
+    return run_loop(memory, StreamMaker(0, 0, 1000), seconds), memory.nbytes / capacity, update_cost(memory)
 
 
 def main() -> None:
@@ -240,27 +249,28 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~57 KB/step)")
     args = parser.parse_args()
 
-    rows: list[tuple[str, Rates, float]] = []
+    rows: list[tuple[str, Rates, float, float]] = []
     for procs in (1, 2):
-        rates, per_step = measure_shared(args.capacity, args.seconds, procs)
-        rows.append((f"shared, {procs} process{'es' if procs > 1 else ''}", rates, per_step))
+        rates, per_step, update_us = measure_shared(args.capacity, args.seconds, procs)
+        rows.append((f"shared, {procs} process{'es' if procs > 1 else ''}", rates, per_step, update_us))
     if not args.no_naive:
-        rates, per_step = measure_naive(args.capacity, args.seconds)
-        rows.append(("naive (s, s') ring, 1 process", rates, per_step))
+        rates, per_step, update_us = measure_naive(args.capacity, args.seconds)
+        rows.append(("naive (s, s') ring, 1 process", rates, per_step, update_us))
 
     print(
         f"capacity {args.capacity}, frames {FRAME} uint8, stack {STACK}, n {N_STEP}, batch {BATCH}, "
-        f"chunk {CHUNK}, prioritized, {args.seconds:.0f} s per row"
+        f"chunk {CHUNK}, prioritized, {args.seconds:g} s per row"
     )
     header = f"{'memory':<32}{'adds/s':>10}{'samples/s':>11}{'combined/s':>12}{'us/add':>9}{'us/sample':>11}"
-    header += f"{'B/step':>9}{'vs frame':>10}"
+    header += f"{'us/update':>11}{'B/step':>9}{'vs frame':>10}"
     print(header)
     print("-" * len(header))
-    for label, r, per_step in rows:
+    for label, r, per_step, update_us in rows:
         print(
             f"{label:<32}{r.added / r.seconds:>10.0f}{r.sampled / r.seconds:>11.0f}"
             f"{(r.added + r.sampled) / r.seconds:>12.0f}{1e6 * r.add_s / (r.added / CHUNK):>9.0f}"
-            f"{1e6 * r.sample_s / (r.sampled / BATCH):>11.0f}{per_step:>9.0f}{per_step / FRAME_BYTES:>10.3f}"
+            f"{1e6 * r.sample_s / (r.sampled / BATCH):>11.0f}{update_us:>11.0f}{per_step:>9.0f}"
+            f"{per_step / FRAME_BYTES:>10.3f}"
         )
     if not args.no_naive:
         ours, naive = rows[0], rows[-1]

@@ -39,12 +39,18 @@ not written yet, are padding (mask False, zeros).
 Sharing: the owner calls ``create`` and sends ``handle()`` to child processes as a ``Process`` argument (the
 lock inside pickles only while a process is being started), where ``attach(handle, seed)`` maps the segment.
 The owner unlinks the segment with ``unlink()``, at normal interpreter exit, or - after a crash - through
-multiprocessing's resource tracker.
+multiprocessing's resource tracker. The lock is held only for bookkeeping (tens of microseconds, never for a
+copy); a lock not released within a minute means its holder died, and raises instead of hanging the hive.
+
+Returned batches are new arrays owned by the caller; the big frame arrays come from a small per-process pool
+that only recycles buffers nobody references any more (allocating ~1 MB per batch costs more in page faults
+than copying the frames).
 """
 
 from __future__ import annotations
 
 import _posixshmem
+import functools
 import logging
 import mmap
 import multiprocessing as mp
@@ -96,6 +102,7 @@ MAX_CLIENTS = 1024
 _MAX_ROUNDS = 24  # draw rounds before giving up: only a memory with (almost) nothing to sample gets there
 _POOL_SIZE = 8  # recycled output buffers per process (a few batches' obs and next_obs)
 _LAP_WAIT_S = 30.0  # a writer lapped by another for this long is presumed dead
+_LOCK_TIMEOUT_S = 60.0  # held this long, the lock's holder died holding it: fail loudly instead of hanging
 _INT32 = np.iinfo(np.int32)
 
 _Rows = dict[str, np.ndarray]  # per-row arrays of a batch being assembled
@@ -108,6 +115,23 @@ class SharedReplayHandle:
     name: str
     params: SegmentParams
     lock: ProcessLock
+
+
+class _Held:
+    """``with`` for the shared lock, with a timeout: a process killed inside it would otherwise hang the hive."""
+
+    def __init__(self, lock: ProcessLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=_LOCK_TIMEOUT_S):
+            raise RuntimeError(
+                f"replay memory lock not free after {_LOCK_TIMEOUT_S:.0f}s: a process died while holding it; "
+                "restart the hive"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 class _Prepared(NamedTuple):
@@ -145,6 +169,45 @@ class _Arrays:
         self.side_state = views.get("side_state", np.zeros((0, 2, 0), dtype=np.float32))
         self.tree = SumTree(views["tree"], p.capacity) if "tree" in views else None
         self.side_tree = SumTree(views["side_tree"], p.max_sequences) if "side_tree" in views else None
+
+
+@functools.lru_cache(maxsize=64)
+def _aranges(k: int) -> np.ndarray:
+    """``0.0 .. k-1`` (read-only, shared): the strata of ``k`` stratified draws."""
+    out = np.arange(k, dtype=np.float64)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _gamma_tables(gamma: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constant for a learner's whole run (read-only, shared): ``gamma ** 0 .. gamma ** n`` in float32, and
+    the discount of a transition of m steps whose final step has flags f, ``[m, f]``: 0 if terminated, else
+    ``gamma ** m`` (one lookup per batch instead of a mask and a select)."""
+    powers = np.power(np.float32(gamma), np.arange(n + 1), dtype=np.float32)
+    terminated = (np.arange(256) & TERMINATED) != 0
+    discount_of = np.where(terminated[None, :], np.float32(0.0), powers[:, None])
+    for table in (powers, discount_of):
+        table.flags.writeable = False
+    return powers, discount_of
+
+
+@functools.lru_cache(maxsize=64)
+def _boundary_bits(back: int, ahead: int) -> np.ndarray:
+    """Per window column ``[back + 1 + ahead, 1]``: the flags that make it an episode boundary of a transition."""
+    bits = np.zeros((back + 1 + ahead, 1), dtype=np.uint8)
+    bits[1:] |= FIRST  # an episode starts after the window's first column: its stack is padded
+    bits[: max(back + ahead, back + 1)] |= LAST  # one ends before the final column (or at the start): n-step cut
+    bits.flags.writeable = False
+    return bits
+
+
+@functools.lru_cache(maxsize=64)
+def _all_true(k: int, ahead: int) -> np.ndarray:
+    """A read-only ``alive`` mask of ``k`` windows whose ``ahead`` steps all lie in the episode."""
+    out = np.ones((k, ahead), dtype=bool)
+    out.flags.writeable = False
+    return out
 
 
 def _segment_name(name: str) -> str:
@@ -196,6 +259,7 @@ class SharedReplay:
         self._name = name
         self._params = params
         self._lock = lock
+        self._locked = _Held(lock)
         self._layout = Layout.build(params)
         self._x = _Arrays(self._layout.views(mm), params)
         self._capacity = params.capacity
@@ -310,7 +374,7 @@ class SharedReplay:
         if header[H_MAGIC] != MAGIC or header[H_VERSION] != VERSION:
             memory.close()
             raise ValueError(f"shared memory {handle.name} does not hold a borgdqn replay of version {VERSION}")
-        with memory._lock:
+        with memory._locked:
             memory._client = min(int(header[H_CLIENTS]), MAX_CLIENTS - 1)
             header[H_CLIENTS] += 1
         return memory
@@ -377,19 +441,23 @@ class SharedReplay:
         actions = np.asarray(chunk.actions)
         if actions.dtype.kind not in "iu":
             raise ValueError(f"actions must be integers, got {actions.dtype}")
-        if actions.min() < _INT32.min or actions.max() > _INT32.max:
+        actions32 = actions.astype(np.int32)
+        # The cast is exact iff every action fits: one comparison instead of min and max (uint64 against
+        # int32 would compare as float64, so that type keeps the explicit bound).
+        if (actions.max() > _INT32.max) if actions.dtype == np.uint64 else (actions32 != actions).any():
             raise ValueError("action outside the int32 range")
         rewards = np.asarray(chunk.rewards)
         if rewards.dtype.kind != "f":
             raise ValueError(f"rewards must be floats, got {rewards.dtype}")
         rewards32 = rewards.astype(np.float32)
-        if not np.isfinite(rewards32).all():
+        # validate() saw finite rewards; only a wider float can overflow on the way to float32.
+        if rewards.dtype.itemsize > 4 and not np.isfinite(rewards32).all():
             raise ValueError("reward does not fit float32")
         first = _as_flags(chunk.first, "first")
         last = _as_flags(chunk.last, "last")
         terminated = _as_flags(chunk.terminated, "terminated")
         # Records follow dm_env: the step after a last step is the first of the next episode, nothing else.
-        if np.any(first[1:] != last[:-1]):
+        if (first[1:] != last[:-1]).any():
             raise ValueError("a step starts an episode iff the step before it is last")
         if self._frame_dtype.kind == "f" and not np.isfinite(chunk.frames).all():
             raise ValueError("non-finite frame values")
@@ -401,11 +469,14 @@ class SharedReplay:
             state = np.asarray(chunk.recurrent_state)
             if state.shape != (2, hidden) or state.dtype.kind != "f" or not np.isfinite(state).all():
                 raise ValueError(f"recurrent_state must be finite floats of shape (2, {hidden}), got {state.shape}")
-        flags = (first * FIRST | last * LAST | terminated * TERMINATED).astype(np.uint8)
-        return _Prepared(t, stream, agent, chunk.frames, actions.astype(np.int32), rewards32, flags, state)
+        # Each flag shifted into its bit directly in uint8 (fewer, smaller temporaries than bool * int).
+        flags = np.left_shift(last, LAST.bit_length() - 1, dtype=np.uint8)
+        flags |= np.left_shift(terminated, TERMINATED.bit_length() - 1, dtype=np.uint8)
+        flags |= np.left_shift(first, FIRST.bit_length() - 1, dtype=np.uint8)
+        return _Prepared(t, stream, agent, chunk.frames, actions32, rewards32, flags, state)
 
     def _reject(self, chunk: Any, err: Exception) -> None:
-        with self._lock:
+        with self._locked:
             self._x.header[H_REJECTED] += 1
         self._rejections_logged += 1
         n = self._rejections_logged
@@ -435,7 +506,7 @@ class SharedReplay:
         if x.tree is not None:
             top = x.headerf[F_MAX_PRIORITY] ** self._params.alpha
             tree_values = [np.where(p.flags[i : i + n] & LAST, 0.0, top) for _, i, n in runs]
-        with self._lock:
+        with self._locked:
             for slot, i, n in runs:
                 x.seq[slot : slot + n] = np.arange(s0 + i, s0 + i + n)
             x.agent_counts[p.agent] += t
@@ -458,21 +529,28 @@ class SharedReplay:
         x, c, t = self._x, self._capacity, p.length
         waiting_since: float | None = None
         while True:
-            with self._lock:
+            with self._locked:
                 s0 = int(x.header[H_HEAD])
                 runs = _segments(s0 % c, t, c)
-                lapped = any(bool((x.seq[slot : slot + n] == WRITING).any()) for slot, _, n in runs)
+                # A slot holds a seq (>= 0), EMPTY or WRITING, the smallest: one min per run tells whether a
+                # writer is still copying there (lapped) and whether every slot holds a step to evict.
+                lows = [int(x.seq[slot : slot + n].min()) for slot, _, n in runs]
+                lapped = min(lows) == WRITING
                 if lapped and waiting_since is not None and time.monotonic() - waiting_since > _LAP_WAIT_S:
                     log.error("replay: a writer has not finished its chunk for %.0fs; taking its slots", _LAP_WAIT_S)
                     lapped = False
                 if not lapped:
-                    for slot, _, n in runs:
+                    for (slot, _, n), low in zip(runs, lows, strict=True):
                         old = x.seq[slot : slot + n]
-                        alive = old >= 0
-                        evicted = int(alive.sum())
-                        if evicted:
-                            np.subtract.at(x.agent_counts, x.agents[slot : slot + n][alive], 1)
-                            x.header[H_SIZE] -= evicted
+                        if low >= 0:  # a full ring: every slot holds a step
+                            np.subtract.at(x.agent_counts, x.agents[slot : slot + n], 1)
+                            x.header[H_SIZE] -= n
+                        else:
+                            alive = old >= 0
+                            evicted = int(alive.sum())
+                            if evicted:
+                                np.subtract.at(x.agent_counts, x.agents[slot : slot + n][alive], 1)
+                                x.header[H_SIZE] -= evicted
                         old[:] = WRITING
                     x.header[H_HEAD] = s0 + t
                     prev_last = self._stream_swap(p.stream, s0 + t - 1, s0 + t - c)
@@ -558,67 +636,87 @@ class SharedReplay:
         (later columns repeat the final step). Returns (pos, alive [k, ahead]: the column after the start holds
         a real step, flags of the final real step, ok [k]). ``strict`` (transitions): a window missing a step
         (evicted, not written yet, inconsistent) or starting at a last step is not ok; otherwise (sequences)
-        a missing step only ends ``alive`` early.
+        a missing step only ends ``alive`` early. Starts may be any int64 (draws that failed the caller's own
+        checks are validated along with the others and filtered by the caller: one filter instead of two).
         """
-        x, c = self._x, self._capacity
+        x = self._x
         k = starts.shape[0]
-        pos = np.empty((k, back + 1 + ahead), dtype=np.int64)
-        pos[:, back] = starts
+        w = back + 1 + ahead
         # Chase the links first and validate all at once afterwards: numpy costs per call, not per row. A
         # dead link leads to garbage, which is harmless: every position is checked against its slot's seq.
+        # The work is done on the transpose, one contiguous row per column of the window, with ndarray
+        # methods (no numpy-function wrappers); "wrap" takes seq % capacity inside the gathers.
+        win = np.empty((w, k), dtype=np.int64)
+        win[back] = starts
         for j in range(back - 1, -1, -1):
-            pos[:, j] = x.prev[pos[:, j + 1] % c]
-        for j in range(back + 1, back + 1 + ahead):
-            pos[:, j] = x.next[pos[:, j - 1] % c]
-        slots = pos % c
-        live = (x.seq[slots] == pos) & (pos >= 0)  # a missing link (-1) must not match an EMPTY slot
-        flags = x.flags[slots]
+            x.prev.take(win[j + 1], out=win[j], mode="wrap")
+        for j in range(back + 1, w):
+            x.next.take(win[j - 1], out=win[j], mode="wrap")
+        live = x.seq.take(win, mode="wrap") == win
+        live &= win >= 0  # a missing link (-1) must not match an EMPTY slot
+        flags = x.flags.take(win, mode="wrap")
+        # Most windows lie inside one episode (no first step after column 0, no last step before the final
+        # column nor at the start): then a row is ok iff all its steps are live, and nothing is padded.
+        # Checked for all rows at once; a candidate set with any boundary takes the general path.
+        if strict and not np.count_nonzero(flags & _boundary_bits(back, ahead)):
+            return win.T, _all_true(k, ahead), flags[w - 1], live.all(axis=0)
+        cols = np.arange(k)
         first = (flags & FIRST) != 0
-        last = (flags & LAST) != 0
-        ok = live[:, back] & ~last[:, back] if strict else live[:, back].copy()
-        rows = np.arange(k)
+        not_last = (flags & LAST) == 0
+        good = live & not_last
+        ok = good[back].copy() if strict else live[back].copy()
         if back:
             # Column j is padding once the episode's first step lies in columns j+1 .. back.
-            padded = np.logical_or.accumulate(first[:, back:0:-1], axis=1)[:, ::-1]
-            ok &= (padded | (live[:, :back] & ~last[:, :back])).all(axis=1)
-            episode_first = pos[rows, padded.sum(axis=1)]
-            pos[:, :back] = np.where(padded, episode_first[:, None], pos[:, :back])
+            padded = np.logical_or.accumulate(first[back:0:-1], axis=0)[::-1]
+            ok &= (padded | good[:back]).all(axis=0)
+            episode_first = win[padded.sum(axis=0), cols]
+            win[:back] = np.where(padded, episode_first, win[:back])
         if ahead:
             # Column back+1+i is in the episode unless a last step lies in columns back .. back+i.
-            alive = ~np.logical_or.accumulate(last[:, back : back + ahead], axis=1)
-            real = live[:, back + 1 :] & ~first[:, back + 1 :]
+            alive = np.logical_and.accumulate(not_last[back : back + ahead], axis=0)
+            real = live[back + 1 :] & ~first[back + 1 :]
             if strict:
-                ok &= (real | ~alive).all(axis=1)
+                ok &= (real | ~alive).all(axis=0)
             else:
-                alive = np.logical_and.accumulate(alive & real, axis=1)
-            end = back + alive.sum(axis=1)
-            pos[:, back + 1 :] = np.where(alive, pos[:, back + 1 :], pos[rows, end][:, None])
+                alive = np.logical_and.accumulate(alive & real, axis=0)
+            end = back + alive.sum(axis=0)
+            win[back + 1 :] = np.where(alive, win[back + 1 :], win[end, cols])
         else:
-            alive = np.zeros((k, 0), dtype=bool)
+            alive = np.zeros((0, k), dtype=bool)
             end = np.full(k, back)
-        return pos, alive, flags[rows, end], ok
+        return win.T, alive.T, flags[end, cols], ok
 
-    def _draw_steps(self, k: int, stratified: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate start seqs (validated once) and their sampling probabilities (1 when uniform)."""
-        x, c = self._x, self._capacity
+    def _draw_steps(self, k: int, stratified: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``k`` candidate start seqs, their sampling probabilities (1 when uniform) and which draws are usable.
+
+        Rows are not filtered here: the caller validates the windows of all ``k`` and filters once.
+        """
+        x = self._x
         head = int(x.header[H_HEAD])
         lo = self._oldest_drawable(head)
         if x.tree is None:
             if head <= lo:
-                return np.zeros(0, np.int64), np.zeros(0)
+                return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)
             seqs = self._rng.integers(lo, head, size=k)
-            seqs = seqs[x.seq[seqs % c] == seqs]
-            return seqs, np.ones(seqs.shape[0])
+            return seqs, np.ones(k), x.seq.take(seqs, mode="wrap") == seqs
         total = x.tree.total()
         if total <= 0.0:
-            return np.zeros(0, np.int64), np.zeros(0)
-        u = (np.arange(k) + self._rng.random(k)) / k if stratified else self._rng.random(k)
-        slots, values = x.tree.find(u * total)
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, bool)
+        if stratified:
+            u = self._rng.random(k)
+            u += _aranges(k)
+            u /= k
+        else:
+            u = self._rng.random(k)
+        u *= total
+        slots, values = x.tree.find(u)
         seqs = x.seq[slots]
-        ok = (values > 0.0) & (seqs >= lo)
-        return seqs[ok], values[ok] / total
+        ok = values > 0.0
+        ok &= seqs >= lo
+        values /= total
+        return seqs, values, ok
 
-    def _collect(self, need: int, candidates: Callable[[int, bool], dict[str, np.ndarray]], what: str) -> _Rows:
+    def _collect(self, need: int, candidates: Callable[[int, bool], tuple[_Rows, np.ndarray]], what: str) -> _Rows:
         """Exactly ``need`` rows of metadata-valid candidates, drawing as many rounds as it takes."""
         parts: list[_Rows] = []
         have = 0
@@ -626,11 +724,16 @@ class SharedReplay:
             # Draw a few spare the first time: some draws are always invalid (chunk tails, the oldest slots).
             # Later rounds grow geometrically, so that a memory with few valid starts still fills a batch.
             k = need + need // 8 + 2 if round_ == 0 else max(2 * (need - have), 16) << min(round_, 10)
-            part = candidates(k, round_ == 0)
-            got = part["probs"].shape[0]
-            if got:
-                parts.append(part)
-                have += got
+            part, ok = candidates(k, round_ == 0)
+            valid = ok.nonzero()[0]
+            if valid.size:
+                if round_ == 0 and valid.size >= need:
+                    # The usual case, one round: filter and pick with one gather per array.
+                    if valid.size > need:
+                        valid = valid[self._pick(valid.size, need)]
+                    return {key: value[valid] for key, value in part.items()}
+                parts.append({key: value[valid] for key, value in part.items()})
+                have += valid.size
             if have >= need:
                 break
         else:
@@ -640,20 +743,28 @@ class SharedReplay:
             )
         rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if have > need:
-            # A random subset of stratified draws is still unbiased; the first `need` would not be.
-            pick = np.sort(self._rng.permutation(have)[:need])
+            pick = self._pick(have, need)
             rows = {k: v[pick] for k, v in rows.items()}
         return rows
+
+    def _pick(self, have: int, need: int) -> np.ndarray:
+        # A random subset of stratified draws is still unbiased; the first `need` would not be.
+        pick = self._rng.permutation(have)[:need]
+        pick.sort()
+        return pick
 
     def _sample_rows(
         self,
         batch_size: int,
-        candidates: Callable[[int, bool], _Rows],
+        candidates: Callable[[int, bool], tuple[_Rows, np.ndarray]],
         gather: Callable[[_Rows], tuple[_Rows, np.ndarray]],
         what: str,
     ) -> _Rows:
         """Gather a batch once; rows torn by a concurrent writer (rare) are replaced in place."""
         out, fresh = gather(self._collect(batch_size, candidates, what))
+        if np.count_nonzero(fresh) == fresh.size:  # the common case: nothing was torn
+            self._count_sampled(batch_size)
+            return out
         for _ in range(_MAX_ROUNDS):
             bad = np.flatnonzero(~fresh)
             if bad.size == 0:
@@ -689,39 +800,41 @@ class SharedReplay:
             agent_ids=out["agent_ids"],
         )
 
-    def _transition_candidates(self, k: int, stratified: bool, n: int, stack: int) -> _Rows:
-        """Starts whose stack and n-step window exist, with their window of seqs ``[t-stack+1 .. t+n]``."""
-        seqs, probs = self._draw_steps(k, stratified)
+    def _transition_candidates(self, k: int, stratified: bool, n: int, stack: int) -> tuple[_Rows, np.ndarray]:
+        """``k`` draws with their window of seqs ``[t-stack+1 .. t+n]``; ok: the draw, stack and window exist."""
+        seqs, probs, drawn = self._draw_steps(k, stratified)
         pos, alive, end_flags, ok = self._window(seqs, stack - 1, n, strict=True)
-        rows = {"pos": pos, "alive": alive, "end_flags": end_flags, "probs": probs}
-        return rows if ok.all() else {key: value[ok] for key, value in rows.items()}
+        ok &= drawn
+        return {"pos": pos, "alive": alive, "end_flags": end_flags, "probs": probs}, ok
 
     def _gather_transitions(self, rows: _Rows, n: int, gamma: float, stack: int) -> tuple[_Rows, np.ndarray]:
-        x, c = self._x, self._capacity
-        pos, alive = rows["pos"], rows["alive"]
-        slots = pos % c
-        m = alive.sum(axis=1)
-        start = slots[:, stack - 1]
-        if bool((m == n).all()):
-            next_slots = slots[:, n : n + stack]
+        x = self._x
+        pos, alive = rows["pos"], rows["alive"]  # seqs: the gathers below take them % capacity ("wrap")
+        start = pos[:, stack - 1]
+        # Usually every row has its full n steps (m = n): then masks and per-row offsets are not needed.
+        full = np.count_nonzero(alive) == alive.size
+        obs = self._frames_at(pos[:, :stack])
+        if full:
+            m = None
+            next_obs = self._frames_at(pos[:, n : n + stack])
         else:
-            next_slots = np.take_along_axis(slots, m[:, None] + np.arange(stack), axis=1)
-        obs = self._frames_at(slots[:, :stack])
-        next_obs = self._frames_at(next_slots)
+            m = alive.sum(axis=1)
+            next_obs = self._frames_at(np.take_along_axis(pos, m[:, None] + np.arange(stack), axis=1))
         # Rewards of steps t .. t+n-1; those at or after the episode's last step (k >= m) are masked out.
-        rewards = x.rewards[slots[:, stack - 1 : stack - 1 + n]].astype(np.float64)
-        actions = x.actions[start].astype(np.int64)
-        agent_ids = x.agents[start].astype(np.int32)
-        fresh = (x.seq[slots] == pos).all(axis=1)
-        returns = (rewards * alive * gamma ** np.arange(n)).sum(axis=1)
-        discounts = np.where(rows["end_flags"] & TERMINATED, 0.0, gamma ** m.astype(np.float64))
+        rewards = x.rewards.take(pos[:, stack - 1 : stack - 1 + n], mode="wrap")
+        actions = x.actions.take(start, mode="wrap").astype(np.int64)
+        agent_ids = x.agents.take(start, mode="wrap")
+        # Last, after every read of the rows' data: a row whose slots still hold its seqs was read untorn.
+        fresh = (x.seq.take(pos, mode="wrap") == pos).all(axis=1)
+        powers, discount_of = _gamma_tables(gamma, n)
         out = {
             "obs": obs,
             "next_obs": next_obs,
             "actions": actions,
-            "returns": returns.astype(np.float32),
-            "discounts": discounts.astype(np.float32),
-            "keys": pos[:, stack - 1].copy(),
+            # Multiplying by an all-true mask changes no bit: skipping it gives the same returns.
+            "returns": (rewards if full else rewards * alive) @ powers[:n],
+            "discounts": discount_of[n if m is None else m, rows["end_flags"]],
+            "keys": start.copy(),
             "agent_ids": agent_ids,
             "probs": rows["probs"],
         }
@@ -786,12 +899,11 @@ class SharedReplay:
             agent_ids=out["agent_ids"],
         )
 
-    def _sequence_candidates(self, k: int, stratified: bool, length: int, stack: int) -> _Rows:
+    def _sequence_candidates(self, k: int, stratified: bool, length: int, stack: int) -> tuple[_Rows, np.ndarray]:
         entries, starts, probs = self._draw_sequences(k, stratified)
         pos, alive, _, ok = self._window(starts, stack - 1, length - 1, strict=False)
         mask = np.concatenate([np.ones((entries.shape[0], 1), dtype=bool), alive], axis=1)
-        rows = {"pos": pos, "mask": mask, "entries": entries, "starts": starts, "probs": probs}
-        return rows if ok.all() else {key: value[ok] for key, value in rows.items()}
+        return {"pos": pos, "mask": mask, "entries": entries, "starts": starts, "probs": probs}, ok
 
     def _gather_sequences(self, rows: _Rows, stack: int) -> tuple[_Rows, np.ndarray]:
         x, c = self._x, self._capacity
@@ -823,7 +935,8 @@ class SharedReplay:
         return out, fresh
 
     def _frames_at(self, slots: np.ndarray) -> np.ndarray:
-        """``frames[slots]`` into a recycled buffer: fresh ~1 MB arrays cost more in page faults than the copy.
+        """``frames[slots % capacity]`` (seqs will do) into a recycled buffer: fresh ~1 MB arrays cost more in page
+        faults than the copy.
 
         A pooled buffer is reused only when nothing outside the pool references it any more (CPython refcount:
         the caller dropped the batch, and no view or tensor of it survives), so a returned batch is never
@@ -841,18 +954,21 @@ class SharedReplay:
             self._pool.append(buf)
             if len(self._pool) > _POOL_SIZE:
                 del self._pool[0]
-        np.take(self._x.frames, slots, axis=0, out=buf, mode="clip")  # "clip": `out` is not buffered
+        # "wrap": seqs may be passed for slots; and unlike "raise", it copies straight into `out` (no buffer).
+        self._x.frames.take(slots, axis=0, out=buf, mode="wrap")
         return buf
 
     def _weights(self, probs: np.ndarray, beta: float, population: int) -> np.ndarray:
         if self._x.tree is None or beta == 0.0:
             return np.ones(probs.shape[0], dtype=np.float32)
-        w = (max(population, 1) * probs) ** -beta
-        return (w / w.max()).astype(np.float32)
+        w = probs * max(population, 1)
+        w **= -beta
+        w /= w.max()
+        return w.astype(np.float32)
 
     def _count_sampled(self, n: int) -> None:
         if self._client == MAX_CLIENTS - 1:  # the last counter is shared by late attachers
-            with self._lock:
+            with self._locked:
                 self._x.sampled[self._client] += n
         else:
             self._x.sampled[self._client] += n
@@ -876,7 +992,7 @@ class SharedReplay:
         c, r_max = self._capacity, self._params.max_sequences
         step_keys, step_slots = keys[steps], keys[steps] % c
         entries = keys[seqs] & ~SEQUENCE_KEY
-        with self._lock:
+        with self._locked:
             live = (x.seq[step_slots] == step_keys) & ((x.flags[step_slots] & LAST) == 0)
             x.tree.set(step_slots[live], leaf[steps][live])
             biggest = float(raw[steps][live].max(initial=0.0))
@@ -892,7 +1008,7 @@ class SharedReplay:
     def stats(self) -> MemoryStats:
         self._check_open()
         x = self._x
-        with self._lock:
+        with self._locked:
             header = x.header.copy()
             counts = x.agent_counts.copy()
             sampled = int(x.sampled.sum())
@@ -922,7 +1038,7 @@ class SharedReplay:
                     np.lib.format.write_array(f, getattr(x, key))
             seq = np.where(x.seq == before, before, EMPTY)
             seq[seq < 0] = EMPTY
-            with self._lock:
+            with self._locked:
                 small = {
                     "seq": seq,
                     "header": x.header.copy(),
@@ -948,7 +1064,7 @@ class SharedReplay:
         with np.load(Path(path), allow_pickle=False) as data:
             if str(data["params"]) != repr(self._params):
                 raise ValueError(f"{path} was saved from a memory with other parameters: {data['params']}")
-            with self._lock:
+            with self._locked:
                 if x.header[H_HEAD] != 0:
                     raise RuntimeError("restore() needs a new, empty memory")
                 for key in self._SAVED:

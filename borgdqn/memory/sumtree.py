@@ -2,9 +2,11 @@
 
 The tree lives in a caller-provided buffer (the replay's shared memory), so every process sees the same
 priorities. Each node has ``FANOUT`` children instead of two: a binary tree over 250k leaves is 18 levels deep
-and numpy pays its per-call overhead on every level, while 64-ary trees need 3 levels for the same leaves and
-each level is one gather of ``[B, 64]`` values. Parents are always recomputed as the sum of their children (never
-updated by adding a delta), so rounding cannot drift and a racing reader only ever sees slightly stale sums.
+and numpy pays its per-call overhead on every level, while a 64-ary tree has 3 levels and each is one gather of
+``[B, 64]`` values. ``find`` does not even descend from the root: it binary-searches one flat prefix sum of the
+lowest small level (3907 nodes for 250k leaves) and descends only below it. Parents are always recomputed as the
+sum of their children (never updated by adding a delta), so rounding cannot drift and a racing reader only ever
+sees slightly stale sums.
 
 Writers must serialise ``set``/``set_range``/``rebuild`` (the replay holds its lock); ``find`` may run
 concurrently with a writer: a torn read makes it return a slightly wrong leaf, which the caller validates.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 FANOUT = 64
+_SEARCH_LEVEL_MAX = 8192  # largest level that find() searches with one flat prefix sum
 
 
 def _level_sizes(n: int) -> list[int]:
@@ -53,6 +56,8 @@ class SumTree:
         self._blocks = [level.reshape(-1, FANOUT) for level in self._levels]
         # Largest node index worth descending into at each level (below it: padding, or leaves >= n).
         self._last_node = [n - 1] + [block.shape[0] - 1 for block in self._blocks[:-1]]
+        small = [d for d in range(1, len(self._levels)) if self._levels[d].shape[0] <= _SEARCH_LEVEL_MAX]
+        self._search_level = min(small, default=len(self._levels) - 1)
 
     @property
     def leaves(self) -> np.ndarray:
@@ -75,7 +80,8 @@ class SumTree:
 
     def set_range(self, start: int, values: np.ndarray | float, count: int | None = None) -> None:
         """Set the contiguous leaves ``start .. start+count-1``; contiguous parents are refreshed by slices."""
-        count = int(np.size(values)) if count is None else count
+        if count is None:
+            count = values.size if isinstance(values, np.ndarray) else int(np.size(values))
         if count == 0:
             return
         stop = start + count
@@ -101,19 +107,28 @@ class SumTree:
         chosen except when rounding pushes a target past the end; callers treat a returned value of 0 as a miss.
         """
         u = np.array(targets, dtype=np.float64, copy=True)
-        top = len(self._levels) - 1
-        # The top level is one node for everyone: one 1-D prefix sum and a binary search serve all targets.
-        prefix_top = np.cumsum(self._levels[top])
-        node = np.minimum(np.searchsorted(prefix_top, u, side="right"), self._last_node[top])
-        u -= prefix_top[node] - self._levels[top][node]
-        flat = np.arange(u.shape[0]) * FANOUT
-        for depth in range(top - 1, -1, -1):
+        # Start at the lowest inner level that is small: one 1-D prefix sum over it and a binary search serve
+        # all targets at once, which is cheaper in numpy than descending the levels above it one by one.
+        # (ndarray methods and in-place ops throughout: this runs once per batch, where numpy's per-call
+        # overhead, not the arithmetic, is the cost.)
+        start = self._search_level
+        level = self._levels[start]
+        prefix_level = level.cumsum()
+        node = np.minimum(prefix_level.searchsorted(u, side="right"), self._last_node[start])
+        u -= prefix_level[node] - level[node]
+        flat = np.arange(0, u.size * FANOUT, FANOUT)
+        for depth in range(start - 1, -1, -1):
             children = self._blocks[depth][node]
-            prefix = np.cumsum(children, axis=1)
+            prefix = children.cumsum(axis=1)
             # First child whose prefix sum exceeds the target; none (rounding, a racing writer): the last one.
             above = prefix > u[:, None]
-            child = np.where(above[:, -1], above.argmax(axis=1), FANOUT - 1)
-            u -= prefix.ravel()[flat + child] - children.ravel()[flat + child]
+            child = above.argmax(axis=1)
+            if np.count_nonzero(above[:, -1]) < child.shape[0]:
+                child[~above[:, -1]] = FANOUT - 1
+            at = flat + child
+            u -= prefix.ravel()[at] - children.ravel()[at]
             # Rounding (or a racing writer) can push a target past the last real node into the padding.
-            node = np.minimum(node * FANOUT + child, self._last_node[depth])
+            node *= FANOUT
+            node += child
+            np.minimum(node, self._last_node[depth], out=node)
         return node, self._levels[0][node]
