@@ -98,23 +98,28 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         agent = int(rec["agent"])
         per_agent.setdefault(agent, EpisodeTally()).add(rec["return"])
         hive.add(rec["return"])
+    walls: dict[int, float] = {}
     for rec in read_records(run_dir):
         if "agent" in rec and "env_steps" in rec:
             agent = int(rec["agent"])
             steps[agent] = max(steps.get(agent, 0), int(rec["env_steps"]))
+            walls[agent] = max(walls.get(agent, 0.0), float(rec.get("wall") or 0.0))
     agents = sorted(set(per_agent) | set(steps))
 
-    def block(tally: EpisodeTally, env_steps: int) -> dict[str, Any]:
+    def block(tally: EpisodeTally, env_steps: int, wall: float) -> dict[str, Any]:
         return {
             "env_steps": env_steps,
             "episodes": tally.episodes,
             "mean_return_last_20": tally.mean,
             "best_mean_return_20": tally.best_mean,
+            "wall_seconds": round(wall, 2),
         }
 
     summary = {
-        "agents": {str(a): block(per_agent.get(a, EpisodeTally()), steps.get(a, 0)) for a in agents},
-        "hive": block(hive, sum(steps.values())),
+        "agents": {
+            str(a): block(per_agent.get(a, EpisodeTally()), steps.get(a, 0), walls.get(a, 0.0)) for a in agents
+        },
+        "hive": block(hive, sum(steps.values()), wall_seconds),
         "wall_seconds": round(wall_seconds, 2),
     }
     return summary

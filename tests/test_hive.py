@@ -53,6 +53,9 @@ def test_short_run_writes_metrics_summary_checkpoints_and_resumes(tmp_path: Path
     assert set(summary["agents"]) == {"0", "1"}
     assert summary["hive"]["env_steps"] >= 3000
     assert summary["hive"]["episodes"] == sum(a["episodes"] for a in summary["agents"].values()) > 0
+    for block in (*summary["agents"].values(), summary["hive"]):
+        assert set(block) == {"env_steps", "episodes", "mean_return_last_20", "best_mean_return_20", "wall_seconds"}
+        assert 0 < block["wall_seconds"] <= summary["wall_seconds"] + 1
     episodes = [json.loads(line) for line in (out / "metrics" / "agent-0.jsonl").read_text().splitlines()]
     kinds = {rec["kind"] for rec in episodes}
     assert {"episode", "train", "memory"} <= kinds
