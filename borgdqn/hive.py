@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 LOG_DIR = "logs"
 JOIN_TIMEOUT_S = 120.0
+# A second interrupt aborts only when it comes this long after the first: tools deliver one stop twice at once.
+ABORT_AFTER_S = 1.0
 
 
 class HiveError(RuntimeError):
@@ -237,7 +239,7 @@ def _watch(
     stop: multiprocessing.synchronize.Event,
 ) -> bool:
     """Show reports until every agent has exited; returns True when the user interrupted the run."""
-    interrupted = False
+    interrupted_at: float | None = None
     while any(p.is_alive() for p in procs):
         try:
             _drain(reports, view, failures, timeout=0.25)
@@ -245,13 +247,15 @@ def _watch(
                 view.note(f"agent {failures[0].agent} failed ({failures[0].message}); stopping the hive")
                 stop.set()
         except KeyboardInterrupt:
-            if interrupted:
+            if interrupted_at is None:
+                interrupted_at = time.monotonic()
+                stop.set()
+                view.note("stopping: every agent saves a checkpoint (Ctrl-C again to abort)")
+            elif time.monotonic() - interrupted_at > ABORT_AFTER_S:
                 view.note("second Ctrl-C: terminating agents without saving")
                 for p in procs:
                     p.terminate()
                 break
-            interrupted = True
-            stop.set()
-            view.note("stopping: every agent saves a checkpoint (Ctrl-C again to abort)")
+            # else: the same stop delivered twice (e.g. `timeout` signals the process and its group): one stop.
     _drain(reports, view, failures)
-    return interrupted
+    return interrupted_at is not None

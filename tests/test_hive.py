@@ -112,8 +112,13 @@ def test_run_dir_is_not_overwritten_without_resume(tmp_path: Path) -> None:
         train(config)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stop_signal_stops_cleanly_and_saves(tmp_path: Path, signum: int) -> None:
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+    # `timeout -s INT` signals the process and then its group: one stop arrives twice within a moment.
+    ids=["ctrl-c", "sigterm", "one-stop-delivered-twice"],
+)
+def test_stop_signal_stops_cleanly_and_saves(tmp_path: Path, signals: list[int]) -> None:
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"),
@@ -132,7 +137,10 @@ def test_stop_signal_stops_cleanly_and_saves(tmp_path: Path, signum: int) -> Non
         while time.monotonic() < deadline and not both_reporting():
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.2)
-        proc.send_signal(signum)
+        for i, signum in enumerate(signals):
+            if i:
+                time.sleep(0.3)  # a separate delivery, well inside the 1 s in which it counts as the same stop
+            proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
