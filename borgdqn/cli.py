@@ -79,13 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> BorgConfig:
-    data: dict[str, Any] = {}
+    saved_config: dict[str, Any] = {}
     if args.resume:
         out = args.out or BorgConfig().hive.out
         saved = out / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no run to resume (no {saved.name})")
-        data = read_yaml(saved)
+        saved_config = read_yaml(saved)
     overrides: dict[str, Any] = {}
     for text in args.overrides:
         key, value = parse_override(text)
@@ -99,10 +99,7 @@ def _train_config(args: argparse.Namespace) -> BorgConfig:
         "hive.live": args.live,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    if args.config is not None and args.resume:
-        data = {**data, **read_yaml(args.config)}
-        return build_config(data, overrides=overrides)
-    return build_config(data, yaml_path=args.config, overrides=overrides)
+    return build_config(saved_config, yaml_path=args.config, overrides=overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -328,18 +328,17 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def build_config(
-    data: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
     *,
     yaml_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> BorgConfig:
-    """Merge defaults < YAML < environment < overrides (dotted keys) and validate; raises ConfigError."""
-    tree: dict[str, Any] = {}
+    """Merge defaults < base (a resumed run's saved config) < YAML < environment < overrides (dotted keys),
+    section by section, and validate; raises ConfigError."""
+    tree: dict[str, Any] = dict(base or {})
     if yaml_path is not None:
         tree = _deep_merge(tree, read_yaml(yaml_path))
-    if data:
-        tree = _deep_merge(tree, data)
     tree = _deep_merge(tree, environment_overrides(os.environ if environ is None else environ))
     for dotted, value in (overrides or {}).items():
         _set_path(tree, dotted, value)

@@ -6,6 +6,7 @@ progress, turns Ctrl-C into a clean stop (every agent saves a checkpoint) and wr
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
@@ -27,7 +28,7 @@ from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.agent import AgentReport
-from borgdqn.rl.checkpoint import CHECKPOINT_DIR, agent_checkpoint_path, read_checkpoint
+from borgdqn.rl.checkpoint import CHECKPOINT_DIR
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 
 log = logging.getLogger(__name__)
@@ -120,20 +121,19 @@ def _make_view(config: BorgConfig) -> HiveView:
     return LogHiveView(config.hive.agents, config.hive.steps, every_s=max(10.0, 5 * config.hive.report_every_s))
 
 
-def _resume_offset(run_dir: Path, agents: int) -> float:
-    walls = []
-    for agent in range(agents):
-        path = agent_checkpoint_path(run_dir, agent)
-        if path.exists():
-            walls.append(read_checkpoint(path)[1].wall)
-    return max(walls, default=0.0)
+def _resume_offset(run_dir: Path) -> float:
+    """Wall seconds the run has already spent: every session ends by writing summary.json (Ctrl-C included)."""
+    try:
+        return float(json.loads((run_dir / SUMMARY_FILE).read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0  # a session that was killed wrote none: restart the clock rather than refuse to resume
 
 
 def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json."""
     spec = probe_env(config)
     run_dir = prepare_run_dir(config, resume)
-    offset = _resume_offset(run_dir, config.hive.agents) if resume else 0.0
+    offset = _resume_offset(run_dir) if resume else 0.0
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
     memory = SharedReplay.create(

@@ -116,9 +116,7 @@ def summarize(run_dir: Path, wall_seconds: float) -> dict[str, Any]:
         }
 
     summary = {
-        "agents": {
-            str(a): block(per_agent.get(a, EpisodeTally()), steps.get(a, 0), walls.get(a, 0.0)) for a in agents
-        },
+        "agents": {str(a): block(per_agent.get(a, EpisodeTally()), steps.get(a, 0), walls.get(a, 0.0)) for a in agents},
         "hive": block(hive, sum(steps.values()), wall_seconds),
         "wall_seconds": round(wall_seconds, 2),
     }

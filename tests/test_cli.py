@@ -83,3 +83,19 @@ def test_help_lists_the_commands() -> None:
     train_help = borgdqn("train", "--help").stdout
     for flag in ("--env", "--agents", "--steps", "--seed", "--out", "--config", "--resume", "--set"):
         assert flag in train_help
+
+
+def test_resume_layers_a_config_file_over_the_saved_one_field_by_field(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("learner: {lr: 0.5, gamma: 0.9}\nenv: {id: CartPole-v1}\n")
+    more = tmp_path / "more.yaml"
+    more.write_text("learner: {n_step: 5}\n")
+    result = borgdqn("train", "--resume", "--out", str(run), "--config", str(more), "--print-config")
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    shown = yaml.safe_load(result.stdout)
+    assert shown["learner"]["n_step"] == 5  # from the file
+    assert shown["learner"]["lr"] == 0.5 and shown["learner"]["gamma"] == 0.9  # kept from the saved run
+    assert shown["env"]["id"] == "CartPole-v1"

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import multiprocessing.synchronize
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from borgdqn.rl.adder import ChunkAdder
 from borgdqn.rl.checkpoint import AgentCheckpoint, load_agent_checkpoint, save_agent_checkpoint
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
-from borgdqn.rl.learner import Learner
+from borgdqn.rl.learner import Learner, UpdateResult
 from borgdqn.rl.policies import build_policy
 from borgdqn.rl.schedules import epsilon_ladder, make_schedule
 
@@ -44,7 +44,6 @@ class AgentReport:
     updates: int
     mean_return: float | None
     best_mean_return: float | None
-    last_return: float | None
     epsilon: float
     loss: float | None
     env_steps_per_s: float
@@ -52,7 +51,6 @@ class AgentReport:
     memory_size: int
     memory_capacity: int
     done: bool = False
-    per_policy: dict[str, float] = field(default_factory=dict)
 
 
 def agent_seed(base: int, agent: int) -> int:
@@ -123,7 +121,6 @@ def run_agent(
             log.info("agent=%d resumed env_steps=%d updates=%d", agent, state.env_steps, learner.updates)
     metrics = MetricsWriter(agent_metrics_path(run_dir, agent))
     tally = EpisodeTally(episodes=state.episodes, recent=list(state.recent_returns), best_mean=state.best_mean)
-    per_policy: dict[str, EpisodeTally] = {}
     started = time.monotonic() - clock_offset
 
     num_envs = env.num_envs
@@ -149,7 +146,8 @@ def run_agent(
     last_report = 0.0
     last_loss: float | None = None
 
-    def report(done: bool = False, last_return: float | None = None) -> None:
+    def report(done: bool = False) -> None:
+        """A train (and memory) record for the metrics, and a report for the hive's view, at report pace."""
         nonlocal last_report, window_start, window_steps, window_updates
         now = time.monotonic()
         span = max(now - window_start, 1e-9)
@@ -161,7 +159,6 @@ def run_agent(
             updates=learner.updates,
             mean_return=tally.mean,
             best_mean_return=tally.best_mean,
-            last_return=last_return,
             epsilon=policy.epsilon(state.env_steps),
             loss=last_loss,
             env_steps_per_s=window_steps / span,
@@ -169,34 +166,32 @@ def run_agent(
             memory_size=stats.size,
             memory_capacity=stats.capacity,
             done=done,
-            per_policy={k: v.mean for k, v in per_policy.items() if v.mean is not None},
         )
-        if last_return is None:
+        metrics.write(
+            "train",
+            agent=agent,
+            env_steps=state.env_steps,
+            updates=learner.updates,
+            loss=float(np.mean(losses)) if losses else None,
+            mean_q=float(np.mean(mean_qs)) if mean_qs else None,
+            env_steps_per_s=rep.env_steps_per_s,
+            updates_per_s=rep.updates_per_s,
+            epsilon=rep.epsilon,
+            wall=now - started,
+        )
+        if agent == 0:
             metrics.write(
-                "train",
-                agent=agent,
-                env_steps=state.env_steps,
-                updates=learner.updates,
-                loss=float(np.mean(losses)) if losses else None,
-                mean_q=float(np.mean(mean_qs)) if mean_qs else None,
-                env_steps_per_s=rep.env_steps_per_s,
-                updates_per_s=rep.updates_per_s,
-                epsilon=rep.epsilon,
+                "memory",
+                size=stats.size,
+                capacity=stats.capacity,
+                inserted=stats.inserted,
+                sampled=stats.sampled,
                 wall=now - started,
             )
-            if agent == 0:
-                metrics.write(
-                    "memory",
-                    size=stats.size,
-                    capacity=stats.capacity,
-                    inserted=stats.inserted,
-                    sampled=stats.sampled,
-                    wall=now - started,
-                )
-            losses.clear()
-            mean_qs.clear()
-            window_start, window_steps, window_updates = now, 0, 0
-            last_report = now
+        losses.clear()
+        mean_qs.clear()
+        window_start, window_steps, window_updates = now, 0, 0
+        last_report = now
         if reports is not None:
             # A full queue only costs the view one refresh.
             with contextlib.suppress(Exception):
@@ -236,13 +231,14 @@ def run_agent(
             # Bookkeeping of reported (full-game, raw-reward) episodes.
             episode_return += rewards
             episode_length += ~last
-            for e in np.flatnonzero(result.game_over):
+            ended = np.flatnonzero(result.game_over)
+            labels = policy.episode_labels() if ended.size else []
+            for e in ended:
                 ret = float(episode_return[e])
-                label = policy.episode_labels()[e]
+                label = labels[e]
                 best_before = tally.best_mean
                 tally.add(ret)
                 new_best = new_best or tally.best_mean != best_before
-                per_policy.setdefault(label, EpisodeTally()).add(ret)
                 metrics.write(
                     "episode",
                     agent=agent,
@@ -254,7 +250,6 @@ def run_agent(
                     epsilon=policy.epsilon(state.env_steps),
                     wall=time.monotonic() - started,
                 )
-                report(last_return=ret)
                 episode_return[e] = 0.0
                 episode_length[e] = 0
                 game_starting[e] = True
@@ -306,7 +301,7 @@ def run_agent(
         env.close()
 
 
-def _learn_once(learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float) -> Any:
+def _learn_once(learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float) -> UpdateResult:
     cfg = config.learner
     if learner.online.recurrent:
         length = cfg.burn_in + cfg.sequence_length + cfg.n_step
