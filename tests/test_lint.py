@@ -19,5 +19,5 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_clean() -> None:
-    result = _run("mypy", "borgdqn")
+    result = _run("mypy")  # the packages listed in pyproject.toml: borgdqn and tests.harness
     assert result.returncode == 0, result.stdout + result.stderr
