@@ -33,7 +33,7 @@ def cache_root() -> Path:
 class Progress:
     """Prints one line per install step to a terminal stream: what it does, a heartbeat, how long it took."""
 
-    def __init__(self, stream: TextIO | None = None, heartbeat_s: float = 20.0) -> None:
+    def __init__(self, stream: TextIO | None = None, heartbeat_s: float = 30.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.heartbeat_s = heartbeat_s
 
@@ -49,7 +49,7 @@ class Progress:
 
         def beat() -> None:
             while not done.wait(self.heartbeat_s):
-                self.say(f"  still {title.lower()}: {time.monotonic() - started:.0f}s")
+                self.say(f"  {title}: {time.monotonic() - started:.0f}s so far")
 
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()
