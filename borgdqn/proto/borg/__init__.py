@@ -1,0 +1,1 @@
+"""Generated protobuf code (borg.v1); regenerate with python -m borgdqn.proto.generate."""
