@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default runs/hive)")
     train.add_argument("--config", type=Path, help="YAML file with any of the config sections")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
+                       help="share the Redis replay memory there instead of an embedded one "
+                            "(password from BORG_REDIS_PASSWORD)")  # fmt: skip
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field (repeatable), e.g. learner.lr=3e-4")  # fmt: skip
     live = train.add_mutually_exclusive_group()
@@ -97,6 +100,8 @@ def _train_config(args: argparse.Namespace) -> BorgConfig:
         "hive.seed": args.seed,
         "hive.out": str(args.out) if args.out else None,
         "hive.live": args.live,
+        "replay.backend": "redis" if args.memory else None,
+        "replay.redis_url": args.memory,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return build_config(saved_config, yaml_path=args.config, overrides=overrides)

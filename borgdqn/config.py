@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -194,7 +195,16 @@ class LearnerConfig(_Strict):
 
 
 class ReplayConfig(_Strict):
-    backend: Literal["shared"] = Field(default="shared", description="shared: one machine, /dev/shm")
+    backend: Literal["shared", "redis"] = Field(
+        default="shared", description="shared: one machine, /dev/shm; redis: the Redis memory at replay.redis_url"
+    )
+    redis_url: str = Field(
+        default="",
+        description="redis://HOST:PORT/DB of the Redis memory; its password comes from BORG_REDIS_PASSWORD",
+    )
+    redis_name: str = Field(
+        default="hive", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="the memory's name (key prefix) on that Redis"
+    )
     capacity: int = Field(default=250_000, ge=64, description="steps stored, shared by all agents")
     chunk_length: int = Field(default=32, ge=1, le=4096, description="steps per chunk an agent adds")
     prioritized: bool = Field(default=True, description="proportional prioritized replay")
@@ -234,6 +244,17 @@ class BorgConfig(_Strict):
             raise ValueError("replay.chunk_length must be at most a quarter of replay.capacity")
         if self.learner.batch_size > self.replay.capacity:
             raise ValueError("learner.batch_size must not exceed replay.capacity")
+        if self.replay.backend == "redis":
+            url = urlsplit(self.replay.redis_url)
+            if url.scheme not in ("redis", "rediss") or not url.hostname:
+                raise ValueError("replay.redis_url must be redis://HOST:PORT/DB when replay.backend is redis")
+            if url.password or url.username:
+                raise ValueError(
+                    "replay.redis_url: give the password in BORG_REDIS_PASSWORD, not in the URL "
+                    "(a URL shows in process lists, configs and logs)"
+                )
+            if self.network.lstm:
+                raise ValueError("network.lstm needs replay.backend shared (the Redis memory serves no sequences yet)")
         return self
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
+import os
 import queue
 import signal
 import sys
@@ -19,11 +20,14 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 
 from borgdqn.config import BorgConfig, ConfigError, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
+from borgdqn.memory.protocol import ReplayMemory
+from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
@@ -74,7 +78,7 @@ def prepare_run_dir(config: BorgConfig, resume: bool) -> Path:
 def _agent_main(
     agent: int,
     config_json: str,
-    handle: SharedReplayHandle,
+    handle: SharedReplayHandle | None,
     run_dir: Path,
     stop: multiprocessing.synchronize.Event,
     reports: Any,
@@ -88,7 +92,11 @@ def _agent_main(
     from borgdqn.rl.agent import run_agent
 
     config = BorgConfig.model_validate_json(config_json)
-    memory = SharedReplay.attach(handle, seed=agent)
+    memory: ReplayMemory
+    if handle is None:
+        memory = open_redis_memory(config, probe_env(config), seed=agent)
+    else:
+        memory = SharedReplay.attach(handle, seed=agent)
     try:
         run_agent(agent, config, memory, run_dir, stop=stop, reports=reports, resume=resume, clock_offset=clock_offset)
     except Exception as err:
@@ -97,6 +105,23 @@ def _agent_main(
         sys.exit(1)
     finally:
         memory.close()
+
+
+REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"
+
+
+def open_redis_memory(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisReplay:
+    """The Redis memory of ``config.replay``; the password comes from BORG_REDIS_PASSWORD, never from a URL."""
+    replay = config.replay
+    url = urlsplit(replay.redis_url)
+    password = os.environ.get(REDIS_PASSWORD_ENV, "")
+    netloc = f":{quote(password, safe='')}@{url.netloc}" if password else url.netloc
+    shape = RedisReplayConfig(
+        capacity=replay.capacity, chunk_length=replay.chunk_length, frame_shape=tuple(spec.frame_shape),
+        frame_dtype=np.dtype(spec.frame_dtype).str, prioritized=replay.prioritized, alpha=replay.alpha,
+        priority_eps=replay.priority_eps, context=config.env.frame_stack - 1, lookahead=config.learner.n_step,
+    )  # fmt: skip
+    return RedisReplay.connect(urlunsplit(url._replace(netloc=netloc)), replay.redis_name, shape, seed=seed)
 
 
 def _agent_logging(run_dir: Path, agent: int, level: int) -> None:
@@ -136,17 +161,22 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
     offset = _resume_offset(run_dir) if resume else 0.0
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
-    memory = SharedReplay.create(
-        config.replay.capacity,
-        spec.frame_shape,
-        spec.frame_dtype,
-        prioritized=config.replay.prioritized,
-        alpha=config.replay.alpha,
-        priority_eps=config.replay.priority_eps,
-        recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
-        max_streams=config.hive.agents * STREAMS_PER_AGENT,
-        seed=config.hive.seed,
-    )
+    shared: SharedReplay | None = None
+    memory: ReplayMemory
+    if config.replay.backend == "redis":
+        memory = open_redis_memory(config, spec, seed=config.hive.seed)
+    else:
+        memory = shared = SharedReplay.create(
+            config.replay.capacity,
+            spec.frame_shape,
+            spec.frame_dtype,
+            prioritized=config.replay.prioritized,
+            alpha=config.replay.alpha,
+            priority_eps=config.replay.priority_eps,
+            recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
+            max_streams=config.hive.agents * STREAMS_PER_AGENT,
+            seed=config.hive.seed,
+        )
     frame_bytes = int(np.prod(spec.frame_shape)) * np.dtype(spec.frame_dtype).itemsize
     log.info(
         "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.0f MB of frames) out=%s logs=%s",
@@ -162,7 +192,8 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
         ctx.Process(
             target=_agent_main,
             name=f"borgdqn-agent-{i}",
-            args=(i, config_json, memory.handle(), run_dir, stop, reports, resume, offset, logging.getLogger().level),
+            args=(i, config_json, shared.handle() if shared else None, run_dir, stop, reports, resume, offset,
+                  logging.getLogger().level),
         )
         for i in range(config.hive.agents)
     ]
@@ -186,7 +217,8 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
             if p.is_alive():
                 p.kill()
         memory.close()
-        memory.unlink()
+        if shared is not None:
+            shared.unlink()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     summary = summarize(run_dir, offset + time.monotonic() - started)

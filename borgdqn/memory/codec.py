@@ -77,6 +77,8 @@ class DecodedChunk:
     policy_id: int
     epsilon: float
     schema_version: int
+    context_steps: int = 0
+    lookahead_steps: int = 0
 
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
@@ -101,6 +103,8 @@ def encode_chunk(
     policy_id: int = 0,
     epsilon: float = 0.0,
     codec: CodecName = DEFAULT_CODEC,
+    context_steps: int = 0,
+    lookahead_steps: int = 0,
 ) -> bytes:
     """Serialize ``chunk`` as a ``borg.v1.TrajectoryChunk``; raises ValueError for a chunk no reader would accept."""
     frames = chunk.frames
@@ -114,6 +118,8 @@ def encode_chunk(
     t = len(chunk)
     if t > MAX_STEPS:
         raise ValueError(f"chunk has {t} steps, more than {MAX_STEPS}")
+    if context_steps < 0 or lookahead_steps < 0 or context_steps + lookahead_steps >= t:
+        raise ValueError(f"context {context_steps} + lookahead {lookahead_steps} steps leave no own step of {t}")
     actions = np.asarray(chunk.actions)
     if actions.size and (actions.min() < _INT32.min or actions.max() > _INT32.max):
         raise ValueError("actions do not fit int32")
@@ -163,6 +169,8 @@ def encode_chunk(
         flags=flags.tobytes(),
         recurrent_state=state,
         recurrent_hidden=hidden,
+        context_steps=context_steps,
+        lookahead_steps=lookahead_steps,
     )
     return msg.SerializeToString()
 
@@ -228,6 +236,8 @@ def _decode(data: bytes, frame_shape: tuple[int, ...], dtype: np.dtype) -> Decod
         raise BadChunk(f"recurrent_state has {len(msg.recurrent_state)} bytes, expected {8 * hidden}")
     if not 0.0 <= msg.epsilon <= 1.0:
         raise BadChunk(f"epsilon {msg.epsilon} outside [0, 1]")
+    if msg.context_steps + msg.lookahead_steps >= t:
+        raise BadChunk(f"context {msg.context_steps} + lookahead {msg.lookahead_steps} steps leave no own step of {t}")
 
     raw = _inflate(msg.codec, msg.frames, raw_size)
     frames = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(t, *shape)
@@ -264,6 +274,8 @@ def _decode(data: bytes, frame_shape: tuple[int, ...], dtype: np.dtype) -> Decod
         policy_id=msg.policy_id,
         epsilon=float(msg.epsilon),
         schema_version=version,
+        context_steps=msg.context_steps,
+        lookahead_steps=msg.lookahead_steps,
     )
 
 

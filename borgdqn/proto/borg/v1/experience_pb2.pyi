@@ -28,7 +28,7 @@ CODEC_ZSTD: Codec
 CODEC_LZ4: Codec
 
 class TrajectoryChunk(_message.Message):
-    __slots__ = ("schema_version", "stream_id", "agent_id", "episode_id", "chunk_seq", "policy_id", "epsilon", "policy_ids", "frame_shape", "frame_dtype", "steps", "frames", "codec", "raw_frames_size", "actions", "rewards", "flags", "recurrent_state", "recurrent_hidden")
+    __slots__ = ("schema_version", "stream_id", "agent_id", "episode_id", "chunk_seq", "policy_id", "epsilon", "policy_ids", "frame_shape", "frame_dtype", "steps", "frames", "codec", "raw_frames_size", "actions", "rewards", "flags", "recurrent_state", "recurrent_hidden", "context_steps", "lookahead_steps")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class TrajectoryChunk(_message.Message):
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     RECURRENT_STATE_FIELD_NUMBER: _ClassVar[int]
     RECURRENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_STEPS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     stream_id: int
     agent_id: int
@@ -67,4 +69,6 @@ class TrajectoryChunk(_message.Message):
     flags: bytes
     recurrent_state: bytes
     recurrent_hidden: int
-    def __init__(self, schema_version: _Optional[int] = ..., stream_id: _Optional[int] = ..., agent_id: _Optional[int] = ..., episode_id: _Optional[int] = ..., chunk_seq: _Optional[int] = ..., policy_id: _Optional[int] = ..., epsilon: _Optional[float] = ..., policy_ids: _Optional[bytes] = ..., frame_shape: _Optional[_Iterable[int]] = ..., frame_dtype: _Optional[_Union[FrameDtype, str]] = ..., steps: _Optional[int] = ..., frames: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., raw_frames_size: _Optional[int] = ..., actions: _Optional[bytes] = ..., rewards: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., recurrent_state: _Optional[bytes] = ..., recurrent_hidden: _Optional[int] = ...) -> None: ...
+    context_steps: int
+    lookahead_steps: int
+    def __init__(self, schema_version: _Optional[int] = ..., stream_id: _Optional[int] = ..., agent_id: _Optional[int] = ..., episode_id: _Optional[int] = ..., chunk_seq: _Optional[int] = ..., policy_id: _Optional[int] = ..., epsilon: _Optional[float] = ..., policy_ids: _Optional[bytes] = ..., frame_shape: _Optional[_Iterable[int]] = ..., frame_dtype: _Optional[_Union[FrameDtype, str]] = ..., steps: _Optional[int] = ..., frames: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., raw_frames_size: _Optional[int] = ..., actions: _Optional[bytes] = ..., rewards: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., recurrent_state: _Optional[bytes] = ..., recurrent_hidden: _Optional[int] = ..., context_steps: _Optional[int] = ..., lookahead_steps: _Optional[int] = ...) -> None: ...

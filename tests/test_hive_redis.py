@@ -1,0 +1,65 @@
+"""The local hive with the Redis memory (`borgdqn train --memory redis://...`): real agents, real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from borgdqn.config import ConfigError, build_config
+from tests.harness.redis import RedisServer
+from tests.test_hive import EXAMPLES, small_config
+
+pytestmark = pytest.mark.integration
+
+
+def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "borgdqn", "train", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env})
+
+
+def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: RedisServer) -> None:
+    out = tmp_path / "run"
+    name = f"hive-{uuid.uuid4().hex[:8]}"
+    sets = [f"--set={key}={value}" for key, value in small_config(out, 3000).items() if key != "hive.live"]
+    result = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live", f"--set=replay.redis_name={name}",
+                     "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
+                    {"BORG_REDIS_PASSWORD": redis_server.password})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["hive"]["env_steps"] >= 3000
+    updates = [json.loads(line) for line in (out / "metrics" / "agent-0.jsonl").read_text().splitlines()
+               if '"kind":"train"' in line]
+    assert updates and updates[-1]["updates"] > 0, "the agents learned from what the Redis memory served"
+    # The memory is in Redis, with both agents' steps; the password is in no log line.
+    client = redis.Redis.from_url(redis_server.url)
+    stats = client.hgetall(f"borg:{{{name}}}:stats")
+    assert int(stats[b"inserted"]) >= 3000 and int(stats[b"sampled"]) > 0
+    logs = "".join(p.read_text() for p in (out / "logs").glob("*.log")) + result.stderr + result.stdout
+    assert redis_server.password not in logs
+
+
+def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: Path,
+                                                                     redis_server: RedisServer) -> None:
+    args = ["--config", str(EXAMPLES / "cartpole.yaml"), "--out", str(tmp_path / "run"), "--no-live",
+            "--memory", f"redis://127.0.0.1:{redis_server.port}/0"]
+    refused = _train(args, {"BORG_REDIS_PASSWORD": "guess"})
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("borgdqn: failed: ConnectionError: redis at ")
+    assert "refused the password" in refused.stderr
+
+
+def test_the_redis_url_must_not_carry_the_password() -> None:
+    with pytest.raises(ConfigError, match="give the password in BORG_REDIS_PASSWORD"):
+        build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://:pw@host:6379/0"})
+    with pytest.raises(ConfigError, match=r"replay\.redis_url must be redis://HOST:PORT/DB"):
+        build_config(environ={}, overrides={"replay.backend": "redis"})
+    with pytest.raises(ConfigError, match=r"network\.lstm needs replay\.backend shared"):
+        build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://h:1/0",
+                                            "network.lstm": True})
