@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from borgdqn.config import ConfigError, build_config
+from borgdqn.hive import train
 from tests.harness.redis import RedisServer
 from tests.test_hive import EXAMPLES, small_config
 
@@ -63,3 +64,21 @@ def test_the_redis_url_must_not_carry_the_password() -> None:
     with pytest.raises(ConfigError, match=r"network\.lstm needs replay\.backend shared"):
         build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://h:1/0",
                                             "network.lstm": True})
+
+
+@pytest.mark.slow
+def test_cartpole_hive_of_two_learns_through_redis(tmp_path: Path, redis_server: RedisServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bar as the embedded memory's: best mean return >= 475 over 20 episodes within 100k env steps."""
+    monkeypatch.setenv("BORG_REDIS_PASSWORD", redis_server.password)
+    config = build_config(
+        yaml_path=EXAMPLES / "cartpole.yaml",
+        environ={},
+        overrides={"hive.out": str(tmp_path / "run"), "hive.live": "off", "hive.seed": 1,
+                   "replay.backend": "redis", "replay.redis_url": f"redis://127.0.0.1:{redis_server.port}/0",
+                   "replay.redis_name": f"cartpole-{uuid.uuid4().hex[:8]}"},
+    )
+    assert config.hive.steps == 100_000 and config.hive.agents == 2
+    summary = train(config)
+    best = summary["hive"]["best_mean_return_20"]
+    assert best is not None and best >= 475, summary

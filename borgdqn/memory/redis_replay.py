@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +132,7 @@ class RedisReplay:
     """Implements ``ReplayMemory`` on a Redis server (see the module docstring for the layout)."""
 
     def __init__(self, client: Any, name: str, config: RedisReplayConfig, *, seed: int = 0,
-                 refresh_s: float = 0.5) -> None:
+                 refresh_s: float = 0.5, cache_bytes: int = 64 << 20) -> None:
         self._r = client
         self._cfg = config
         self._dtype = np.dtype(config.frame_dtype)
@@ -141,6 +142,12 @@ class RedisReplay:
         self._streams: dict[int, _Stream] = {}
         self._view: _View | None = None
         self._max_priority = 1.0
+        # Decoded chunks by slot, with the g they hold: a slot's chunk never changes until the slot is rewritten
+        # (its gseq changes), so a sampler decodes each chunk once, not once per draw.
+        self._cache: OrderedDict[int, tuple[int, DecodedChunk]] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._sampled_unreported = 0
         self.bad_reads = 0  # stored chunks that did not decode: skipped, never sampled
         self.rejected_local = 0
         base = f"borg:{{{name}}}"
@@ -265,7 +272,8 @@ class RedisReplay:
         pipe = self._r.pipeline(transaction=False)
         for key in ("gseq", "steps", "prio", "maxprio"):
             pipe.get(self._k[key])
-        gseq_b, steps_b, prio_b, maxprio_b = pipe.execute()
+        self._report_sampled(pipe)
+        gseq_b, steps_b, prio_b, maxprio_b = pipe.execute()[:4]
         cfg = self._cfg
         gseq = np.frombuffer(gseq_b, dtype="<i8").astype(np.int64)
         steps = np.frombuffer(steps_b, dtype="<u2").astype(np.int64)
@@ -281,25 +289,55 @@ class RedisReplay:
         return self._view
 
     def _fetch(self, slots: np.ndarray) -> dict[int, tuple[int, DecodedChunk | None]]:
+        """(g, chunk) of each slot: the slot's current g, and its chunk (None if it does not decode)."""
         pipe = self._r.pipeline(transaction=False)
-        for slot in slots:
-            pipe.get(f"{self._chunk_prefix}{int(slot)}")
-            pipe.getrange(self._k["gseq"], int(slot) * 8, int(slot) * 8 + 7)
-        replies = pipe.execute()
+        for slot in slots.tolist():
+            pipe.getrange(self._k["gseq"], slot * 8, slot * 8 + 7)
+        current = [int(np.frombuffer(b, dtype="<i8")[0]) if b and len(b) == 8 else -1 for b in pipe.execute()]
         out: dict[int, tuple[int, DecodedChunk | None]] = {}
-        for i, slot in enumerate(slots):
-            data, g_bytes = replies[2 * i], replies[2 * i + 1]
-            g = int(np.frombuffer(g_bytes, dtype="<i8")[0]) if g_bytes and len(g_bytes) == 8 else -1
-            decoded = None
-            if data is not None:
-                try:
-                    decoded = decode_chunk(data, self._shape, self._dtype)
-                except BadChunk as err:
-                    self.bad_reads += 1
-                    if self.bad_reads <= 10:
-                        log.warning("redis replay skipped slot %d: %s", int(slot), err)
-            out[int(slot)] = (g, decoded)
+        missing = []
+        for slot, g in zip(slots.tolist(), current, strict=True):
+            cached = self._cache.get(slot)
+            if cached is not None and cached[0] == g:
+                self._cache.move_to_end(slot)
+                out[slot] = cached
+            else:
+                missing.append((slot, g))
+        if missing:
+            pipe = self._r.pipeline(transaction=False)
+            for slot, _ in missing:
+                pipe.get(f"{self._chunk_prefix}{slot}")
+                pipe.getrange(self._k["gseq"], slot * 8, slot * 8 + 7)
+            replies = pipe.execute()
+            for i, (slot, _) in enumerate(missing):
+                data, g_bytes = replies[2 * i], replies[2 * i + 1]
+                g = int(np.frombuffer(g_bytes, dtype="<i8")[0]) if g_bytes and len(g_bytes) == 8 else -1
+                decoded = self._decode(slot, data)
+                out[slot] = (g, decoded)
+                if decoded is not None:
+                    self._remember(slot, g, decoded)
         return out
+
+    def _decode(self, slot: int, data: bytes | None) -> DecodedChunk | None:
+        if data is None:
+            return None
+        try:
+            return decode_chunk(data, self._shape, self._dtype)
+        except BadChunk as err:
+            self.bad_reads += 1
+            if self.bad_reads <= 10:
+                log.warning("redis replay skipped slot %d: %s", slot, err)
+            return None
+
+    def _remember(self, slot: int, g: int, decoded: DecodedChunk) -> None:
+        old = self._cache.pop(slot, None)
+        if old is not None:
+            self._cache_bytes -= old[1].chunk.frames.nbytes
+        self._cache[slot] = (g, decoded)
+        self._cache_bytes += decoded.chunk.frames.nbytes
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, (_, evicted) = self._cache.popitem(last=False)
+            self._cache_bytes -= evicted.chunk.frames.nbytes
 
     def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
         cfg = self._cfg
@@ -339,7 +377,7 @@ class RedisReplay:
         else:
             raise RuntimeError(f"could not draw {batch_size} valid transitions: the Redis memory holds too few that "
                                "can start one yet (fill it more before learning)")
-        self._r.hincrby(self._k["stats"], "sampled", batch_size)
+        self._sampled_unreported += batch_size  # reported with the next refresh (one round trip fewer per batch)
         probs = np.array([r["prob"] for r in rows])
         return TransitionBatch(
             obs=np.stack([r["obs"] for r in rows]),
@@ -397,14 +435,20 @@ class RedisReplay:
             self._raise_max(keys=[self._k["maxprio"]], args=[repr(biggest)])
 
     # ------------------------------------------------------------------------------------------ stats
+    def _report_sampled(self, pipe: Any) -> None:
+        if self._sampled_unreported:
+            pipe.hincrby(self._k["stats"], "sampled", self._sampled_unreported)
+            self._sampled_unreported = 0
+
     def stats(self) -> MemoryStats:
         cfg = self._cfg
         pipe = self._r.pipeline(transaction=False)
+        self._report_sampled(pipe)
         pipe.get(self._k["gseq"])
         pipe.get(self._k["steps"])
         pipe.get(self._k["agent"])
         pipe.hgetall(self._k["stats"])
-        gseq_b, steps_b, agent_b, counters = pipe.execute()
+        gseq_b, steps_b, agent_b, counters = pipe.execute()[-4:]
         gseq = np.frombuffer(gseq_b, dtype="<i8")
         steps = np.frombuffer(steps_b, dtype="<u2").astype(np.int64)
         agents = np.frombuffer(agent_b, dtype="<u2").astype(np.int64)
@@ -422,6 +466,9 @@ class RedisReplay:
 
     def close(self) -> None:
         self.flush()
+        pipe = self._r.pipeline(transaction=False)
+        self._report_sampled(pipe)
+        pipe.execute()
         self._r.close()
 
 
