@@ -46,7 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a local hive of agents sharing one replay memory",
-        description="Start N agent processes that act, share one embedded replay memory and learn from it.",
+        description="Start N agent processes that act, share one replay memory (embedded, or Redis with --memory) "
+        "and learn from it.",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""The one-machine hive: N agent processes that share one embedded replay memory.
+"""The one-machine hive: N agent processes that share one replay memory (embedded, or Redis with --memory).
 
 The parent owns the shared memory, starts the agents (``spawn``: no forked torch or ALE state), shows their
 progress, turns Ctrl-C into a clean stop (every agent saves a checkpoint) and writes ``summary.json`` at the end.
@@ -157,14 +157,21 @@ def _resume_offset(run_dir: Path) -> float:
 def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json."""
     spec = probe_env(config)
-    run_dir = prepare_run_dir(config, resume)
-    offset = _resume_offset(run_dir) if resume else 0.0
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
+    # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.
+    redis = open_redis_memory(config, spec, seed=config.hive.seed) if config.replay.backend == "redis" else None
+    try:
+        run_dir = prepare_run_dir(config, resume)
+    except BaseException:
+        if redis is not None:
+            redis.close()
+        raise
+    offset = _resume_offset(run_dir) if resume else 0.0
     shared: SharedReplay | None = None
     memory: ReplayMemory
-    if config.replay.backend == "redis":
-        memory = open_redis_memory(config, spec, seed=config.hive.seed)
+    if redis is not None:
+        memory = redis
     else:
         memory = shared = SharedReplay.create(
             config.replay.capacity,

@@ -54,6 +54,7 @@ def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: P
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("borgdqn: failed: ConnectionError: redis at ")
     assert "refused the password" in refused.stderr
+    assert not (tmp_path / "run").exists(), "nothing to --resume after a refused connection"
 
 
 def test_the_redis_url_must_not_carry_the_password() -> None:
