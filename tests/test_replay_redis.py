@@ -17,6 +17,7 @@ from borgdqn.memory.codec import encode_chunk
 from borgdqn.memory.protocol import ReplayMemory
 from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
 from borgdqn.proto.borg.v1 import experience_pb2 as pb
+from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
 from tests.test_replay_shared import F32, GAMMA, U8_SMALL, Codec, Stream, check_transitions, new_memory, samplable
 
@@ -176,15 +177,10 @@ def test_wrong_password_and_unreachable_server_fail_in_one_line(redis_server: Re
     without = f"redis://127.0.0.1:{redis_server.port}/0"
     with pytest.raises(ConnectionError, match="refused the password"):
         RedisReplay.connect(without, "x", config())
-    closed = f"redis://:secret@127.0.0.1:{_closed_port()}/0"
+    closed = f"redis://:secret@127.0.0.1:{free_port()}/0"
     with pytest.raises(ConnectionError, match=r"unreachable after 1s") as unreachable:
         RedisReplay.connect(closed, "x", config(), timeout_s=1)
     for failure in (refused, unreachable):
         message = str(failure.value)
         assert "\n" not in message and "secret" not in message and redis_server.password not in message
 
-
-def _closed_port() -> int:
-    from tests.harness.process import free_port
-
-    return free_port()

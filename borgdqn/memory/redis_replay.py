@@ -38,6 +38,7 @@ import numpy as np
 
 from borgdqn.memory.codec import BadChunk, DecodedChunk, decode_chunk, encode_chunk
 from borgdqn.memory.protocol import MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.sampling_rules import check_transition_args, importance_weights
 from borgdqn.memory.sumtree import SumTree, tree_buffer_size
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,9 @@ class RedisReplay:
             else:
                 missing.append((slot, g))
         if missing:
-            pipe = self._r.pipeline(transaction=False)
+            # MULTI: a chunk and its slot's generation are read together, so a write racing this read can never
+            # pair an old chunk with the new g (which would misattribute its keys).
+            pipe = self._r.pipeline(transaction=True)
             for slot, _ in missing:
                 pipe.get(f"{self._chunk_prefix}{slot}")
                 pipe.getrange(self._k["gseq"], slot * 8, slot * 8 + 7)
@@ -341,10 +344,7 @@ class RedisReplay:
 
     def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
         cfg = self._cfg
-        if batch_size < 1 or n_step < 1 or stack < 1 or not 0.0 < gamma <= 1.0 or beta < 0.0:
-            raise ValueError(
-                f"need batch_size, n_step, stack >= 1, 0 < gamma <= 1, beta >= 0; got {batch_size}, {n_step}, "
-                f"{stack}, {gamma}, {beta}")
+        check_transition_args(batch_size, n_step, gamma, stack, beta)
         if stack - 1 > cfg.context or n_step > cfg.lookahead:
             raise ValueError(f"this memory keeps context for stack <= {cfg.context + 1} and n_step <= "
                              f"{cfg.lookahead}; got {stack} and {n_step}")
@@ -385,18 +385,10 @@ class RedisReplay:
             returns=np.array([r["return"] for r in rows], dtype=np.float32),
             discounts=np.array([r["discount"] for r in rows], dtype=np.float32),
             next_obs=np.stack([r["next_obs"] for r in rows]),
-            weights=self._weights(probs, beta, self._view.population if self._view else 1),
+            weights=importance_weights(probs, beta, self._view.population if self._view else 1, cfg.prioritized),
             keys=np.array([r["key"] for r in rows], dtype=np.int64),
             agent_ids=np.array([r["agent"] for r in rows], dtype=np.int32),
         )
-
-    def _weights(self, probs: np.ndarray, beta: float, population: int) -> np.ndarray:
-        if not self._cfg.prioritized or beta == 0.0:
-            return np.ones(probs.shape[0], dtype=np.float32)
-        w = probs * max(population, 1)
-        w **= -beta
-        w /= w.max()
-        return w.astype(np.float32)
 
     def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
         raise NotImplementedError("the Redis memory does not serve LSTM sequences yet; use replay.backend=shared")
@@ -413,21 +405,22 @@ class RedisReplay:
             return
         finite = np.isfinite(values) & (keys >= 0)
         raw = np.abs(np.where(finite, values, 0.0)) + cfg.priority_eps
+        leaves = (raw**cfg.alpha).astype("<f4")
         g = keys // cfg.chunk_length
         slots = g % cfg.slots
+        distinct = np.unique(slots).tolist()
         pipe = self._r.pipeline(transaction=False)
-        for slot in np.unique(slots).tolist():
+        for slot in distinct:
             pipe.getrange(self._k["gseq"], slot * 8, slot * 8 + 7)
-        current = {slot: int(np.frombuffer(b, dtype="<i8")[0]) for slot, b in
-                   zip(np.unique(slots).tolist(), pipe.execute(), strict=True) if b and len(b) == 8}
+        current = {slot: int(np.frombuffer(b, dtype="<i8")[0])
+                   for slot, b in zip(distinct, pipe.execute(), strict=True) if b and len(b) == 8}
         # A step's priority lives at its slot's offset; the gseq check skips keys evicted since sampling (a
         # rewrite racing this pipeline may still take one stale value, which the next sample corrects).
         pipe = self._r.pipeline(transaction=False)
-        for key, value, ok, slot, chunk_g in zip(keys.tolist(), raw.tolist(), finite.tolist(), slots.tolist(),
-                                                 g.tolist(), strict=True):
-            if ok and current.get(slot) == chunk_g:
+        for i, (key, slot, chunk_g) in enumerate(zip(keys.tolist(), slots.tolist(), g.tolist(), strict=True)):
+            if finite[i] and current.get(slot) == chunk_g:
                 leaf = slot * cfg.chunk_length + key % cfg.chunk_length
-                pipe.setrange(self._k["prio"], leaf * 4, np.array([value ** cfg.alpha], dtype="<f4").tobytes())
+                pipe.setrange(self._k["prio"], leaf * 4, leaves[i : i + 1].tobytes())
         pipe.execute()
         biggest = float(raw[finite].max(initial=0.0))
         if biggest > self._max_priority:

@@ -92,6 +92,7 @@ from borgdqn.memory.layout import (
     SegmentParams,
 )
 from borgdqn.memory.protocol import MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.sampling_rules import check_transition_args, importance_weights
 from borgdqn.memory.sumtree import SumTree
 
 log = logging.getLogger(__name__)
@@ -778,11 +779,7 @@ class SharedReplay:
 
     def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
         self._check_open()
-        if batch_size < 1 or n_step < 1 or stack < 1 or not 0.0 < gamma <= 1.0 or beta < 0.0:
-            raise ValueError(
-                f"need batch_size, n_step, stack >= 1, 0 < gamma <= 1, beta >= 0; got {batch_size}, {n_step}, "
-                f"{stack}, {gamma}, {beta}"
-            )
+        check_transition_args(batch_size, n_step, gamma, stack, beta)
         out = self._sample_rows(
             batch_size,
             lambda k, stratified: self._transition_candidates(k, stratified, n_step, stack),
@@ -959,12 +956,7 @@ class SharedReplay:
         return buf
 
     def _weights(self, probs: np.ndarray, beta: float, population: int) -> np.ndarray:
-        if self._x.tree is None or beta == 0.0:
-            return np.ones(probs.shape[0], dtype=np.float32)
-        w = probs * max(population, 1)
-        w **= -beta
-        w /= w.max()
-        return w.astype(np.float32)
+        return importance_weights(probs, beta, population, prioritized=self._x.tree is not None)
 
     def _count_sampled(self, n: int) -> None:
         if self._client == MAX_CLIENTS - 1:  # the last counter is shared by late attachers
