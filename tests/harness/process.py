@@ -138,6 +138,17 @@ class ServerProcess:
             kept = self.log
         return HarnessError(f"{self.name}: {reason}; log {kept}:\n{log_tail(kept)}")
 
+    def kill(self) -> None:
+        """SIGKILL to the whole group at once (a crash: no shutdown handler runs); returns when it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while group_pids(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the group, SIGKILL to whatever is left after `grace_s`; returns when the group is gone."""
         with contextlib.suppress(ProcessLookupError):
@@ -147,14 +158,7 @@ class ServerProcess:
             if self.popen is not None:
                 self.popen.poll()  # reap the leader so that it does not linger as a zombie
             time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=5)
-        deadline = time.monotonic() + 5
-        while group_pids(self.pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.kill()
 
 
 def start_server(name: str, cmd: Sequence[str | os.PathLike[str]], log: Path, *, env: dict[str, str] | None = None,

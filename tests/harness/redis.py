@@ -105,7 +105,7 @@ class RedisServer(RunningPart):
     def kill(self) -> None:
         """SIGKILL, as a crash: no shutdown save; the workdir (AOF, config) stays for `launch`."""
         for proc in self.processes:
-            proc.stop(grace_s=0)
+            proc.kill()
 
 
 def start_redis(install: RedisInstall, *, aof: bool = False, appendfsync: str = "everysec",
