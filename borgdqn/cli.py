@@ -23,12 +23,13 @@ TRAIN_EPILOG = """\
 configuration: defaults < --config FILE.yaml < BORG_* variables < flags. Any field can be set with
 --set SECTION.FIELD=VALUE (repeatable), e.g. --set learner.lr=3e-4 --set env.frame_stack=1, or with
 BORG_SECTION__FIELD=VALUE, e.g. BORG_LEARNER__LR=3e-4. Sections: env, network, learner, replay, policy,
-epsilon_ladder, hive. See docs/configuration.md.
+epsilon_ladder, hive, telemetry. See docs/configuration.md.
 
 examples:
   borgdqn train                                   # Pong, 2 agents, defaults
   borgdqn train --env CartPole-v1 --agents 2 --steps 100000 --config examples/cartpole.yaml --out runs/cp
   borgdqn train --out runs/cp --resume --steps 200000   # continue a run, extend its budget
+  borgdqn train --kafka localhost:9092            # also stream live telemetry to Kafka (docs/telemetry.md)
 """
 
 
@@ -61,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
                        help="share the Redis replay memory there instead of an embedded one "
                             "(password from BORG_REDIS_PASSWORD)")  # fmt: skip
+    train.add_argument("--kafka", metavar="HOST:PORT",
+                       help="stream telemetry events (episodes, training, memory) to this Kafka; never slows "
+                            "training (telemetry.kafka; HOST:PORT[,HOST:PORT])")  # fmt: skip
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field (repeatable), e.g. learner.lr=3e-4")  # fmt: skip
     live = train.add_mutually_exclusive_group()
@@ -79,6 +83,54 @@ def _build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", type=Path, nargs="+", help="run directories (several: compared side by side)")
     plot.add_argument("--out", type=Path, help="where to write the PNGs (default: RUN/plots of the first run)")
     plot.add_argument("--labels", nargs="+", help="a label per run (default: the directory names)")
+
+    dash = sub.add_parser("dashboard", help="draw the Kibana dashboard's views of a local run as PNGs",
+                          description="The views of Kibana's \"Borg collective\" dashboard, from a local run's "
+                          "metrics: return per agent, the hive's best and mean return, epsilon, loss, env "
+                          "steps/s, memory size and growth, per-agent memory share. No Kibana needed.")  # fmt: skip
+    dash.add_argument("run", type=Path, help="the run directory (holds metrics/agent-*.jsonl)")
+    dash.add_argument("--out", type=Path, help="where to write the PNGs (default: RUN/dashboard)")
+
+    kib = sub.add_parser("kibana-setup", help="import the dashboard's saved objects into Kibana (retrying)",
+                         description="Wait until Kibana answers (GET /api/status), then import the data views, "
+                         "visualizations and the \"Borg collective\" dashboard (overwriting earlier copies). "
+                         "Credentials: BORG_KIBANA_USERNAME and BORG_KIBANA_PASSWORD (basic auth).")  # fmt: skip
+    kib.add_argument("--kibana", metavar="URL", default=os.environ.get("BORG_KIBANA_URL"),
+                     help="Kibana's base URL, e.g. https://pong-kibana-kb-http:5601 (default $BORG_KIBANA_URL)")
+    kib.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                     help="give up when Kibana has not answered within S seconds (600)")
+    kib.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificate for Kibana's TLS (ECK's ca.crt)")
+    kib.add_argument("--file", type=Path, metavar="NDJSON",
+                     help="import this saved-objects file instead of the built-in dashboard")
+
+    mon = sub.add_parser("memory-monitor", help="log the Redis replay memory's stats every few seconds",
+                         description="Read the Redis replay memory's size, rates, bytes and per-agent shares and "
+                         "log them (one key=value line per reading). The password comes from BORG_REDIS_PASSWORD "
+                         "or --password-file, never from the URL.")  # fmt: skip
+    mon.add_argument("--memory", required=True, metavar="redis://HOST:PORT/DB", help="the memory's Redis")
+    mon.add_argument("--name", default="hive", help="the memory's name, replay.redis_name (default hive)")
+    mon.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between readings (10)")
+    mon.add_argument("--once", action="store_true", help="one reading, then exit (1 if none can be made)")
+    mon.add_argument("--password-file", type=Path, metavar="PATH", help="read the password from this file")
+    mon.add_argument("--kafka", metavar="HOST:PORT",
+                     help="also send each reading to this Kafka as a MemoryReport event (HOST:PORT[,HOST:PORT])")
+    mon.add_argument("--collective", metavar="NAME",
+                     help="the collective's name on those events (default: --name)")
+
+    idx = sub.add_parser("indexer", help="write telemetry events from Kafka to Elasticsearch",
+                         description="A Kafka consumer group that writes telemetry events to Elasticsearch (bulk "
+                         "API, one index per event kind, ids from (source, seq): replays never duplicate). "
+                         "Credentials come from BORG_ES_USERNAME/BORG_ES_PASSWORD or BORG_ES_API_KEY, never "
+                         "from flags. Stops on SIGTERM/SIGINT. See docs/indexer.md.")  # fmt: skip
+    idx.add_argument("--kafka", required=True, metavar="HOST:PORT", help="Kafka bootstrap server(s)")
+    idx.add_argument("--es", required=True, metavar="URL", help="Elasticsearch, e.g. https://borg-es-http:9200")
+    idx.add_argument("--group", default="borg-indexer", help="consumer group id (default borg-indexer)")
+    idx.add_argument("--topic-prefix", default="borg.telemetry.", metavar="PREFIX",
+                     help="topics are PREFIX<kind> (default borg.telemetry.)")  # fmt: skip
+    idx.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificate(s) to trust (ECK's self-signed)")
+    idx.add_argument("--replicas", type=int, default=0, help="replicas of each index (default 0)")
+    idx.add_argument("--batch", type=int, default=5000, metavar="N", help="Kafka records per bulk request (5000)")
+    idx.add_argument("--report-every", type=float, default=10.0, metavar="S", help="seconds between progress lines")
     return parser
 
 
@@ -103,6 +155,7 @@ def _train_config(args: argparse.Namespace) -> BorgConfig:
         "hive.live": args.live,
         "replay.backend": "redis" if args.memory else None,
         "replay.redis_url": args.memory,
+        "telemetry.kafka": args.kafka,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return build_config(saved_config, yaml_path=args.config, overrides=overrides)
@@ -157,6 +210,62 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from borgdqn.dashboard import write_dashboard
+
+    paths, notes = write_dashboard(args.run, args.out or args.run / "dashboard")
+    for path in paths:
+        print(path)
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_kibana_setup(args: argparse.Namespace) -> int:
+    from borgdqn.telemetry.kibana_setup import KibanaConfigError, KibanaSetupError, setup
+
+    if not args.kibana:
+        raise ConfigError("kibana-setup: give --kibana URL (or set BORG_KIBANA_URL)")
+    try:
+        result = setup(args.kibana, timeout_s=args.timeout, ca_file=args.ca_file, ndjson_file=args.file)
+    except KibanaConfigError as err:
+        raise ConfigError(str(err)) from None
+    except KibanaSetupError as err:
+        print(f"borgdqn: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    from borgdqn.telemetry.kibana_objects import DASHBOARD_ID, DASHBOARD_TITLE
+
+    base = args.kibana.rstrip("/")
+    print(f"imported {result.success_count} saved objects into {base}; "
+          f"dashboard \"{DASHBOARD_TITLE}\": {base}/app/dashboards#/view/{DASHBOARD_ID}")
+    return 0
+
+
+def _cmd_memory_monitor(args: argparse.Namespace) -> int:
+    from borgdqn.memory.monitor import MonitorError, serve
+
+    try:
+        return serve(args.memory, args.name, interval_s=args.interval, once=args.once,
+                     password_file=args.password_file, kafka=args.kafka or "",
+                     collective=args.collective or "")  # fmt: skip
+    except MonitorError as err:
+        print(f"borgdqn: failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _cmd_indexer(args: argparse.Namespace) -> int:
+    from borgdqn.telemetry.indexer import IndexerConfigError, IndexerSettings, run_indexer
+
+    try:
+        settings = IndexerSettings.from_env(args.kafka, args.es, group=args.group, topic_prefix=args.topic_prefix,
+                                            ca_file=args.ca_file, replicas=args.replicas, batch_max=args.batch,
+                                            report_every_s=args.report_every)  # fmt: skip
+    except IndexerConfigError as err:
+        raise ConfigError(str(err)) from None
+    run_indexer(settings)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
@@ -164,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "memory-monitor": _cmd_memory_monitor,
+                "indexer": _cmd_indexer, "dashboard": _cmd_dashboard, "kibana-setup": _cmd_kibana_setup}
     try:
         return commands[args.command](args)
     except ConfigError as err:

@@ -8,13 +8,14 @@ a silent default.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "BORG_"
 ENV_NESTING = "__"
@@ -193,6 +194,11 @@ class LearnerConfig(_Strict):
     burn_in: int = Field(default=20, ge=0, description="LSTM: steps replayed only to warm up the state")
     sequence_length: int = Field(default=40, ge=1, description="LSTM: trained steps per sampled sequence")
 
+    @property
+    def sampled_length(self) -> int:
+        """LSTM: the steps of one sampled sequence (burn-in, trained steps, and the n steps after them)."""
+        return self.burn_in + self.sequence_length + self.n_step
+
 
 class ReplayConfig(_Strict):
     backend: Literal["shared", "redis"] = Field(
@@ -214,6 +220,16 @@ class ReplayConfig(_Strict):
         description="importance-weight exponent over hive env steps",
     )
     priority_eps: float = Field(default=1e-6, gt=0.0, description="added to |TD| so no step starves")
+    local_capacity: int = Field(
+        default=20_000,
+        ge=256,
+        description="redis: steps each agent also keeps locally, to learn from while Redis is away or slow",
+    )
+    redis_cache_mb: int = Field(
+        default=256,
+        ge=1,
+        description="redis: decoded chunks each agent's sampler keeps (Atari: ~8.5 KB per step; more = fewer decodes)",
+    )
 
 
 class HiveConfig(_Strict):
@@ -227,6 +243,44 @@ class HiveConfig(_Strict):
     live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
 
 
+_KAFKA_ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def parse_kafka_bootstrap(text: str) -> list[str]:
+    """``HOST:PORT[,HOST:PORT...]`` -> the addresses; ValueError (one line) otherwise."""
+    servers = [part.strip() for part in text.split(",") if part.strip()]
+    if not servers:
+        raise ValueError("no Kafka address: expected HOST:PORT[,HOST:PORT]")
+    for server in servers:
+        match = _KAFKA_ADDRESS.match(server)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise ValueError(f"{server!r} is not HOST:PORT (e.g. kafka:9092)")
+    return servers
+
+
+class TelemetryConfig(_Strict):
+    kafka: str = Field(default="", description="HOST:PORT[,HOST:PORT] of Kafka for live telemetry; empty: off")
+    collective: str = Field(default="", description="the name on every event (empty: the run directory's name)")
+    buffer_events: int = Field(
+        default=10_000,
+        ge=100,
+        le=10_000_000,
+        description="events each process holds while Kafka is away; then the oldest are dropped (and counted)",
+    )
+
+    @field_validator("kafka")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        return ",".join(parse_kafka_bootstrap(value)) if value.strip() else ""
+
+    @field_validator("collective")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", value):
+            raise ValueError("use 1-63 letters, digits, '_', '.', '-'")
+        return value
+
+
 class BorgConfig(_Strict):
     env: EnvConfig = Field(default_factory=EnvConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
@@ -235,6 +289,7 @@ class BorgConfig(_Strict):
     policy: PolicySpec = Field(default_factory=EpsilonGreedyPolicySpec)
     epsilon_ladder: EpsilonLadder = Field(default_factory=EpsilonLadder)
     hive: HiveConfig = Field(default_factory=HiveConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @model_validator(mode="after")
     def _coherent(self) -> BorgConfig:
@@ -253,8 +308,6 @@ class BorgConfig(_Strict):
                     "replay.redis_url: give the password in BORG_REDIS_PASSWORD, not in the URL "
                     "(a URL shows in process lists, configs and logs)"
                 )
-            if self.network.lstm:
-                raise ValueError("network.lstm needs replay.backend shared (the Redis memory serves no sequences yet)")
         return self
 
 

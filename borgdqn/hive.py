@@ -27,7 +27,8 @@ import numpy as np
 from borgdqn.config import BorgConfig, ConfigError, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
 from borgdqn.memory.protocol import ReplayMemory
-from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
+from borgdqn.memory.redis_link import LinkSettings, RedisLink
+from borgdqn.memory.redis_replay import REDIS_PASSWORD_ENV, RedisReplay, RedisReplayConfig
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
@@ -94,7 +95,7 @@ def _agent_main(
     config = BorgConfig.model_validate_json(config_json)
     memory: ReplayMemory
     if handle is None:
-        memory = open_redis_memory(config, probe_env(config), seed=agent)
+        memory = open_redis_link(config, probe_env(config), agent)
     else:
         memory = SharedReplay.attach(handle, seed=agent)
     try:
@@ -107,12 +108,9 @@ def _agent_main(
         memory.close()
 
 
-REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"
-
-
 def open_redis_memory(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisReplay:
     """The Redis memory of ``config.replay``; the password comes from BORG_REDIS_PASSWORD, never from a URL."""
-    replay = config.replay
+    replay, network = config.replay, config.network
     url = urlsplit(replay.redis_url)
     password = os.environ.get(REDIS_PASSWORD_ENV, "")
     netloc = f":{quote(password, safe='')}@{url.netloc}" if password else url.netloc
@@ -120,8 +118,32 @@ def open_redis_memory(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisRepl
         capacity=replay.capacity, chunk_length=replay.chunk_length, frame_shape=tuple(spec.frame_shape),
         frame_dtype=np.dtype(spec.frame_dtype).str, prioritized=replay.prioritized, alpha=replay.alpha,
         priority_eps=replay.priority_eps, context=config.env.frame_stack - 1, lookahead=config.learner.n_step,
+        recurrent_hidden=network.lstm_hidden if network.lstm else None,
+        sequence_length=config.learner.sampled_length if network.lstm else 0,
     )  # fmt: skip
-    return RedisReplay.connect(urlunsplit(url._replace(netloc=netloc)), replay.redis_name, shape, seed=seed)
+    return RedisReplay.connect(urlunsplit(url._replace(netloc=netloc)), replay.redis_name, shape, seed=seed,
+                               cache_bytes=replay.redis_cache_mb << 20)
+
+
+def open_redis_link(config: BorgConfig, spec: EnvSpec, agent: int) -> RedisLink:
+    """An agent's link to the Redis memory: background writer and sampler, and a local buffer of
+    ``replay.local_capacity`` steps to learn from while Redis is away or slow."""
+    replay = config.replay
+    capacity = min(replay.local_capacity, replay.capacity)
+    local = SharedReplay.create(
+        capacity, spec.frame_shape, spec.frame_dtype, prioritized=replay.prioritized, alpha=replay.alpha,
+        priority_eps=replay.priority_eps,
+        recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
+        max_streams=STREAMS_PER_AGENT, seed=agent,
+    )  # fmt: skip
+    # The outbox holds about as many steps as the local buffer while Redis is away.
+    settings = LinkSettings(outbox_chunks=max(16, capacity // replay.chunk_length))
+    try:
+        return RedisLink(lambda: open_redis_memory(config, spec, seed=agent), local, settings)
+    except BaseException:
+        local.close()
+        local.unlink()
+        raise
 
 
 def _agent_logging(run_dir: Path, agent: int, level: int) -> None:

@@ -5,7 +5,7 @@ One file per agent (``agent-<i>.jsonl``), one JSON object per line with a ``kind
 - ``episode``: agent, env_steps (the agent's own, at the episode end), episode, return (raw, unclipped),
   length, policy (label of the policy that played it), epsilon, wall (seconds since the run started)
 - ``train``: agent, env_steps, updates, loss, mean_q, env_steps_per_s, updates_per_s, epsilon, wall
-- ``memory``: size, capacity, inserted, sampled, wall (written by agent 0 only)
+- ``memory``: size, capacity, inserted, sampled, per_agent (steps stored now, by agent id), wall (agent 0 only)
 """
 
 from __future__ import annotations

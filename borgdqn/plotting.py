@@ -62,8 +62,13 @@ class _Run:
     stem: str
     path: Path
     episodes: _Episodes
-    train: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # agent -> updates/loss/mean_q
+    # agent -> updates, loss, mean_q, env_steps, epsilon, env_steps_per_s, wall (NaN where absent), by updates
+    train: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     exact_hive_steps: bool = True
+    # The memory records (agent 0 writes them): wall, size, capacity, inserted, sampled, in file order; and
+    # agent -> (wall, steps stored) where the records carry ``per_agent`` (steps stored now, by agent).
+    memory: dict[str, np.ndarray] = field(default_factory=dict)
+    memory_per_agent: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def _number(value: Any) -> float | None:
@@ -86,10 +91,15 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
     # Records that carry an agent's progress: (wall, order, agent, env_steps); order keeps ties in file order.
     progress: list[tuple[float, int, int, int]] = []
     episodes: list[tuple[int, int, float, float, str, int]] = []  # agent, env_steps, wall, return, policy, i
-    train: dict[int, list[tuple[float, float, float]]] = defaultdict(list)  # agent -> (updates, loss, mean_q)
+    train: dict[int, list[tuple[float, ...]]] = defaultdict(list)  # agent -> (updates, loss, mean_q, ...)
+    memory: list[tuple[float, float, float, float, float]] = []  # wall, size, capacity, inserted, sampled
+    memory_per_agent: dict[int, list[tuple[float, float]]] = defaultdict(list)
     skipped = 0
     for i, rec in enumerate(records):
         kind, agent, steps = rec.get("kind"), rec.get("agent"), _number(rec.get("env_steps"))
+        if kind == "memory":
+            _memory_record(rec, memory, memory_per_agent)
+            continue
         if kind not in ("episode", "train"):
             continue
         if not isinstance(agent, int) or steps is None:
@@ -111,7 +121,9 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
             if updates is None:
                 skipped += 1
             else:
-                train[agent].append((updates, _nan_if_none(loss), _nan_if_none(mean_q)))
+                extra = (_number(rec.get("epsilon")), _number(rec.get("env_steps_per_s")))
+                train[agent].append((updates, _nan_if_none(loss), _nan_if_none(mean_q), steps,
+                                     *(_nan_if_none(v) for v in extra), wall_s))
     if skipped:
         log.warning("run=%s skipped=%d records without the fields a plot needs", path, skipped)
     if not episodes and not train:
@@ -144,8 +156,30 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
     train_arrays = {}
     for agent, rows in sorted(train.items()):
         arr = np.array(sorted(rows), dtype=np.float64)
-        train_arrays[agent] = {"updates": arr[:, 0], "loss": arr[:, 1], "mean_q": arr[:, 2]}
-    return _Run(label=label, stem=stem, path=path, episodes=eps, train=train_arrays, exact_hive_steps=exact)
+        train_arrays[agent] = {name: arr[:, k] for k, name in enumerate(_TRAIN_SERIES)}
+    mem = np.array(memory, dtype=np.float64).reshape(-1, len(_MEMORY_SERIES))
+    return _Run(label=label, stem=stem, path=path, episodes=eps, train=train_arrays, exact_hive_steps=exact,
+                memory={name: mem[:, k] for k, name in enumerate(_MEMORY_SERIES)},
+                memory_per_agent=dict(sorted(memory_per_agent.items())))
+
+
+_TRAIN_SERIES = ("updates", "loss", "mean_q", "env_steps", "epsilon", "env_steps_per_s", "wall")
+_MEMORY_SERIES = ("wall", "size", "capacity", "inserted", "sampled")
+
+
+def _memory_record(rec: dict[str, Any], rows: list[tuple[float, float, float, float, float]],
+                   per_agent: dict[int, list[tuple[float, float]]]) -> None:
+    wall, size = _number(rec.get("wall")), _number(rec.get("size"))
+    if wall is None or size is None:
+        return
+    capacity, inserted, sampled = (_nan_if_none(_number(rec.get(k))) for k in ("capacity", "inserted", "sampled"))
+    rows.append((wall, size, capacity, inserted, sampled))
+    agents = rec.get("per_agent")
+    if isinstance(agents, dict):
+        for key, count in agents.items():
+            n = _number(count)
+            if str(key).isdigit() and n is not None:
+                per_agent[int(key)].append((wall, n))
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:

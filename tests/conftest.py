@@ -80,9 +80,27 @@ def kafka_server(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
     yield from start_part(request, lambda progress: start_kafka(ensure_kafka(progress)))
 
 
+@pytest.fixture
+def kafka_server_own(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
+    """A Kafka of the test's own, for tests that stop it (`.halt()`/`.kill()`) and `.launch()` it again on the
+    same port with its topics and records. About 5 s to start: use it only where the outage is the point."""
+    from tests.harness.kafka import ensure_kafka, start_kafka
+
+    yield from start_part(request, lambda progress: start_kafka(ensure_kafka(progress)))
+
+
 @pytest.fixture(scope="session")
 def es_server(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
     """A single-node Elasticsearch (security off, small heap) on 127.0.0.1; `.url` is its HTTP address."""
+    from tests.harness.elasticsearch import ensure_elasticsearch, start_elasticsearch
+
+    yield from start_part(request, lambda progress: start_elasticsearch(ensure_elasticsearch(progress)))
+
+
+@pytest.fixture
+def es_server_own(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
+    """An Elasticsearch of the test's own, for tests that stop it (`.halt()`/`.kill()`) and `.launch()` it again
+    on the same port with its data. About 10 s to start: use it only where the outage is the point."""
     from tests.harness.elasticsearch import ensure_elasticsearch, start_elasticsearch
 
     yield from start_part(request, lambda progress: start_elasticsearch(ensure_elasticsearch(progress)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -14,6 +15,7 @@ import redis
 
 from borgdqn.config import ConfigError, build_config
 from borgdqn.hive import train
+from tests.conditions import eventually
 from tests.harness.redis import RedisServer
 from tests.test_hive import EXAMPLES, small_config
 
@@ -25,10 +27,16 @@ def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
                           timeout=600, env={**os.environ, **env})
 
 
-def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: RedisServer) -> None:
+LSTM = {"network.lstm": "true", "network.lstm_hidden": 32, "env.frame_stack": 1, "learner.burn_in": 4,
+        "learner.sequence_length": 8, "replay.chunk_length": 16}
+
+
+@pytest.mark.parametrize("extra", [{}, LSTM], ids=["stacked", "lstm-sequences"])
+def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: RedisServer,
+                                                extra: dict[str, object]) -> None:
     out = tmp_path / "run"
     name = f"hive-{uuid.uuid4().hex[:8]}"
-    sets = [f"--set={key}={value}" for key, value in small_config(out, 3000).items() if key != "hive.live"]
+    sets = [f"--set={key}={value}" for key, value in small_config(out, 3000, **extra).items() if key != "hive.live"]
     result = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live", f"--set=replay.redis_name={name}",
                      "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
                     {"BORG_REDIS_PASSWORD": redis_server.password})
@@ -44,6 +52,62 @@ def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: Re
     assert int(stats[b"inserted"]) >= 3000 and int(stats[b"sampled"]) > 0
     logs = "".join(p.read_text() for p in (out / "logs").glob("*.log")) + result.stderr + result.stdout
     assert redis_server.password not in logs
+
+
+def _updates(out: Path, agent: int) -> int:
+    path = out / "metrics" / f"agent-{agent}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(line)["updates"] for line in lines if '"kind":"train"' in line), default=0)
+
+
+def test_agents_survive_redis_killed_and_restarted_and_the_memory_survives_with_aof(
+        tmp_path: Path, redis_server_aof: RedisServer) -> None:
+    server, out, name = redis_server_aof, tmp_path / "run", f"crash-{uuid.uuid4().hex[:8]}"
+    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
+    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
+    log_file = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    client = redis.Redis.from_url(server.url)
+    agent_logs = [out / "logs" / f"agent-{a}.log" for a in (0, 1)]
+
+    def inserted() -> int:
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        return int(client.hget(f"borg:{{{name}}}:stats", "inserted") or 0)
+
+    def every_log_says(text: str) -> bool:
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        return all(p.exists() and text in p.read_text() for p in agent_logs)
+
+    try:
+        eventually(lambda: inserted() > 2000 and min(_updates(out, 0), _updates(out, 1)) > 0,
+                   "both agents writing and learning", 120)
+        head_before = int(client.get(f"borg:{{{name}}}:head") or 0)
+
+        server.kill()
+        eventually(lambda: every_log_says("redis away"), "both agents noticing the crash", 60)
+        learned = [_updates(out, a) for a in (0, 1)]
+        eventually(lambda: all(_updates(out, a) > learned[a] + 20 for a in (0, 1)),
+                   "both agents learning on (from their local buffers) while Redis is down", 60)
+
+        server.launch()
+        # appendfsync always: every chunk written before the crash is still there.
+        assert int(client.get(f"borg:{{{name}}}:head") or 0) >= head_before
+        eventually(lambda: every_log_says("redis back"), "both agents reconnecting", 60)
+        after = inserted()
+        eventually(lambda: inserted() > after + 1000, "the agents writing into the restarted memory", 60)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log_file.close()
+        client.close()
+    assert proc.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["hive"]["env_steps"] > 0
+    assert server.password not in "".join(p.read_text() for p in agent_logs)
 
 
 def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: Path,
@@ -62,9 +126,10 @@ def test_the_redis_url_must_not_carry_the_password() -> None:
         build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://:pw@host:6379/0"})
     with pytest.raises(ConfigError, match=r"replay\.redis_url must be redis://HOST:PORT/DB"):
         build_config(environ={}, overrides={"replay.backend": "redis"})
-    with pytest.raises(ConfigError, match=r"network\.lstm needs replay\.backend shared"):
-        build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://h:1/0",
-                                            "network.lstm": True})
+    # The Redis memory serves LSTM sequences too.
+    lstm = build_config(environ={}, overrides={"replay.backend": "redis", "replay.redis_url": "redis://h:1/0",
+                                               "network.lstm": True, "env.frame_stack": 1})
+    assert lstm.network.lstm and lstm.replay.backend == "redis"
 
 
 @pytest.mark.slow

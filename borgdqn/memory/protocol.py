@@ -20,6 +20,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 
+class MemoryNotReady(RuntimeError):
+    """The memory cannot serve a batch right now (too few valid starts yet, or its server is away): act on and
+    try again later."""
+
+
 @dataclass
 class TrajectoryChunk:
     """T consecutive steps of one environment stream (one env of one agent).

@@ -91,7 +91,7 @@ from borgdqn.memory.layout import (
     Layout,
     SegmentParams,
 )
-from borgdqn.memory.protocol import MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.protocol import MemoryNotReady, MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
 from borgdqn.memory.sampling_rules import check_transition_args, importance_weights
 from borgdqn.memory.sumtree import SumTree
 
@@ -738,7 +738,7 @@ class SharedReplay:
             if have >= need:
                 break
         else:
-            raise RuntimeError(
+            raise MemoryNotReady(
                 f"could not draw {need} valid {what} in {_MAX_ROUNDS} rounds: the memory holds "
                 f"{int(self._x.header[H_SIZE])} steps but too few can start one yet (fill it more before learning)"
             )

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from borgdqn.config import BorgConfig
-from borgdqn.memory.protocol import ReplayMemory
+from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory
 from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
+from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.adder import ChunkAdder
 from borgdqn.rl.checkpoint import AgentCheckpoint, load_agent_checkpoint, save_agent_checkpoint
 from borgdqn.rl.envs import make_vector_env
@@ -30,6 +31,7 @@ from borgdqn.rl.frame_stack import FrameStacker
 from borgdqn.rl.learner import Learner, UpdateResult
 from borgdqn.rl.policies import build_policy
 from borgdqn.rl.schedules import epsilon_ladder, make_schedule
+from borgdqn.telemetry.producer import producer_for
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,13 @@ def run_agent(
     next_checkpoint = state.env_steps + config.hive.checkpoint_every
     last_report = 0.0
     last_loss: float | None = None
+    # Live telemetry (telemetry.kafka): emit only queues an event; a background thread talks to Kafka.
+    telemetry = producer_for(config, "agent", agent)
+    memory_before: tuple[float, int, int] | None = None  # (time, inserted, sampled) at the previous report
 
     def report(done: bool = False) -> None:
         """A train (and memory) record for the metrics, and a report for the hive's view, at report pace."""
-        nonlocal last_report, window_start, window_steps, window_updates
+        nonlocal last_report, window_start, window_steps, window_updates, memory_before
         now = time.monotonic()
         span = max(now - window_start, 1e-9)
         stats = memory.stats()
@@ -167,18 +172,27 @@ def run_agent(
             memory_capacity=stats.capacity,
             done=done,
         )
+        loss = float(np.mean(losses)) if losses else None
+        mean_q = float(np.mean(mean_qs)) if mean_qs else None
         metrics.write(
             "train",
             agent=agent,
             env_steps=state.env_steps,
             updates=learner.updates,
-            loss=float(np.mean(losses)) if losses else None,
-            mean_q=float(np.mean(mean_qs)) if mean_qs else None,
+            loss=loss,
+            mean_q=mean_q,
             env_steps_per_s=rep.env_steps_per_s,
             updates_per_s=rep.updates_per_s,
             epsilon=rep.epsilon,
             wall=now - started,
         )
+        if telemetry is not None:
+            telemetry.emit(pb.TrainingReport(
+                agent=agent, env_steps=state.env_steps, updates=learner.updates, loss=loss, mean_q=mean_q,
+                learning_rate=float(learner.optimizer.param_groups[0]["lr"]), updates_per_s=rep.updates_per_s,
+                env_steps_per_s=rep.env_steps_per_s, epsilon=rep.epsilon, mean_return=tally.mean,
+                best_mean_return=tally.best_mean, wall_seconds=now - started,
+            ))  # fmt: skip
         if agent == 0:
             metrics.write(
                 "memory",
@@ -186,8 +200,20 @@ def run_agent(
                 capacity=stats.capacity,
                 inserted=stats.inserted,
                 sampled=stats.sampled,
+                per_agent={str(a): n for a, n in stats.per_agent.items()},
                 wall=now - started,
             )
+            if telemetry is not None:
+                mem = pb.MemoryReport(
+                    size=stats.size, capacity=stats.capacity, inserted=stats.inserted, sampled=stats.sampled,
+                    rejected=stats.rejected, bytes_used=int(getattr(memory, "nbytes", 0)),
+                    per_agent_steps=stats.per_agent, wall_seconds=now - started,
+                )  # fmt: skip
+                if memory_before is not None and now > memory_before[0]:
+                    mem.insert_rate = (stats.inserted - memory_before[1]) / (now - memory_before[0])
+                    mem.sample_rate = (stats.sampled - memory_before[2]) / (now - memory_before[0])
+                memory_before = (now, stats.inserted, stats.sampled)
+                telemetry.emit(mem)
         losses.clear()
         mean_qs.clear()
         window_start, window_steps, window_updates = now, 0, 0
@@ -239,6 +265,7 @@ def run_agent(
                 best_before = tally.best_mean
                 tally.add(ret)
                 new_best = new_best or tally.best_mean != best_before
+                epsilon, wall = policy.epsilon(state.env_steps), time.monotonic() - started
                 metrics.write(
                     "episode",
                     agent=agent,
@@ -247,9 +274,15 @@ def run_agent(
                     **{"return": ret},
                     length=int(episode_length[e]),
                     policy=label,
-                    epsilon=policy.epsilon(state.env_steps),
-                    wall=time.monotonic() - started,
+                    epsilon=epsilon,
+                    wall=wall,
                 )
+                if telemetry is not None:
+                    telemetry.emit(pb.EpisodeEvent(
+                        agent=agent, policy=label, episode_return=ret, length=int(episode_length[e]),
+                        env_steps=state.env_steps + num_envs, episode=tally.episodes, epsilon=epsilon,
+                        wall_seconds=wall,
+                    ))  # fmt: skip
                 episode_return[e] = 0.0
                 episode_length[e] = 0
                 game_starting[e] = True
@@ -272,7 +305,11 @@ def run_agent(
                 if learning:
                     b = beta(state.env_steps * config.hive.agents)
                     while updates_due >= 1.0:
-                        result_u = _learn_once(learner, memory, config, stack, b)
+                        try:
+                            result_u = _learn_once(learner, memory, config, stack, b)
+                        except MemoryNotReady:
+                            updates_due = 0.0  # nothing to learn from this moment: act on, try at the next step
+                            break
                         losses.append(result_u.loss)
                         mean_qs.append(result_u.mean_q)
                         last_loss = result_u.loss
@@ -297,6 +334,8 @@ def run_agent(
         report(done=True)
         return state
     finally:
+        if telemetry is not None:
+            telemetry.close(timeout_s=5.0)
         metrics.close()
         env.close()
 
@@ -304,8 +343,7 @@ def run_agent(
 def _learn_once(learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float) -> UpdateResult:
     cfg = config.learner
     if learner.online.recurrent:
-        length = cfg.burn_in + cfg.sequence_length + cfg.n_step
-        seq = memory.sample_sequences(cfg.batch_size, length, stack, beta)
+        seq = memory.sample_sequences(cfg.batch_size, cfg.sampled_length, stack, beta)
         out = learner.update_sequences(seq)
         keys = seq.keys
     else:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.harness.cache import Progress, cache_root, installed, maven_repo, require_tool, run_maven
@@ -166,10 +166,32 @@ def _link_tree(src: Path, dest: Path) -> None:
 @dataclass
 class EsServer(RunningPart):
     port: int = 0
+    cmd: list[str | os.PathLike[str]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    detach: bool = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        """Starts the server from the workdir (config, data) and waits until the cluster is yellow; after
+        `halt` or `kill` it comes back on the same port with the data it had."""
+        proc = start_server("elasticsearch", self.cmd, self.workdir / "elasticsearch.log", env=self.env,
+                            cwd=self.workdir, detach=self.detach)
+        self.processes = [proc]
+        wait_until(proc, lambda: _cluster_ready(self.url), "answering cluster health (yellow)", START_TIMEOUT_S)
+
+    def halt(self) -> None:
+        """A clean shutdown (SIGTERM); the workdir (config, data) stays for `launch`."""
+        for proc in self.processes:
+            proc.stop(grace_s=30.0)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash; the workdir stays for `launch` (acknowledged writes survive: the translog is
+        fsynced per request by default)."""
+        for proc in self.processes:
+            proc.kill()
 
 
 def _settings(part: EsServer, transport_port: int) -> dict[str, object]:
@@ -195,10 +217,12 @@ def _cluster_ready(url: str) -> bool:
         return json.load(resp).get("status") in ("yellow", "green")
 
 
-def start_elasticsearch(install: EsInstall, *, detach: bool = False) -> EsServer:
-    """A single-node Elasticsearch on 127.0.0.1, security off, data and logs in its own temp dir."""
+def start_elasticsearch(install: EsInstall, *, detach: bool = False,
+                        jvm_options: tuple[str, ...] = JVM_OPTIONS) -> EsServer:
+    """A single-node Elasticsearch on 127.0.0.1, security off, data and logs in its own temp dir.
+    `jvm_options` replace the test defaults (small heap, C1 only), e.g. for a benchmark."""
     workdir = make_workdir("elasticsearch")
-    part = EsServer(name="elasticsearch", workdir=workdir, port=free_port())
+    part = EsServer(name="elasticsearch", workdir=workdir, port=free_port(), detach=detach)
     try:
         run_as = _RunAs.current()
         home = install.root
@@ -210,7 +234,7 @@ def start_elasticsearch(install: EsInstall, *, detach: bool = False) -> EsServer
         shutil.copytree(install.root / "config", conf)
         (conf / "elasticsearch.yml").write_text(
             "".join(f"{key}: {json.dumps(value)}\n" for key, value in _settings(part, free_port()).items()))
-        (conf / "jvm.options.d" / "borgdqn.options").write_text("\n".join(JVM_OPTIONS) + "\n")
+        (conf / "jvm.options.d" / "borgdqn.options").write_text("\n".join(jvm_options) + "\n")
         tmp = workdir / "tmp"
         for path in (workdir / "data", workdir / "logs", tmp):
             path.mkdir()
@@ -224,10 +248,8 @@ def start_elasticsearch(install: EsInstall, *, detach: bool = False) -> EsServer
             run_as.give(workdir / "data", workdir / "logs", tmp, conf)
             workdir.chmod(0o711)  # traversable, not listable or writable, by the server's user
             cmd = [*run_as.wrap(), *cmd]
-        proc = start_server("elasticsearch", cmd, workdir / "elasticsearch.log", env=env, cwd=workdir,
-                            detach=detach)
-        part.processes.append(proc)
-        wait_until(proc, lambda: _cluster_ready(part.url), "answering cluster health (yellow)", START_TIMEOUT_S)
+        part.cmd, part.env = cmd, env
+        part.launch()
         part.exports = {"ES_URL": part.url}
         return part
     except BaseException:

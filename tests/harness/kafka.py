@@ -93,12 +93,38 @@ def ensure_kafka(progress: Progress) -> KafkaInstall:
 
 @dataclass
 class KafkaServer(RunningPart):
+    install: KafkaInstall | None = None
     port: int = 0
     controller_port: int = 0
+    detach: bool = False
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        """Starts the broker from the (formatted) workdir and waits until it serves Metadata; after `halt` or
+        `kill` it comes back on the same ports with the topics and records it had."""
+        assert self.install is not None
+        config, log4j_config = self.workdir / "server.properties", self.workdir / "log4j2.properties"
+        proc = start_server("kafka", self.install.java_cmd("kafka.Kafka", config, log4j_config=log4j_config),
+                            self.workdir / "kafka.log", cwd=self.workdir, detach=self.detach)
+        self.processes = [proc]
+
+        def serves_metadata() -> bool:
+            return (NODE_ID, "127.0.0.1", self.port) in metadata_brokers(self.port)
+
+        wait_until(proc, serves_metadata, "serving Metadata requests", timeout_s=90)
+
+    def halt(self) -> None:
+        """A clean shutdown (SIGTERM); the workdir (config, log dirs) stays for `launch`."""
+        for proc in self.processes:
+            proc.stop(grace_s=30.0)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash; the workdir stays for `launch` (the broker recovers its logs on start)."""
+        for proc in self.processes:
+            proc.kill()
 
 
 def _cluster_id() -> str:
@@ -182,7 +208,7 @@ def metadata_brokers(port: int, timeout_s: float = 2.0) -> list[tuple[int, str, 
 def start_kafka(install: KafkaInstall, *, detach: bool = False) -> KafkaServer:
     """A single-node KRaft Kafka on 127.0.0.1 (PLAINTEXT, no auth), topics auto-created, data in a temp dir."""
     workdir = make_workdir("kafka")
-    part = KafkaServer(name="kafka", workdir=workdir, port=free_port())
+    part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach)
     try:
         # Two free_port calls can hand out the same port, since nothing holds the first one meanwhile.
         while part.controller_port in (0, part.port):
@@ -196,14 +222,7 @@ def start_kafka(install: KafkaInstall, *, detach: bool = False) -> KafkaServer:
         run_logged(install.java_cmd("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", config,
                                     log4j_config=log4j_config),
                    workdir / "format.log", "kafka storage format", cwd=workdir)
-        proc = start_server("kafka", install.java_cmd("kafka.Kafka", config, log4j_config=log4j_config),
-                            workdir / "kafka.log", cwd=workdir, detach=detach)
-        part.processes.append(proc)
-
-        def serves_metadata() -> bool:
-            return (NODE_ID, "127.0.0.1", part.port) in metadata_brokers(part.port)
-
-        wait_until(proc, serves_metadata, "serving Metadata requests", timeout_s=90)
+        part.launch()
         part.exports = {"KAFKA_BOOTSTRAP": part.bootstrap}
         return part
     except BaseException:

@@ -1,0 +1,1 @@
+"""Telemetry: events to Kafka (producer), Kafka to Elasticsearch (indexer), Kibana's saved objects."""

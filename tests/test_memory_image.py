@@ -1,0 +1,321 @@
+"""The memory image: its entrypoint renders redis.conf and becomes a REAL redis-server (the harness's Debian
+build, the same version the image installs), which is then checked from outside: persistence on, maxmemory as
+sized, clients without the password refused, the password in no process argument and in a 0600 file only.
+
+No Docker engine runs here, so the Dockerfile itself is checked statically (the last tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from borgdqn.memory.redis_sizing import BASE_BYTES, PER_CHUNK_OVERHEAD, size_memory
+from tests.harness.cache import Progress
+from tests.harness.errors import HarnessError
+from tests.harness.process import ServerProcess, free_port, make_workdir, start_server, wait_until
+from tests.harness.redis import RedisInstall, ensure_redis
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "memory_image"
+ENTRYPOINT = IMAGE / "entrypoint.py"
+DEFAULT_SECRET = Path("/var/run/secrets/borg/redis-password")
+# Space, quotes, a backslash, a dollar and non-ASCII: every way a naive renderer could mangle a password.
+TRICKY_PASSWORD = 'pw with "quotes" \\ $HOME ünï-' + "x" * 16
+
+
+# ------------------------------------------------------------------------------------------------ sizing
+def test_sizing_follows_the_formula() -> None:
+    pong = size_memory(250_000, 32, bytes_per_step=1024, headroom=0.5)
+    slots = 7813  # ceil(250000 / 32)
+    chunk = 32 * 1024 + PER_CHUNK_OVERHEAD
+    arrays = slots * (8 + 2 + 2 + 4) + slots * 32 * 4
+    assert (pong.slots, pong.chunk_bytes, pong.array_bytes) == (slots, chunk, arrays)
+    assert pong.data_bytes == slots * chunk + arrays
+    assert pong.maxmemory == -(-(slots * chunk + arrays) * 3 // 2) + BASE_BYTES
+    # More steps, worse compression or more headroom never ask for less memory.
+    assert size_memory(500_000).maxmemory > size_memory(250_000).maxmemory
+    assert size_memory(250_000, bytes_per_step=2000).maxmemory > pong.maxmemory
+    assert size_memory(250_000, headroom=1.0).maxmemory > pong.maxmemory
+    for bad in ({"capacity": 0}, {"chunk_length": 0}, {"bytes_per_step": 0.0}, {"headroom": -0.1},
+                {"bytes_per_step": float("nan")}):  # fmt: skip
+        with pytest.raises(ValueError):
+            size_memory(**{"capacity": 1000, **bad})  # type: ignore[arg-type]
+
+
+def test_the_docs_worked_example_is_what_the_code_computes() -> None:
+    doc = (ROOT / "docs" / "memory-image.md").read_text()
+    for bytes_per_step in (1024, 256):
+        sizing = size_memory(250_000, 32, bytes_per_step=bytes_per_step, headroom=0.5)
+        assert f"{sizing.maxmemory:,}" in doc, (bytes_per_step, sizing.maxmemory)
+        assert f"{sizing.data_bytes:,}" in doc, (bytes_per_step, sizing.data_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ the entrypoint
+@pytest.fixture(scope="module")
+def install() -> RedisInstall:
+    try:
+        return ensure_redis(Progress())
+    except HarnessError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@dataclass
+class ImageRedis:
+    """redis-server as the memory image starts it: the entrypoint, which renders the config and execs."""
+
+    install: RedisInstall
+    workdir: Path
+    env: dict[str, str]
+    port: int
+    password: str
+    proc: ServerProcess | None = None
+
+    @property
+    def conf(self) -> Path:
+        return Path(self.env["BORG_REDIS_CONF"])
+
+    def client(self, password: str | None = None) -> redis.Redis:
+        # No retries of its own: launch() polls, and a refused connection should fail at once.
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=password, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+
+    def launch(self) -> None:
+        proc = start_server("memory-image", [sys.executable, ENTRYPOINT], self.workdir / "redis.log", env=self.env)
+        self.proc = proc
+        wait_until(proc, lambda: bool(self.client(self.password).ping()), "answering PING", timeout_s=30)
+
+
+def image_env(install: RedisInstall, workdir: Path, port: int, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in install.env().items() if not k.startswith("BORG_")}
+    return {
+        **env, "PYTHONPATH": str(ROOT), "BORG_REDIS_SERVER": str(install.server), "BORG_REDIS_BIND": "127.0.0.1",
+        "BORG_REDIS_PORT": str(port), "BORG_REDIS_DATA_DIR": str(workdir / "data"),
+        "BORG_REDIS_CONF": str(workdir / "run" / "redis.conf"), **settings,
+    }  # fmt: skip
+
+
+@contextmanager
+def started(install: RedisInstall, password: str, **settings: str) -> Iterator[ImageRedis]:
+    """Starts the entrypoint's redis-server on a free port in a temp dir; stops it and removes the dir after."""
+    assert not DEFAULT_SECRET.exists(), f"{DEFAULT_SECRET} exists on this machine: the entrypoint would use it"
+    workdir = make_workdir("memory-image")
+    port = free_port()
+    server = ImageRedis(install=install, workdir=workdir, env={}, port=port, password=password)
+    try:
+        secret = settings.pop("secret_file", None)
+        if secret is not None:
+            path = workdir / "secret" / "redis-password"
+            path.parent.mkdir()
+            path.write_text(secret)
+            settings["BORG_REDIS_PASSWORD_FILE"] = str(path)
+        server.env = image_env(install, workdir, port, **settings)
+        server.launch()
+        yield server
+    finally:
+        if server.proc is not None:
+            server.proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def image_redis(install: RedisInstall, request: pytest.FixtureRequest) -> Iterator[ImageRedis]:
+    """The entrypoint's redis-server; ``request.param`` says where its password comes from (file or env)."""
+    sizing = {"BORG_MEMORY_CAPACITY": "100000", "BORG_MEMORY_CHUNK_LENGTH": "16",
+              "BORG_MEMORY_BYTES_PER_STEP": "300", "BORG_MEMORY_HEADROOM": "0.25"}  # fmt: skip
+    source = {"secret_file": TRICKY_PASSWORD} if request.param == "file" else {"BORG_REDIS_PASSWORD": TRICKY_PASSWORD}
+    with started(install, TRICKY_PASSWORD, **source, **sizing) as server:
+        yield server
+
+
+def raw_reply(port: int, command: bytes) -> bytes:
+    """What the server answers a client that sends ``command`` and nothing else (no AUTH)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(command)
+        return sock.recv(4096)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("image_redis", ["file", "env"], indirect=True)
+def test_the_rendered_config_runs_a_protected_persistent_redis(image_redis: ImageRedis) -> None:
+    server = image_redis
+    assert server.proc is not None
+    pid = server.proc.pgid
+    # The entrypoint exec'd: the process it started IS redis-server now.
+    assert Path(f"/proc/{pid}/exe").resolve() == server.install.server.resolve()
+
+    # A client without the password, or with a wrong one, is refused; with it, it works.
+    assert raw_reply(server.port, b"PING\r\n").startswith(b"-NOAUTH")
+    assert raw_reply(server.port, b"SET k v\r\n").startswith(b"-NOAUTH")
+    with pytest.raises(redis.AuthenticationError):
+        server.client().get("k")
+    with pytest.raises(redis.AuthenticationError):
+        server.client("guess").ping()
+    client = server.client(server.password)
+    assert client.set("kept", b"across a crash") and client.get("kept") == b"across a crash"
+
+    # Persistence and memory as the image promises.
+    settings = {name: client.config_get(name)[name] for name in
+                ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy", "protected-mode", "bind",
+                 "dir")}  # fmt: skip
+    expected = size_memory(100_000, 16, bytes_per_step=300, headroom=0.25).maxmemory
+    assert settings == {
+        "appendonly": "yes", "appendfsync": "everysec", "save": "", "maxmemory": str(expected),
+        "maxmemory-policy": "noeviction", "protected-mode": "yes", "bind": "127.0.0.1",
+        "dir": str(server.workdir / "data"),
+    }  # fmt: skip
+
+    # The password: in no argument, not in redis-server's environment, in the config file only, mode 0600.
+    secret = server.password.encode()
+    assert b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    conf = server.conf
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and conf.stat().st_uid == os.getuid()
+    assert stat.S_IMODE(conf.parent.stat().st_mode) == 0o700
+    assert "requirepass " in conf.read_text() and "maxmemory " in conf.read_text()
+    assert [p.name for p in conf.parent.iterdir()] == [conf.name]  # no temp file left beside it
+    assert secret not in (server.workdir / "redis.log").read_bytes()  # the entrypoint's and redis' log
+
+    # A crash of the process (SIGKILL) loses nothing it has written to the AOF (fsynced every second against a
+    # crash of the machine); a restart through the entrypoint (config rendered again, over the old file) loads it.
+    aof_dir = server.workdir / "data" / "appendonlydir"
+    wait_until(
+        server.proc,
+        lambda: any(b"across a crash" in f.read_bytes() for f in aof_dir.glob("*.aof")),
+        "writing the key to the AOF",
+        timeout_s=10,
+    )
+    server.proc.kill()
+    server.launch()
+    assert server.client(server.password).get("kept") == b"across a crash"
+
+
+def run_entrypoint(
+    install: RedisInstall, tmp_path: Path, *args: str, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    env = image_env(install, tmp_path, free_port(), **settings)
+    return subprocess.run(
+        [sys.executable, str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@pytest.mark.integration
+def test_redis_server_is_given_the_config_path_only_and_no_password_variable(
+    install: RedisInstall, tmp_path: Path
+) -> None:
+    # redis-server rewrites its own title and environment area (/proc/PID/cmdline and environ show little of
+    # what it was given), so a probe in its place records exactly what the entrypoint execs it with.
+    probe = tmp_path / "probe.sh"
+    probe.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.args"\nenv > "$0.env"\n')
+    probe.chmod(0o700)
+    result = run_entrypoint(install, tmp_path, "redis-server", "--loglevel", "verbose",
+                            BORG_REDIS_PASSWORD=TRICKY_PASSWORD, BORG_REDIS_SERVER=str(probe))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "probe.sh.args").read_text().splitlines() == [
+        str(tmp_path / "run" / "redis.conf"), "--loglevel", "verbose"]  # fmt: skip
+    env = (tmp_path / "probe.sh.env").read_text()
+    assert "BORG_REDIS_PORT=" in env  # the environment did arrive...
+    assert "BORG_REDIS_PASSWORD" not in env and TRICKY_PASSWORD not in env  # ...without the password
+    assert TRICKY_PASSWORD not in result.stderr + result.stdout
+    assert "requirepass" in (tmp_path / "run" / "redis.conf").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "settings", "message"), [
+    ((), {}, "no Redis password"),
+    ((), {"BORG_REDIS_PASSWORD": "pw-from-echo\n"}, "control character"),
+    ((), {"BORG_REDIS_PASSWORD_FILE": "/nonexistent/redis-password"}, "cannot read the Redis password"),
+    (("redis-server", "--requirepass", "hunter2"), {"BORG_REDIS_PASSWORD": "s3cret-pw"}, "--requirepass must not"),
+    ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_MEMORY_CAPACITY": "lots"}, "BORG_MEMORY_CAPACITY='lots'"),
+    ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_MEMORY_HEADROOM": "-1"}, "headroom must be"),
+    ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_MEMORY_MAXMEMORY": "12kb"}, "below 1 MiB"),
+    ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_REDIS_BIND": "0.0.0.0\nrequirepass x"}, "BORG_REDIS_BIND"),
+])  # fmt: skip
+def test_the_entrypoint_refuses_bad_settings_in_one_line(
+    install: RedisInstall, tmp_path: Path, args: tuple[str, ...], settings: dict[str, str], message: str
+) -> None:
+    assert not DEFAULT_SECRET.exists(), f"{DEFAULT_SECRET} exists on this machine: the entrypoint would use it"
+    result = run_entrypoint(install, tmp_path, *args, **settings)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    for secret in ("pw-from-echo", "s3cret-pw", "hunter2"):
+        assert secret not in result.stderr
+    assert not (tmp_path / "run" / "redis.conf").exists()  # nothing rendered, no redis-server started
+
+
+@pytest.mark.integration
+def test_maxmemory_can_be_given_outright_and_other_commands_run_as_given(install: RedisInstall, tmp_path: Path) -> None:
+    with started(install, "s3cret-pw", BORG_REDIS_PASSWORD="s3cret-pw", BORG_MEMORY_MAXMEMORY="96mb") as server:
+        assert server.client("s3cret-pw").config_get("maxmemory")["maxmemory"] == str(96 << 20)
+    # The sidecar's command (any command but redis-server) runs as given, with nothing rendered.
+    result = run_entrypoint(install, tmp_path, sys.executable, "-c", "print('sidecar ran')")
+    assert (result.returncode, result.stdout) == (0, "sidecar ran\n")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the Dockerfile
+def dockerfile_final_stage() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile's last stage, continuation lines joined, comments dropped."""
+    text = (IMAGE / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    rows = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    instructions = [(row.split(None, 1)[0].upper(), row.split(None, 1)[1] if " " in row else "") for row in rows]
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+def test_dockerfile_runs_as_a_non_root_user_and_keeps_secrets_out() -> None:
+    stage = dockerfile_final_stage()
+    users = [args for op, args in stage if op == "USER"]
+    assert users, "the image must not run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root USER (runAsNonRoot can only check a number)"
+    everything = (IMAGE / "Dockerfile").read_text()
+    for op, args in stage:
+        if op in ("ENV", "ARG", "LABEL"):
+            assert not re.search(r"pass(word)?\s*=|requirepass", args, re.IGNORECASE), args
+    assert "requirepass" not in everything.lower()
+
+
+def test_dockerfile_ships_the_entrypoint_the_template_and_a_light_borgdqn() -> None:
+    stage = dockerfile_final_stage()
+    copies = " ".join(args for op, args in stage if op == "COPY")
+    assert "memory_image/entrypoint.py" in copies and "memory_image/redis.conf" in copies
+    target = re.search(r"memory_image/redis\.conf\s+(\S+)", copies)
+    assert target is not None
+    entrypoint = next(args for op, args in stage if op == "ENTRYPOINT")
+    # The template sits beside the entrypoint, where the entrypoint looks for it by default.
+    assert f"{target.group(1).rstrip('/')}/entrypoint.py" in entrypoint
+    runs = " ".join(args for op, args in stage if op == "RUN")
+    assert re.search(r"apt-get install .*redis-server", runs)
+    assert "torch" not in runs.replace("find_spec('torch')", "") and "[rl]" not in runs
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    core = [re.split(r"[<>=\[ ;]", dep, maxsplit=1)[0] for dep in pyproject["project"]["dependencies"]]
+    assert "redis" in core and "torch" not in core  # `pip install borgdqn` is the light install the image needs
+    ignore = (IMAGE / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[0] == "*" and "!borgdqn" in ignore  # a small build context: only what the image copies
+
+
+def test_memory_image_scripts_are_lint_clean() -> None:
+    for args in (["ruff", "check", "memory_image"], ["ruff", "format", "--check", "memory_image"],
+                 ["mypy", "memory_image/entrypoint.py"]):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
