@@ -55,6 +55,7 @@ def make_batches(count: int, batch: int, seed: int = 0) -> list[TransitionBatch]
                 weights=rng.uniform(0.5, 1.0, batch).astype(np.float32),
                 keys=np.arange(batch, dtype=np.int64),
                 agent_ids=np.zeros(batch, dtype=np.int32),
+                ages=np.zeros(batch, dtype=np.int64),
             )
         )
     return out

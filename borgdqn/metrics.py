@@ -4,7 +4,9 @@ One file per agent (``agent-<i>.jsonl``), one JSON object per line with a ``kind
 
 - ``episode``: agent, env_steps (the agent's own, at the episode end), episode, return (raw, unclipped),
   length, policy (label of the policy that played it), epsilon, wall (seconds since the run started)
-- ``train``: agent, env_steps, updates, loss, mean_q, env_steps_per_s, updates_per_s, epsilon, wall
+- ``train``: agent, env_steps, updates, loss, mean_q, replay_sample_age (mean age, in steps added to the memory
+  since, of the steps sampled since the previous train record, see ``memory.protocol``; null, like loss and mean_q,
+  when no batch was drawn), env_steps_per_s, updates_per_s, epsilon, wall
 - ``memory``: size, capacity, inserted, sampled, per_agent (steps stored now, by agent id), wall (agent 0 only)
 """
 

@@ -71,6 +71,15 @@ def test_a_hive_streams_every_episode_its_training_and_its_memory(tmp_path: Path
     last = max(training, key=lambda t: t.updates)
     assert last.updates > 0 and last.HasField("loss") and last.learning_rate == pytest.approx(1e-3)
     assert any(t.env_steps_per_s > 0 for t in training)
+    # The mean age of what was sampled, in steps stored since: within the memory of 5000 steps, and the same
+    # value as the agent's train record of that report.
+    ages = [t.replay_sample_age for t in training if t.HasField("replay_sample_age")]
+    assert last.HasField("replay_sample_age") and all(0 < age < 5000 for age in ages)
+    for agent in (0, 1):
+        lines = (out / "metrics" / f"agent-{agent}.jsonl").read_text().splitlines()
+        recorded = [r["replay_sample_age"] for r in map(json.loads, lines) if r["kind"] == "train"]
+        sent = [t.replay_sample_age for t in training if t.agent == agent and t.HasField("replay_sample_age")]
+        assert sent and sorted(sent) == sorted(age for age in recorded if age is not None)
 
     memory = [(e.header.source_id, e.memory) for _, e in events if kind_of(e) == "memory"]
     assert memory and {source.split("/")[1] for source, _ in memory} == {"agent-0"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -46,6 +47,10 @@ def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: Re
     updates = [json.loads(line) for line in (out / "metrics" / "agent-0.jsonl").read_text().splitlines()
                if '"kind":"train"' in line]
     assert updates and updates[-1]["updates"] > 0, "the agents learned from what the Redis memory served"
+    # A train record that follows updates says how old (in steps stored since) what those updates sampled was.
+    ages = [now["replay_sample_age"] for before, now in itertools.pairwise(updates)
+            if now["updates"] > before["updates"]]  # fmt: skip
+    assert ages and all(age is not None and 0 < age < 5000 for age in ages)
     # The memory is in Redis, with both agents' steps; the password is in no log line.
     client = redis.Redis.from_url(redis_server.url)
     stats = client.hgetall(f"borg:{{{name}}}:stats")

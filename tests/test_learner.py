@@ -37,6 +37,7 @@ def _batch(obs: np.ndarray, actions: Any, returns: Any, discounts: Any, next_obs
         weights=np.ones(size, np.float32) if weights is None else np.asarray(weights, dtype=np.float32),
         keys=np.arange(size, dtype=np.int64),
         agent_ids=np.zeros(size, dtype=np.int32),
+        ages=np.zeros(size, dtype=np.int64),
     )
 
 
@@ -301,6 +302,7 @@ def _sequences(batch: int, length: int, hidden: int = 8, seed: int = 0) -> Seque
         weights=rng.uniform(0.3, 1.0, batch).astype(np.float32),
         keys=np.arange(batch, dtype=np.int64),
         agent_ids=np.zeros(batch, dtype=np.int32),
+        ages=np.zeros(batch, dtype=np.int64),
     )
 
 
@@ -372,6 +374,7 @@ def test_burn_in_steps_get_no_gradient() -> None:
         weights=b.weights,
         keys=b.keys,
         agent_ids=b.agent_ids,
+        ages=b.ages,
     )
     r_burn, r_cut = with_burn.update_sequences(b), no_burn.update_sequences(cut)
     assert r_burn.loss == pytest.approx(r_cut.loss, rel=1e-5)

@@ -22,7 +22,7 @@ from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
 from borgdqn.memory.shared import SharedReplay
 from tests.conditions import eventually
 from tests.harness.redis import RedisServer
-from tests.test_replay_shared import GAMMA, U8_SMALL, Codec, Stream, check_transitions
+from tests.test_replay_shared import GAMMA, U8_SMALL, Codec, Stream, check_transitions, insertion_order
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,12 @@ def chunks_of(streams: list[Stream], seed: int) -> list[Any]:
     while any(queues):
         out.append(queues[int(rng.choice([i for i, q in enumerate(queues) if q]))].pop(0))
     return out
+
+
+def span(chunk: Any) -> tuple[int, int, int]:
+    """(stream, first step, last step + 1) of a chunk, read from its frames."""
+    _, steps = U8_SMALL.decode(chunk.frames)
+    return chunk.stream_id, int(steps[0]), int(steps[-1]) + 1
 
 
 def stored_steps(url: str, name: str, cfg: RedisReplayConfig, codec: Codec,
@@ -131,10 +137,14 @@ def test_learning_goes_on_while_redis_is_away_and_its_contents_survive_a_crash(
         for chunk in chunks[half:]:
             link.add(chunk)
         local = 0
+        # The local buffer took every chunk in the order added (it holds them all): its batches' ages count that.
+        order = insertion_order([span(chunk) for chunk in chunks])
         for _ in range(10):
             batch = link.sample(32, N, GAMMA, STACK, 0.5)
-            check_transitions(batch, streams, U8_SMALL, N, STACK)
-            local += int((batch.keys < 0).all())
+            starts = check_transitions(batch, streams, U8_SMALL, N, STACK)
+            if (batch.keys < 0).all():
+                local += 1
+                assert batch.ages.tolist() == [len(order) - 1 - order[start] for start in starts]
             link.update_priorities(batch.keys, np.ones(32))
         assert local >= 5, "while Redis is away the learner draws from the local buffer"
         eventually(lambda: link.away, "the link noticing the outage")

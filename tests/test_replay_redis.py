@@ -6,6 +6,7 @@ what the stream really was (``Stream`` and ``check_transitions`` from the embedd
 
 from __future__ import annotations
 
+import itertools
 import math
 import uuid
 from dataclasses import replace
@@ -30,6 +31,7 @@ from tests.test_replay_shared import (
     Stream,
     check_sequences,
     check_transitions,
+    insertion_order,
     new_memory,
     samplable,
 )
@@ -407,3 +409,81 @@ def test_sequences_need_recurrent_hidden_and_fit_what_is_stored(memories: Any) -
         memories(seq_config(chunk_length=8, stack=2, n=1, length=16), name=name)
     with pytest.raises(ValueError, match="needs recurrent_hidden"):
         replace(config(), sequence_length=8)
+
+
+# ------------------------------------------------------------------------------------------ sample ages
+def test_sample_ages_count_the_steps_inserted_after_the_start(memories: Any) -> None:
+    stream = Stream.from_episodes(0, 0, [200], [])  # one stream: a step's insertion index is its index
+    memory = memories(config(capacity=32, chunk_length=8, stack=1, n=1))
+    # Chunks of 8, 5, 8 and 3 steps into a ring of 4 slots, checked after every add: while the ring fills, once it
+    # wraps, and with chunks of any length in it. The newest chunk waits for the step after it (its lookahead):
+    # the memory counts it in when it stores it.
+    start, sizes = 0, itertools.cycle([8, 5, 8, 3])
+    while start < 200:
+        stop = min(start + next(sizes), 200)
+        memory.add(stream.chunk(start, stop, F32))
+        inserted = memory.stats().inserted
+        assert inserted == start  # all but the chunk just added
+        if inserted > 8:
+            batch = memory.sample(32, 1, GAMMA, 1, 0.5)
+            starts = check_transitions(batch, {0: stream}, F32, 1, 1)
+            assert batch.ages.tolist() == [inserted - 1 - t for _, t in starts], f"{inserted} steps stored"
+        start = stop
+    memory.flush()
+    seen = set()
+    for _ in range(10):
+        batch = memory.sample(32, 1, GAMMA, 1, 0.5)
+        starts = check_transitions(batch, {0: stream}, F32, 1, 1)
+        assert batch.ages.tolist() == [199 - t for _, t in starts]
+        seen.update(starts)
+    # The newest 4 chunks hold steps 176..199 (5 + 3 + 8 + 8); step 199 starts nothing.
+    assert seen == {(0, t) for t in range(176, 199)}
+
+
+def test_sample_ages_count_steps_stored_after_the_samplers_view(memories: Any) -> None:
+    name = uuid.uuid4().hex
+    writer = memories(config(stack=1, n=1), name=name)
+    old, new = Stream.from_episodes(0, 0, [64], []), Stream.from_episodes(1, 1, [16], [])
+    write_streams(writer, {0: old}, chunk_length=8)
+    sampler = memories(config(stack=1, n=1), name=name)
+    sampler._refresh_s = 3600.0  # its view of the slots stays as first read
+    batch = sampler.sample(32, 1, GAMMA, 1, 0.5)
+    assert batch.ages.tolist() == [63 - t for _, t in check_transitions(batch, {0: old}, F32, 1, 1)]
+    write_streams(writer, {1: new}, chunk_length=8)
+    # Drawn from the same view, the old steps are 16 steps older: ages count from the fetch, not the view.
+    batch = sampler.sample(32, 1, GAMMA, 1, 0.5)
+    assert batch.ages.tolist() == [79 - t for _, t in check_transitions(batch, {0: old}, F32, 1, 1)]
+
+
+def test_sample_ages_equal_the_embedded_memorys(memories: Any) -> None:
+    # Every chunk ends an episode, so the Redis writer holds none back: both memories insert the chunks in the
+    # order they are added. 3 streams of 6 chunks of 8 steps into rings of 64 steps (8 chunks): wrapped twice.
+    streams = {sid: Stream.from_episodes(sid, sid, [8] * 6, [sid != 1] * 6) for sid in range(3)}
+    adds = [(sid, start, start + 8) for start in range(0, 48, 8) for sid in streams]
+    order = insertion_order(adds)
+    redis_memory = memories(seq_config(capacity=64, chunk_length=8, stack=2, n=2, length=6))
+    embedded = new_memory(64, recurrent_hidden=HIDDEN)
+    try:
+        ages: list[dict[tuple[str, int, int], int]] = []
+        for memory in (redis_memory, embedded):
+            for sid, start, stop in adds:
+                memory.add(streams[sid].chunk(start, stop, F32, state=True))
+            by_start: dict[tuple[str, int, int], int] = {}
+            for _ in range(20):
+                batch = memory.sample(32, 2, GAMMA, 2, 0.5)
+                sequences = memory.sample_sequences(8, 6, 2, 0.5)
+                drawn = {"transition": (batch, check_transitions(batch, streams, F32, 2, 2)),
+                         "sequence": (sequences, check_sequences(sequences, streams, F32, 6, 2,
+                                                                 {sid: (48, 48) for sid in streams}))}  # fmt: skip
+                for kind, (sampled, starts) in drawn.items():
+                    assert sampled.ages.tolist() == [len(order) - 1 - order[start] for start in starts], kind
+                    by_start.update(((kind, *start), age) for start, age in zip(starts, sampled.ages.tolist(),
+                                                                                strict=True))  # fmt: skip
+            ages.append(by_start)
+    finally:
+        embedded.close()
+        embedded.unlink()
+    common = ages[0].keys() & ages[1].keys()
+    assert len(common) >= 0.9 * min(len(ages[0]), len(ages[1])) and {kind for kind, _, _ in common} == {
+        "transition", "sequence"}
+    assert all(ages[0][key] == ages[1][key] for key in common)

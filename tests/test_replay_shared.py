@@ -174,6 +174,7 @@ def check_transitions(
     assert batch.obs.shape == (b, stack, *codec.shape) == batch.next_obs.shape
     assert batch.obs.dtype == np.dtype(codec.dtype)
     assert batch.actions.dtype == np.int64 and batch.keys.dtype == np.int64 and batch.agent_ids.dtype == np.int32
+    assert batch.ages.dtype == np.int64 and batch.ages.shape == (b,) and (batch.ages >= 0).all()
     assert batch.returns.dtype == batch.discounts.dtype == batch.weights.dtype == np.float32
     assert codec.intact(batch.obs).all() and codec.intact(batch.next_obs).all(), "torn or corrupt frame"
     obs_sid, obs_idx = codec.decode(batch.obs)
@@ -214,6 +215,7 @@ def check_sequences(
         assert getattr(batch, name).shape == (b, length), name
     assert batch.recurrent_state.shape == (b, 2, 3) and batch.recurrent_state.dtype == np.float32
     assert (batch.keys & SEQUENCE_KEY != 0).all()
+    assert batch.ages.dtype == np.int64 and batch.ages.shape == (b,) and (batch.ages >= 0).all()
     newest = batch.frames[:, :, -1] if stack > 1 else batch.frames
     sids, idxs = codec.decode(newest[:, 0])
     starts = []
@@ -309,6 +311,34 @@ def test_wrap_around_evicts_oldest_first(memories: Any, tmp_path: Path) -> None:
     assert memory.stats().size == 64
 
 
+def test_sample_ages_count_the_steps_added_after_the_start(memories: Any) -> None:
+    # Three streams interleaved in chunks of 5 into a ring of 64: the ring wraps several times.
+    memory = memories(64, recurrent_hidden=3)
+    streams = {sid: Stream.random(sid, sid, 105, max_episode=30) for sid in range(3)}
+    adds = [(sid, start, start + 5) for start in range(0, 100, 5) for sid in streams]
+    for sid, start, stop in adds:
+        memory.add(streams[sid].chunk(start, stop, F32, state=True))
+    order = insertion_order(adds)
+    assert len(order) == memory.stats().inserted == 300
+    for _ in range(10):
+        batch = memory.sample(16, 3, GAMMA, 2, 0.5)
+        starts = check_transitions(batch, streams, F32, 3, 2, {sid: 100 for sid in streams})
+        assert batch.ages.tolist() == [299 - order[start] for start in starts]
+        # The steps of a start's n-step window came after it; only the newest 64 steps are stored.
+        windows = [streams[sid].transition(t, 3, 2, GAMMA)[1] for sid, t in starts]
+        assert (batch.ages >= windows).all() and (batch.ages < 64).all()
+        sequences = memory.sample_sequences(8, 6, 1, 0.5)
+        starts = check_sequences(sequences, streams, F32, 6, 1, {sid: (100, 100) for sid in streams})
+        assert sequences.ages.tolist() == [299 - order[start] for start in starts]
+    # One more chunk: every stored step is 5 steps older, whichever stream it belongs to.
+    adds.append((0, 100, 105))
+    memory.add(streams[0].chunk(100, 105, F32))
+    order = insertion_order(adds)
+    for _ in range(4):
+        batch = memory.sample(32, 1, GAMMA, 1, 0.5)
+        assert batch.ages.tolist() == [304 - order[start] for start in check_transitions(batch, streams, F32, 1, 1)]
+
+
 # The hand-computed table: episode 0..4 terminates (step 4 is its last), episode 5..8 is truncated at 8.
 HAND_REWARDS = [1, 2, 3, 4, 100, 10, 20, 30, 100, 0]
 HAND_TABLE = {  # n: {start: (return, discount, last frame of next_obs)}
@@ -375,16 +405,21 @@ def test_stacks_repeat_the_first_frame_and_span_interleaved_chunks(memories: Any
 
 
 # ----------------------------------------------------------------------------------- property test
+def insertion_order(adds: list[tuple[int, ...]]) -> dict[tuple[int, int], int]:
+    """The insertion index of every step of ``adds`` ((stream, start, stop, ...) in the order they were stored)."""
+    order: dict[tuple[int, int], int] = {}
+    for sid, start, stop, *_ in adds:
+        for t in range(start, stop):
+            order[(sid, t)] = len(order)
+    return order
+
+
 def samplable(
     streams: dict[int, Stream], adds: list[tuple[int, int, int]], capacity: int, n: int, stack: int
 ) -> set[tuple[int, int]]:
     """Exactly the starts the memory may return after ``adds``, from the eviction and episode rules."""
-    seq_of: dict[tuple[int, int], int] = {}
-    head = 0
-    for sid, start, stop in adds:
-        for t in range(start, stop):
-            seq_of[(sid, t)] = head
-            head += 1
+    seq_of = insertion_order(adds)
+    head = len(seq_of)
     oldest = head - capacity
     drawable = 0 if head <= capacity else oldest + min(capacity // 32, 4096)
     written = {sid: max(stop for s, _, stop in adds if s == sid) for sid in streams}
@@ -437,9 +472,13 @@ def test_no_transition_crosses_an_episode_end(
             with pytest.raises(RuntimeError, match="could not draw"):
                 memory.sample(8, n, GAMMA, stack, 0.5)
             return
+        order = insertion_order(adds)
         for _ in range(4):
-            starts = check_transitions(memory.sample(8, n, GAMMA, stack, 0.5), streams, F32, n, stack, written)
+            batch = memory.sample(8, n, GAMMA, stack, 0.5)
+            starts = check_transitions(batch, streams, F32, n, stack, written)
             assert set(starts) <= allowed, f"sampled {set(starts) - allowed}, which cannot start a transition"
+            # Ages are exact after any interleaving and wrap-around: the steps stored after the start.
+            assert batch.ages.tolist() == [len(order) - 1 - order[start] for start in starts]
     finally:
         memory.close()
         memory.unlink()

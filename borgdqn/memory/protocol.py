@@ -10,6 +10,13 @@ Step semantics (one record per observation, as in dm_env's TimeStep):
 final observation of an episode: its action and reward are meaningless (the env resets on the next call), and it
 is never the start of a transition. ``terminated`` is set on last steps whose episode really ended (bootstrap
 with 0); a last step that is not terminated was truncated (time limit) and its observation is bootstrapped from.
+
+Sample ages (``ages`` of a batch; averaged into ``TrainingReport.replay_sample_age``): a sampled step's age is the
+number of steps added to the memory after it, by the memory's own insertion counter (hive-wide: the embedded
+memory's sequence numbers, the Redis memory's ``inserted`` count, which takes a chunk in when its writer stores it),
+at the time of the draw; the newest step has age 0. A sequence's age is that of its first step, where its burn-in
+begins: the memory is not told the burn-in, and the Redis memory knows when a chunk's own steps were added, not when
+the later chunks a sequence runs into were.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class TransitionBatch:
     weights: np.ndarray  # [B] float32 importance-sampling weights (max-normalised; ones when uniform)
     keys: np.ndarray  # [B] int64 handles for update_priorities
     agent_ids: np.ndarray  # [B] int32 provenance of each sampled step
+    ages: np.ndarray  # [B] int64 steps added to the memory after the start step (see the module docstring)
 
 
 @dataclass
@@ -107,6 +115,7 @@ class SequenceBatch:
     weights: np.ndarray  # [B] float32
     keys: np.ndarray  # [B] int64
     agent_ids: np.ndarray  # [B] int32
+    ages: np.ndarray  # [B] int64 age of each sequence's first step, frames[:, 0] (see the module docstring)
 
 
 @dataclass

@@ -135,6 +135,8 @@ class RedisLink:
     def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
         batch = self._take(_Request("transitions", (batch_size, n_step, gamma, stack, beta)))
         if batch is None:
+            # A local batch's ages count the local buffer's insertions (this agent's steps only), not the hive's:
+            # younger than Redis ages would be, and only while Redis lags; good enough for a report's mean.
             batch = self._local.sample(batch_size, n_step, gamma, stack, beta)
             batch.keys = -1 - batch.keys
         assert isinstance(batch, TransitionBatch)
@@ -143,7 +145,7 @@ class RedisLink:
     def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
         batch = self._take(_Request("sequences", (batch_size, length, stack, beta)))
         if batch is None:
-            batch = self._local.sample_sequences(batch_size, length, stack, beta)
+            batch = self._local.sample_sequences(batch_size, length, stack, beta)  # ages: as in ``sample``
             batch.keys = -1 - batch.keys
         assert isinstance(batch, SequenceBatch)
         return batch

@@ -32,6 +32,10 @@ A write is one script (reserve the slot, store the chunk and its metadata, atomi
 copy of the per-slot and per-step arrays (a few MB at most), refreshed every ``refresh_s``, draws keys from it
 in proportion to priority, fetches the distinct chunks in one script call, and drops any whose slot was rewritten
 meanwhile (its gseq changed) or whose bytes do not decode (counted in ``bad_reads``, never sampled).
+
+Sample ages (see ``protocol``) cost no extra read: the local copy is read in one MULTI together with the
+``inserted`` counter, which tells each stored chunk's place in the hive's insertion order (``_first_steps``), and the
+fetch script returns ``inserted`` as of the fetch.
 """
 
 from __future__ import annotations
@@ -167,6 +171,7 @@ class _View:
     tree: SumTree | None
     weights: np.ndarray  # leaf values (priority ** alpha, or 1 per valid step when uniform)
     population: int
+    first_step: np.ndarray  # per slot: the insertion index of its chunk's first own step (``_first_steps``)
     fetched: float = field(default_factory=time.monotonic)
 
 
@@ -177,6 +182,7 @@ class _SequenceView:
     gseq: np.ndarray
     tree: SumTree
     population: int  # sequences that may be drawn
+    first_step: np.ndarray  # per slot: the insertion index of its chunk's first own step (``_first_steps``)
     fetched: float = field(default_factory=time.monotonic)
 
 
@@ -207,6 +213,23 @@ def _lookahead(following: list[TrajectoryChunk], need: int) -> tuple[list[Trajec
         parts.append(_slice(chunk, 0, take))
         have += take
     return parts, have >= need
+
+
+def _first_steps(gseq: np.ndarray, steps: np.ndarray, inserted: int) -> np.ndarray:
+    """Per slot, the insertion index of its chunk's first own step (-1 where empty), from gseq, steps and the
+    ``inserted`` counter read at one moment.
+
+    Chunks are written in g order, each adding its own steps to ``inserted``, and the ring keeps the newest chunks,
+    so every chunk newer than a stored one is stored too: a chunk's first step comes after all but its own steps and
+    those of the newer chunks. One pass in ring order (slot ``head % slots`` holds the oldest chunk, or is empty).
+    """
+    filled = gseq >= 0
+    if not filled.any():
+        return np.full(gseq.shape, -1, dtype=np.int64)
+    oldest = (int(gseq.max()) + 1) % gseq.size
+    own = np.roll(np.where(filled, steps, 0), -oldest)
+    this_and_newer = np.cumsum(own[::-1])[::-1]
+    return np.where(filled, inserted - np.roll(this_and_newer, oldest), -1)
 
 
 def _slice(chunk: TrajectoryChunk, lo: int, hi: int) -> TrajectoryChunk:
@@ -431,11 +454,14 @@ class RedisReplay:
         view = self._view
         if view is not None and not force and time.monotonic() - view.fetched < self._refresh_s:
             return view
-        pipe = self._r.pipeline(transaction=False)
+        # One MULTI: the chunks' places in the insertion order (``_first_steps``) need gseq, steps and the counter
+        # from the same moment.
+        pipe = self._r.pipeline(transaction=True)
         for key in ("gseq", "steps", "prio", "maxprio"):
             pipe.get(self._k[key])
+        pipe.hget(self._k["stats"], "inserted")
         self._report_sampled(pipe)
-        gseq_b, steps_b, prio_b, maxprio_b = pipe.execute()[:4]
+        gseq_b, steps_b, prio_b, maxprio_b, inserted_b = pipe.execute()[:5]
         cfg = self._cfg
         if gseq_b is None or steps_b is None or prio_b is None:
             raise MemoryNotReady("the Redis memory's layout is gone (a restart without persistence?): its next "
@@ -450,11 +476,13 @@ class RedisReplay:
         tree.set_range(0, leaves)
         self._max_priority = max(self._max_priority, float(maxprio_b or 1.0))
         self._view = _View(gseq=gseq, steps=steps, tree=tree, weights=leaves,
-                           population=int(steps[gseq >= 0].sum()))
+                           population=int(steps[gseq >= 0].sum()),
+                           first_step=_first_steps(gseq, steps, int(inserted_b or 0)))
         return self._view
 
-    def _fetch(self, slots: np.ndarray) -> dict[int, tuple[int, DecodedChunk | None]]:
-        """(g, chunk) of each slot: the slot's current g, and its chunk (None if it does not decode).
+    def _fetch(self, slots: np.ndarray) -> tuple[dict[int, tuple[int, DecodedChunk | None]], int]:
+        """(g, chunk) of each slot: the slot's current g, and its chunk (None if it does not decode); and the steps
+        inserted so far (what sample ages count from).
 
         One round trip (the ``_FETCH`` script): it returns every slot's current g and the chunks of the slots whose
         cached copy is missing or stale, read together, so a write racing this read can never pair an old chunk
@@ -463,7 +491,7 @@ class RedisReplay:
         slot_list = slots.tolist()
         cached = [self._cache.get(slot) for slot in slot_list]
         held = np.array([_NOT_HELD if entry is None else entry[0] for entry in cached], dtype="<i8")
-        reply = self._r.eval(_FETCH, 2, self._k["gseq"], self._chunk_prefix,
+        reply = self._r.eval(_FETCH, 3, self._k["gseq"], self._chunk_prefix, self._k["stats"],
                              np.asarray(slots, dtype="<i4").tobytes(), held.tobytes())
         current = np.frombuffer(reply[0] or b"", dtype="<i8").tolist()
         out: dict[int, tuple[int, DecodedChunk | None]] = {}
@@ -474,12 +502,12 @@ class RedisReplay:
                 out[slot] = entry
             else:
                 missing.append((slot, g))
-        for (slot, g), data in zip(missing, reply[1:], strict=True):
+        for (slot, g), data in zip(missing, reply[2:], strict=True):
             decoded = self._decode(slot, data)
             out[slot] = (g, decoded)
             if decoded is not None:
                 self._remember(slot, g, decoded)
-        return out
+        return out, int(reply[1] or 0)
 
     def _decode(self, slot: int, data: bytes | None) -> DecodedChunk | None:
         if data is None:
@@ -522,10 +550,11 @@ class RedisReplay:
                 leaves, values = leaves[valid], values[valid]
                 slots, starts = np.divmod(leaves, cfg.chunk_length)
                 distinct, which = np.unique(slots, return_inverse=True)
-                fetched = self._fetch(distinct)
+                fetched, inserted = self._fetch(distinct)
                 # The chunks that may serve a draw: decoded and still the chunk the view's priorities describe.
                 chunks: list[_Prepared] = []
                 gens: list[int] = []
+                ages: list[int] = []  # of each chunk's first own step: the steps inserted after it
                 position = np.full(distinct.size, -1, dtype=np.int64)
                 for i, (slot, wanted) in enumerate(zip(distinct.tolist(), view.gseq[distinct].tolist(), strict=True)):
                     g, decoded = fetched[slot]
@@ -533,9 +562,10 @@ class RedisReplay:
                         position[i] = len(chunks)
                         chunks.append(decoded)
                         gens.append(g)
+                        ages.append(inserted - 1 - int(view.first_step[slot]))
                 if chunks:
-                    rows = _transitions(chunks, gens, position[which], starts, values / total, batch_size - got,
-                                        n_step, gamma, stack, cfg.chunk_length)
+                    rows = _transitions(chunks, gens, ages, position[which], starts, values / total,
+                                        batch_size - got, n_step, gamma, stack, cfg.chunk_length)
                     parts.append(rows)
                     got += rows.keys.size
             if got == batch_size:
@@ -555,18 +585,20 @@ class RedisReplay:
                                        cfg.prioritized),
             keys=rows.keys,
             agent_ids=rows.agent_ids,
+            ages=rows.ages,
         )
 
     def _sequence_view(self, force: bool) -> _SequenceView:
         view = self._seq_view
         if view is not None and not force and time.monotonic() - view.fetched < self._refresh_s:
             return view
-        pipe = self._r.pipeline(transaction=False)
-        for key in ("gseq", "seqprio", "maxprio"):
+        pipe = self._r.pipeline(transaction=True)  # one moment, as in ``_refresh``
+        for key in ("gseq", "seqprio", "maxprio", "steps"):
             pipe.get(self._k[key])
+        pipe.hget(self._k["stats"], "inserted")
         self._report_sampled(pipe)
-        gseq_b, prio_b, maxprio_b = pipe.execute()[:3]
-        if gseq_b is None or prio_b is None:
+        gseq_b, prio_b, maxprio_b, steps_b, inserted_b = pipe.execute()[:5]
+        if gseq_b is None or prio_b is None or steps_b is None:
             raise MemoryNotReady("the Redis memory's layout is gone (a restart without persistence?): its next "
                                  "write recreates it")
         slots = self._cfg.slots
@@ -577,7 +609,9 @@ class RedisReplay:
         tree = SumTree(np.zeros(tree_buffer_size(slots)), slots)
         tree.set_range(0, leaves)
         self._max_priority = max(self._max_priority, float(maxprio_b or 1.0))
-        self._seq_view = _SequenceView(gseq=gseq, tree=tree, population=int(np.count_nonzero(leaves)))
+        steps = np.frombuffer(steps_b, dtype="<u2").astype(np.int64)
+        self._seq_view = _SequenceView(gseq=gseq, tree=tree, population=int(np.count_nonzero(leaves)),
+                                       first_step=_first_steps(gseq, steps, int(inserted_b or 0)))
         return self._seq_view
 
     def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
@@ -604,7 +638,7 @@ class RedisReplay:
                 slots, values = view.tree.find(self._rng.random(k) * total)
                 valid = values > 0
                 slots, values = slots[valid], values[valid]
-                fetched = self._fetch(np.unique(slots))
+                fetched, inserted = self._fetch(np.unique(slots))
                 for slot, value in zip(slots.tolist(), values.tolist(), strict=True):
                     g, decoded = fetched[slot]
                     if decoded is None or g != view.gseq[slot]:
@@ -614,6 +648,7 @@ class RedisReplay:
                         continue
                     row["key"] = g | SEQUENCE_KEY
                     row["prob"] = value / total
+                    row["age"] = inserted - 1 - int(view.first_step[slot])  # the sequence starts at own step 0
                     rows.append(row)
                     if len(rows) == batch_size:
                         break
@@ -636,6 +671,7 @@ class RedisReplay:
                                        cfg.prioritized),
             keys=np.array([r["key"] for r in rows], dtype=np.int64),
             agent_ids=np.array([r["agent"] for r in rows], dtype=np.int32),
+            ages=np.array([r["age"] for r in rows], dtype=np.int64),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ priorities
@@ -718,14 +754,15 @@ class RedisReplay:
         self._r.close()
 
 
-# KEYS: gseq, chunk-key prefix. ARGV: slots (int32 each), the g the caller holds a decoded copy of for each (int64
-# each; any other value where it holds none). Returns the slots' current g (int64 each, -1 where empty) and then,
-# in slot order, the chunk of each slot whose g differs from the caller's (false where none is stored). A script
-# runs atomically: a chunk and its g are always read together.
+# KEYS: gseq, chunk-key prefix, stats. ARGV: slots (int32 each), the g the caller holds a decoded copy of for each
+# (int64 each; any other value where it holds none). Returns the slots' current g (int64 each, -1 where empty), the
+# steps inserted so far (sample ages count from it) and then, in slot order, the chunk of each slot whose g differs
+# from the caller's (false where none is stored). A script runs atomically: a chunk and its g are always read
+# together.
 _FETCH = """
 local n = #ARGV[1] / 4
 local gs = {}
-local out = {false}
+local out = {false, redis.call('HGET', KEYS[3], 'inserted')}
 for i = 1, n do
   local slot = struct.unpack('<i4', ARGV[1], 4 * i - 3)
   local g = redis.call('GETRANGE', KEYS[1], slot * 8, slot * 8 + 7)
@@ -788,11 +825,12 @@ class _Rows:
     discounts: np.ndarray
     keys: np.ndarray
     agent_ids: np.ndarray
+    ages: np.ndarray
     probs: np.ndarray
 
     @classmethod
     def join(cls, parts: list[_Rows]) -> _Rows:
-        names = ("obs", "next_obs", "actions", "returns", "discounts", "keys", "agent_ids", "probs")
+        names = ("obs", "next_obs", "actions", "returns", "discounts", "keys", "agent_ids", "ages", "probs")
         return cls(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in names})
 
 
@@ -812,15 +850,17 @@ def _discounting(gamma: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     return powers, discounts
 
 
-def _transitions(chunks: list[_Prepared], gens: list[int], position: np.ndarray, starts: np.ndarray,
-                 probs: np.ndarray, need: int, n: int, gamma: float, stack: int, chunk_length: int) -> _Rows:
+def _transitions(chunks: list[_Prepared], gens: list[int], ages: list[int], position: np.ndarray,
+                 starts: np.ndarray, probs: np.ndarray, need: int, n: int, gamma: float, stack: int,
+                 chunk_length: int) -> _Rows:
     """The first ``need`` draws that start an n-step transition, in draw order, vectorised over the draws.
 
-    Draw i is own step ``starts[i]`` of ``chunks[position[i]]`` (which holds chunk g ``gens[position[i]]``;
-    ``position`` -1: the draw cannot be used). The embedded memory's rules, one numpy operation per rule: no
-    start at an episode's last step or where the steps it needs are not stored; the n-step return stops at the
-    episode's last step (discount 0 if it terminated, else gamma ** m); a stack repeats the episode's first frame
-    before it, and a stack that needs steps from before what the chunk stores cannot be used.
+    Draw i is own step ``starts[i]`` of ``chunks[position[i]]`` (which holds chunk g ``gens[position[i]]``, whose
+    first own step has sample age ``ages[position[i]]``; ``position`` -1: the draw cannot be used). The embedded
+    memory's rules, one numpy operation per rule: no start at an episode's last step or where the steps it needs
+    are not stored; the n-step return stops at the episode's last step (discount 0 if it terminated, else
+    gamma ** m); a stack repeats the episode's first frame before it, and a stack that needs steps from before what
+    the chunk stores cannot be used.
     """
     a = stack - 1  # the start's column in a draw's window of steps s - a .. s + n
     k = position.size
@@ -874,7 +914,9 @@ def _transitions(chunks: list[_Prepared], gens: list[int], position: np.ndarray,
         obs=obs, next_obs=next_obs, actions=np.concatenate([c.actions for c in chunks])[at],
         returns=total.astype(np.float32), discounts=np.where(terminal, np.float32(0), discount_of[m]),
         keys=np.array(gens, dtype=np.int64)[pos] * chunk_length + starts[chosen],
-        agent_ids=meta[pos, 3].astype(np.int32), probs=probs[chosen])
+        agent_ids=meta[pos, 3].astype(np.int32),
+        ages=np.array(ages, dtype=np.int64)[pos] - starts[chosen],  # a chunk's own steps were inserted in order
+        probs=probs[chosen])
 
 
 # Memory of batches that nothing refers to any more, by size, ready for the next batch (see ``_Recycled``).

@@ -5,15 +5,16 @@ step's single newest frame and a few bytes of metadata (~37 B: sequence number, 
 agent id) plus, when prioritized, its sum-tree leaf (~8.1 B). Nothing is stored twice: frame stacks and n-step
 windows are rebuilt at sample time by following links, so one step costs ~7100 B with Pong frames (7056 B).
 
-Writing. Every step gets a global monotonic sequence number ``seq`` (slot = seq % C). ``add(chunk)`` takes the
-lock twice, briefly: to *reserve* ``len(chunk)`` consecutive seqs at the head (evicting the oldest steps: their
-per-agent counts drop and their slots are marked WRITING) and to *publish* them (slots get their seqs, counts
-and priorities are set, the stream's previous chunk is linked forward). The copy of frames and metadata happens
-between the two, outside the lock, so writers copy in parallel. Each slot stores ``prev``/``next``: the seq of
-the neighbouring step of the same stream (seq-1/seq+1 inside a chunk; across chunks, a per-stream table of the
-stream's last seq - an open-addressing hash table in the segment, so stream ids may be any non-negative ints).
-A link is valid only while the target slot still holds that seq. A writer that would lap a slot still being
-written by another (possible only when C is tiny) waits for it instead of interleaving the two copies.
+Writing. Every step gets a global monotonic sequence number ``seq`` (slot = seq % C; a sampled step's age is the
+number of seqs handed out after its own). ``add(chunk)`` takes the lock twice, briefly: to *reserve* ``len(chunk)``
+consecutive seqs at the head (evicting the oldest steps: their per-agent counts drop and their slots are marked
+WRITING) and to *publish* them (slots get their seqs, counts and priorities are set, the stream's previous chunk is
+linked forward). The copy of frames and metadata happens between the two, outside the lock, so writers copy in
+parallel. Each slot stores ``prev``/``next``: the seq of the neighbouring step of the same stream (seq-1/seq+1
+inside a chunk; across chunks, a per-stream table of the stream's last seq - an open-addressing hash table in the
+segment, so stream ids may be any non-negative ints). A link is valid only while the target slot still holds that
+seq. A writer that would lap a slot still being written by another (possible only when C is tiny) waits for it
+instead of interleaving the two copies.
 
 Reading, without the lock. A writer marks its slots WRITING (under the lock, so behind a full fence) before it
 touches them and publishes their seqs only once the whole chunk is copied; links only lead to published steps or
@@ -795,6 +796,7 @@ class SharedReplay:
             weights=self._weights(out["probs"], beta, int(self._x.header[H_SIZE])),
             keys=out["keys"],
             agent_ids=out["agent_ids"],
+            ages=out["ages"],
         )
 
     def _transition_candidates(self, k: int, stratified: bool, n: int, stack: int) -> tuple[_Rows, np.ndarray]:
@@ -823,6 +825,8 @@ class SharedReplay:
         agent_ids = x.agents.take(start, mode="wrap")
         # Last, after every read of the rows' data: a row whose slots still hold its seqs was read untorn.
         fresh = (x.seq.take(pos, mode="wrap") == pos).all(axis=1)
+        # Seqs are the hive's insertion counter: the steps added after a start are the seqs handed out since.
+        ages = int(x.header[H_HEAD]) - 1 - start
         powers, discount_of = _gamma_tables(gamma, n)
         out = {
             "obs": obs,
@@ -833,6 +837,7 @@ class SharedReplay:
             "discounts": discount_of[n if m is None else m, rows["end_flags"]],
             "keys": start.copy(),
             "agent_ids": agent_ids,
+            "ages": ages,
             "probs": rows["probs"],
         }
         return out, fresh
@@ -894,6 +899,7 @@ class SharedReplay:
             weights=self._weights(out["probs"], beta, live),
             keys=out["keys"],
             agent_ids=out["agent_ids"],
+            ages=out["ages"],
         )
 
     def _sequence_candidates(self, k: int, stratified: bool, length: int, stack: int) -> tuple[_Rows, np.ndarray]:
@@ -915,6 +921,7 @@ class SharedReplay:
         flags = np.where(mask, x.flags[steps], 0)
         agent_ids = x.agents[steps[:, 0]].astype(np.int32)
         fresh = (x.seq[slots] == pos).all(axis=1) & (x.side_id[side] == entries) & (x.side_seq[side] == starts)
+        ages = int(x.header[H_HEAD]) - 1 - starts  # of each sequence's first step, as for transitions
         frames[~mask] = 0
         out = {
             "frames": frames,
@@ -927,6 +934,7 @@ class SharedReplay:
             "state": state,
             "keys": entries | SEQUENCE_KEY,
             "agent_ids": agent_ids,
+            "ages": ages,
             "probs": rows["probs"],
         }
         return out, fresh

@@ -143,6 +143,7 @@ def run_agent(
     new_best = False
     losses: list[float] = []
     mean_qs: list[float] = []
+    sample_ages: list[float] = []  # each batch's mean age since the last report (equal batches: mean of means)
     window_start, window_steps, window_updates = time.monotonic(), 0, 0
     next_checkpoint = state.env_steps + config.hive.checkpoint_every
     last_report = 0.0
@@ -174,6 +175,7 @@ def run_agent(
         )
         loss = float(np.mean(losses)) if losses else None
         mean_q = float(np.mean(mean_qs)) if mean_qs else None
+        sample_age = float(np.mean(sample_ages)) if sample_ages else None
         metrics.write(
             "train",
             agent=agent,
@@ -181,6 +183,7 @@ def run_agent(
             updates=learner.updates,
             loss=loss,
             mean_q=mean_q,
+            replay_sample_age=sample_age,
             env_steps_per_s=rep.env_steps_per_s,
             updates_per_s=rep.updates_per_s,
             epsilon=rep.epsilon,
@@ -190,8 +193,8 @@ def run_agent(
             telemetry.emit(pb.TrainingReport(
                 agent=agent, env_steps=state.env_steps, updates=learner.updates, loss=loss, mean_q=mean_q,
                 learning_rate=float(learner.optimizer.param_groups[0]["lr"]), updates_per_s=rep.updates_per_s,
-                env_steps_per_s=rep.env_steps_per_s, epsilon=rep.epsilon, mean_return=tally.mean,
-                best_mean_return=tally.best_mean, wall_seconds=now - started,
+                env_steps_per_s=rep.env_steps_per_s, replay_sample_age=sample_age, epsilon=rep.epsilon,
+                mean_return=tally.mean, best_mean_return=tally.best_mean, wall_seconds=now - started,
             ))  # fmt: skip
         if agent == 0:
             metrics.write(
@@ -216,6 +219,7 @@ def run_agent(
                 telemetry.emit(mem)
         losses.clear()
         mean_qs.clear()
+        sample_ages.clear()
         window_start, window_steps, window_updates = now, 0, 0
         last_report = now
         if reports is not None:
@@ -306,12 +310,13 @@ def run_agent(
                     b = beta(state.env_steps * config.hive.agents)
                     while updates_due >= 1.0:
                         try:
-                            result_u = _learn_once(learner, memory, config, stack, b)
+                            result_u, batch_age = _learn_once(learner, memory, config, stack, b)
                         except MemoryNotReady:
                             updates_due = 0.0  # nothing to learn from this moment: act on, try at the next step
                             break
                         losses.append(result_u.loss)
                         mean_qs.append(result_u.mean_q)
+                        sample_ages.append(batch_age)
                         last_loss = result_u.loss
                         updates_due -= 1.0
                         window_updates += 1
@@ -340,19 +345,22 @@ def run_agent(
         env.close()
 
 
-def _learn_once(learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float) -> UpdateResult:
+def _learn_once(
+    learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float
+) -> tuple[UpdateResult, float]:
+    """One update from one batch; returns its result and the batch's mean sample age."""
     cfg = config.learner
     if learner.online.recurrent:
         seq = memory.sample_sequences(cfg.batch_size, cfg.sampled_length, stack, beta)
         out = learner.update_sequences(seq)
-        keys = seq.keys
+        keys, ages = seq.keys, seq.ages
     else:
         batch = memory.sample(cfg.batch_size, cfg.n_step, cfg.gamma, stack, beta)
         out = learner.update(batch)
-        keys = batch.keys
+        keys, ages = batch.keys, batch.ages
     if config.replay.prioritized:
         memory.update_priorities(keys, out.priorities)
-    return out
+    return out, float(ages.mean())
 
 
 def _core_to_numpy(core: Any) -> np.ndarray:
