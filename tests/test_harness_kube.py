@@ -5,43 +5,16 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 
 from tests.harness.cache import Progress
 from tests.harness.kube import GPU_RESOURCE, GPU_TAINT, SERVICE_ACCOUNT_ISSUER, KubeCluster, eck_crds
+from tests.kube_helpers import apply, new_namespace, poll, wait_gpus_free
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
-
-
-def poll(check: Callable[[], T], what: str, timeout_s: float = 60.0, interval_s: float = 0.2) -> T:
-    """Calls `check` until it returns something truthy, which it returns; fails with the last value at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: T = check()
-    while not last:
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} after {timeout_s:.0f}s; last seen: {last!r}")
-        time.sleep(interval_s)
-        last = check()
-    return last
-
-
-def new_namespace(kube: KubeCluster, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    kube.kubectl("create", "namespace", name)
-    return name
-
-
-def apply(kube: KubeCluster, manifest: dict[str, Any], *args: str) -> None:
-    kube.kubectl("apply", *args, "-f", "-", input=json.dumps(manifest))
-
 
 WIDGET_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -237,6 +210,8 @@ def gpu_deployment(namespace: str, name: str, replicas: int) -> dict[str, Any]:
 @pytest.mark.slow
 def test_full_tier_schedules_gpu_pods_onto_fake_nodes_and_collects_garbage(kube_full: KubeCluster) -> None:
     kube = kube_full
+    # All 4 fake GPUs free first: pods of earlier tests' namespaces may still be terminating.
+    wait_gpus_free(kube)
     namespace = new_namespace(kube, "gpu")
     apply(kube, gpu_deployment(namespace, "learner", replicas=2))
 

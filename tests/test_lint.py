@@ -14,10 +14,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_clean() -> None:
-    result = _run("ruff", "check", "borgdqn", "tests", "benchmarks")
+    result = _run("ruff", "check", "borgdqn", "operator", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_clean() -> None:
-    result = _run("mypy")  # the packages listed in pyproject.toml: borgdqn and tests.harness
+    result = _run("mypy")  # the packages listed in pyproject.toml: borgdqn, borg_operator and tests.harness
     assert result.returncode == 0, result.stdout + result.stderr

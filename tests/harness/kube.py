@@ -137,6 +137,14 @@ def eck_crds(progress: Progress) -> list[Path]:
     return crds
 
 
+def strimzi_crds(progress: Progress) -> list[Path]:
+    """Strimzi's `Kafka` and `KafkaNodePool` CRDs at the pinned version (generated from Maven Central's
+    io.strimzi:api by Strimzi's own CRD generator; see tests/harness/strimzi.py)."""
+    from tests.harness.strimzi import strimzi_crds as generate  # Maven and Java 21 only when a test asks
+
+    return generate(progress)
+
+
 # --- certificates -------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,63 @@
+"""Pure builders: a collective's spec -> the manifests of its children (dicts, no cluster access).
+
+`build_children` renders all of them in a stable order; the reconciler adds ownerReferences and applies them
+(server-side apply). What a spec does not render (e.g. the Kafka StatefulSet after a switch to external mode)
+is found through `OWNED_KINDS` and the instance labels (`names.instance_selector`).
+"""
+
+from __future__ import annotations
+
+from borg_operator import names
+from borg_operator.builders.agents import build_agents
+from borg_operator.builders.common import Manifest
+from borg_operator.builders.config import build_config_map, config_checksum, config_yaml
+from borg_operator.builders.elastic import build_elastic
+from borg_operator.builders.indexer import build_indexer
+from borg_operator.builders.kafka import build_kafka
+from borg_operator.builders.memory import build_memory, build_redis_secret
+from borg_operator.builders.network import build_network
+from borg_operator.spec import CollectiveSpec
+
+__all__ = ["OWNED_KINDS", "Manifest", "build_children", "children_kinds", "config_checksum", "config_yaml"]
+
+# (apiVersion, kind, plural) of every kind a collective may own: for listing, pruning and RBAC.
+OWNED_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("v1", "ConfigMap", "configmaps"),
+    ("v1", "Secret", "secrets"),
+    ("v1", "Service", "services"),
+    ("apps/v1", "StatefulSet", "statefulsets"),
+    ("apps/v1", "Deployment", "deployments"),
+    ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    ("batch/v1", "Job", "jobs"),
+    ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
+    ("networking.k8s.io/v1", "Ingress", "ingresses"),
+    ("kafka.strimzi.io/v1", "Kafka", "kafkas"),
+    ("kafka.strimzi.io/v1", "KafkaNodePool", "kafkanodepools"),
+    ("elasticsearch.k8s.elastic.co/v1", "Elasticsearch", "elasticsearches"),
+    ("kibana.k8s.elastic.co/v1", "Kibana", "kibanas"),
+)
+
+
+def children_kinds() -> list[tuple[str, str]]:
+    """(apiVersion, kind) of every kind a collective may own."""
+    return [(api_version, kind) for api_version, kind, _ in OWNED_KINDS]
+
+
+def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_password: str) -> list[Manifest]:
+    """Every child of the collective `namespace/name`, in a stable order: config, secret, memory, kafka, elastic,
+    indexer, agents, network. SpecError (one line) when the spec cannot work.
+
+    `redis_password` is the existing Secret's password (the reconciler reads it first and generates one only
+    when there is none): the builders never invent one, so rendering twice gives the same objects.
+    """
+    names.check_name(name, eck=spec.elastic.mode == "eck", strimzi=spec.kafka.mode == "strimzi")
+    return [
+        build_config_map(name, namespace, spec),
+        build_redis_secret(name, namespace, redis_password),
+        *build_memory(name, namespace, spec),
+        *build_kafka(name, namespace, spec),
+        *build_elastic(name, namespace, spec),
+        *build_indexer(name, namespace, spec),
+        build_agents(name, namespace, spec),
+        *build_network(name, namespace, spec),
+    ]

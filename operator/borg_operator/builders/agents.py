@@ -1,0 +1,110 @@
+"""The agents Deployment `<cr>-agents`: one `borgdqn train` (one agent) per pod, usually one GPU each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from borg_operator import names
+from borg_operator.builders.common import (
+    Manifest,
+    container_security_context,
+    empty_dir,
+    env,
+    env_field,
+    env_secret,
+    guaranteed,
+    metadata,
+    pod_basics,
+)
+from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
+from borg_operator.spec import CONFIG_PATH, RUN_DIR, CollectiveSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# The NVIDIA GPU operator and the cloud GPU node pools taint GPU nodes so that only pods asking for GPUs land
+# there; tolerating the key with any value covers `present`, `true` and the rest.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # borgdqn.memory.redis_replay reads it
+REDIS_PASSWORD_KEY = "password"
+
+
+def _tolerations(spec: CollectiveSpec) -> list[dict[str, Any]]:
+    agents = spec.agents
+    extra = [dict(toleration) for toleration in agents.tolerations]
+    if agents.gpus > 0 and GPU_TOLERATION not in extra:
+        return [dict(GPU_TOLERATION), *extra]
+    return extra
+
+
+def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
+    agents = spec.agents
+    gpus = {GPU_RESOURCE: str(agents.gpus)} if agents.gpus > 0 else None
+    return {
+        "name": "agent",
+        "image": agents.image,
+        "imagePullPolicy": agents.image_pull_policy,
+        "command": ["borgdqn"],
+        # Everything else is in the config file; the run dir is an emptyDir, so there is nothing to resume.
+        "args": ["train", "--config", CONFIG_PATH],
+        "env": [
+            # Identity from the downward API: which pod, where (logs, telemetry, debugging a slow node).
+            env_field("BORG_POD_NAME", "metadata.name"),
+            env_field("BORG_POD_NAMESPACE", "metadata.namespace"),
+            env_field("BORG_NODE_NAME", "spec.nodeName"),
+            env_secret(REDIS_PASSWORD_ENV, names.redis_secret(cr), REDIS_PASSWORD_KEY),
+            # The root filesystem is read-only: caches that go under $HOME (torch, matplotlib) land in /tmp.
+            env("HOME", "/tmp"),
+        ],
+        "resources": guaranteed(agents.resources.cpu, agents.resources.memory, gpus),
+        "securityContext": container_security_context(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "run", "mountPath": RUN_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            # torch's shared-memory tensors; the runtime's default /dev/shm is 64 MiB.
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+
+
+def build_agents(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+    agents = spec.agents
+    pod_spec: dict[str, Any] = {
+        **pod_basics(),
+        "containers": [_container(cr, spec)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config(cr),
+                                             "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+            empty_dir("run"),
+            empty_dir("tmp"),
+            # Memory-backed, so it counts against the container's memory limit: no separate cap needed.
+            empty_dir("dshm", memory=True),
+        ],
+    }
+    tolerations = _tolerations(spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if agents.node_selector:
+        pod_spec["nodeSelector"] = dict(agents.node_selector)
+    if agents.priority_class_name:
+        pod_spec["priorityClassName"] = agents.priority_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(cr, namespace, names.agents(cr), names.AGENT),
+        "spec": {
+            "replicas": agents.replicas,
+            "selector": {"matchLabels": names.selector_labels(cr, names.AGENT)},
+            # maxSurge 0: a surge pod would need a spare GPU, which a GPU pool rarely has, and the rollout would
+            # hang on a Pending pod. maxUnavailable 1: one agent at a time restarts with the new config while
+            # the others keep acting and learning from the shared memory.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {
+                "metadata": {
+                    "labels": names.labels(cr, names.AGENT),
+                    # A changed config (a learning rate, a policy) changes the template, so the pods roll.
+                    "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(cr, namespace, spec)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }

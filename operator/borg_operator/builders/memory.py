@@ -1,0 +1,195 @@
+"""The replay memory: Secret `<cr>-redis`, StatefulSet `<cr>-memory` (Redis + the monitor sidecar), its
+Services and PodDisruptionBudget. The pod runs the memory image (memory_image/, docs/memory-image.md)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from borg_operator import names
+from borg_operator.builders.agents import REDIS_PASSWORD_KEY
+from borg_operator.builders.common import (
+    Manifest,
+    claim_spec,
+    container_security_context,
+    empty_dir,
+    env,
+    guaranteed,
+    metadata,
+    pod_basics,
+)
+from borg_operator.spec import REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
+from borgdqn.memory.redis_sizing import size_memory
+
+PASSWORD_DIR = "/var/run/secrets/borg"
+PASSWORD_FILE = f"{PASSWORD_DIR}/redis-password"  # the memory image's default BORG_REDIS_PASSWORD_FILE
+DATA_DIR = "/data"  # the image's BORG_REDIS_DATA_DIR: the append-only file
+CONF_DIR = "/run/borg"  # the image's BORG_REDIS_CONF lives here: the rendered config, password included
+MONITOR_RESOURCES = ("250m", "256Mi")  # one reading every 10 s: a few pipelined round trips
+# Redis answers PING with -LOADING while it replays the AOF, so the pod turns Ready only once the memory is
+# whole. The password goes to redis-cli in REDISCLI_AUTH, never as an argument (visible to `ps`).
+READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {PASSWORD_FILE})" redis-cli -p {REDIS_PORT} ping)" = PONG')
+
+
+def build_redis_secret(cr: str, namespace: str, password: str) -> Manifest:
+    """The Redis password. Immutable: the apiserver itself refuses to change it, so no reconcile can rotate it
+    by accident and lock the agents out of a memory that outlives them (a new password is a new Secret)."""
+    if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
+        # The memory image refuses both (a control character is usually a stray newline); fail here instead.
+        raise ValueError("the Redis password must be non-empty printable text")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(cr, namespace, names.redis_secret(cr), names.MEMORY),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {REDIS_PASSWORD_KEY: base64.b64encode(password.encode()).decode()},
+    }
+
+
+def redis_maxmemory(spec: CollectiveSpec) -> int:
+    """Redis' maxmemory for the spec's capacity: what the memory image's entrypoint computes from the same env."""
+    return size_memory(spec.memory.capacity, spec.memory.chunk_length).maxmemory
+
+
+def _check_memory_limit(spec: CollectiveSpec) -> None:
+    limit = parse_quantity(spec.memory.resources.memory)
+    maxmemory = redis_maxmemory(spec)
+    if limit <= maxmemory:
+        raise SpecError(
+            f"memory.resources.memory {spec.memory.resources.memory} is not above Redis' maxmemory of "
+            f"{maxmemory / 2**30:.2f} GiB for memory.capacity {spec.memory.capacity}: give the pod 1.5-2x that "
+            "(an append-only-file rewrite forks Redis), or lower the capacity")
+
+
+def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
+    memory = spec.memory
+    # The image's redis.conf turns the append-only file on; without persistence an argument turns it off
+    # (arguments after the config file override it).
+    args = ["redis-server"] if memory.persistence else ["redis-server", "--appendonly", "no"]
+    return {
+        "name": "redis",
+        "image": memory.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "env": [
+            # The entrypoint sizes maxmemory from these with borgdqn.memory.redis_sizing (and logs how).
+            env("BORG_MEMORY_CAPACITY", str(memory.capacity)),
+            env("BORG_MEMORY_CHUNK_LENGTH", str(memory.chunk_length)),
+            env("BORG_REDIS_PASSWORD_FILE", PASSWORD_FILE),
+        ],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"exec": {"command": ["sh", "-c", READY_COMMAND]},
+                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+        # Redis listens while it loads a large AOF, so a TCP check does not kill a slow but healthy start.
+        "livenessProbe": {"tcpSocket": {"port": "redis"}, "initialDelaySeconds": 10,
+                          "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6},
+        "resources": guaranteed(memory.resources.cpu, memory.resources.memory),
+        "securityContext": container_security_context(),
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "conf", "mountPath": CONF_DIR},
+            {"name": "redis-password", "mountPath": PASSWORD_DIR, "readOnly": True},
+        ],
+    }
+
+
+def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str, Any]:
+    return {
+        "name": "monitor",
+        "image": spec.memory.image,
+        "imagePullPolicy": "IfNotPresent",
+        # `command` replaces the image's entrypoint, which would render a redis.conf.
+        "command": ["borgdqn"],
+        "args": ["memory-monitor", "--memory", f"redis://127.0.0.1:{REDIS_PORT}/0", "--name", cr,
+                 "--password-file", PASSWORD_FILE, "--kafka", kafka_bootstrap(cr, namespace, spec.kafka),
+                 "--collective", cr],
+        "resources": guaranteed(*MONITOR_RESOURCES),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "redis-password", "mountPath": PASSWORD_DIR, "readOnly": True}],
+    }
+
+
+def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+    _check_memory_limit(spec)
+    memory = spec.memory
+    volumes: list[dict[str, Any]] = [
+        {"name": "redis-password", "secret": {"secretName": names.redis_secret(cr), "defaultMode": 0o400,
+                                              "items": [{"key": REDIS_PASSWORD_KEY, "path": "redis-password"}]}},
+        # Memory-backed: the rendered config holds the password, which so never touches a disk.
+        empty_dir("conf", memory=True, size_limit="1Mi"),
+    ]
+    sts_spec: dict[str, Any] = {
+        "serviceName": names.memory_headless(cr),
+        "replicas": 1,  # one Redis holds the one pool every agent shares
+        "selector": {"matchLabels": names.selector_labels(cr, names.MEMORY)},
+        # The PVC outlives the StatefulSet (and the collective): hours of experience are not deleted with an
+        # object; a collective re-created under the same name picks its memory up again.
+        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+        "template": {
+            "metadata": {"labels": names.labels(cr, names.MEMORY)},
+            "spec": {
+                **pod_basics(),
+                # On SIGTERM Redis fsyncs the append-only file and exits; a large one needs more than 30 s.
+                "terminationGracePeriodSeconds": 60,
+                "containers": [_redis_container(spec), _monitor_container(cr, namespace, spec)],
+                "volumes": volumes,
+            },
+        },
+    }
+    if memory.persistence:
+        sts_spec["volumeClaimTemplates"] = [
+            {"metadata": {"name": "data", "labels": names.labels(cr, names.MEMORY)},
+             "spec": claim_spec(memory.storage)}]
+    else:
+        volumes.append(empty_dir("data"))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(cr, namespace, names.memory(cr), names.MEMORY),
+        "spec": sts_spec,
+    }
+
+
+def _service(cr: str, namespace: str, name: str, *, headless: bool) -> Manifest:
+    spec: dict[str, Any] = {
+        "selector": names.selector_labels(cr, names.MEMORY),
+        "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+    }
+    if headless:
+        # The StatefulSet's governing Service: a stable DNS name for the pod, also while it is not Ready.
+        spec.update({"clusterIP": "None", "publishNotReadyAddresses": True})
+    else:
+        spec["type"] = "ClusterIP"
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": metadata(cr, namespace, name, names.MEMORY), "spec": spec}
+
+
+def build_memory_services(cr: str, namespace: str) -> list[Manifest]:
+    """Headless `<cr>-memory-headless` (the StatefulSet's) and `<cr>-memory`, the address agents use."""
+    return [_service(cr, namespace, names.memory_headless(cr), headless=True),
+            _service(cr, namespace, names.memory(cr), headless=False)]
+
+
+def build_memory_pdb(cr: str, namespace: str) -> Manifest:
+    """No voluntary eviction of the one memory pod (a node drain waits for a person to move it).
+
+    maxUnavailable 0 rather than minAvailable 1: the same for one replica, but it says the intent (never take
+    it away) and stays right whatever the replica count. A drain that evicted it would cost every agent its
+    pool for the restart (and, without persistence, the pool itself). unhealthyPodEvictionPolicy AlwaysAllow:
+    a memory pod that is not Ready anyway (crash-looping) must not block a drain.
+    """
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(cr, namespace, names.memory(cr), names.MEMORY),
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": names.selector_labels(cr, names.MEMORY)},
+                 "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    }
+
+
+def build_memory(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifest]:
+    return [build_memory_statefulset(cr, namespace, spec), *build_memory_services(cr, namespace),
+            build_memory_pdb(cr, namespace)]

@@ -1,0 +1,112 @@
+"""How full the collective's replay memory is, read from its Redis in one short round trip.
+
+The memory is laid out by `borgdqn.memory.redis_replay` (`borg:{name}:config|gseq|steps|...`): the fill is the
+steps held by filled slots over the ring's capacity, the figure `RedisReplay.stats()` and the memory monitor
+report. The operator reads three keys (no STRLEN per chunk as the monitor does), and never writes one.
+
+Reaching Redis must never hold up a reconcile: each reading runs on a worker thread and is given up after a
+short deadline (it covers DNS too, which a socket timeout does not), and a memory that could not be read is not
+tried again for a while. An unknown fill is simply left out of the status.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from borgdqn.memory.redis_replay import memory_keys
+
+
+class FillError(Exception):
+    """The memory's keys are not what `redis_replay` writes (or not there yet)."""
+
+
+def read_fill(client: object, name: str) -> float:
+    """Steps stored / capacity of memory `name`, through a `redis.Redis` client; FillError if not created."""
+    keys = memory_keys(name)
+    pipe = client.pipeline(transaction=True)  # type: ignore[attr-defined]
+    pipe.get(keys["config"])
+    pipe.get(keys["gseq"])
+    pipe.get(keys["steps"])
+    config_b, gseq_b, steps_b = pipe.execute()
+    if config_b is None or gseq_b is None or steps_b is None:
+        raise FillError(f"memory {name!r} not created yet")
+    try:
+        config = json.loads(config_b)
+        capacity, chunk_length = int(config["capacity"]), int(config["chunk_length"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise FillError(f"{keys['config']} is not a memory config: {err}") from None
+    slots = max(1, -(-capacity // max(chunk_length, 1)))
+    if len(gseq_b) != slots * 8 or len(steps_b) != slots * 2:
+        raise FillError(f"memory {name!r}: per-slot arrays do not match {slots} slots")
+    gseq = np.frombuffer(gseq_b, dtype="<i8")
+    steps = np.frombuffer(steps_b, dtype="<u2").astype(np.int64)
+    return float(steps[gseq >= 0].sum()) / (slots * chunk_length)
+
+
+def fetch_fill(host: str, port: int, password: str | None, name: str, timeout_s: float) -> float:
+    """Connects, reads the fill, disconnects (raises on any failure)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(host=host, port=port, password=password or None, socket_timeout=timeout_s,
+                         socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    try:
+        return read_fill(client, name)
+    finally:
+        client.close()
+
+
+@dataclass
+class _Failure:
+    until: float
+    reason: str
+
+
+class FillReader:
+    """Reads fills with a deadline; after a failure, the same memory is left alone for `quiet_s`."""
+
+    def __init__(self, timeout_s: float = 1.0, quiet_s: float = 60.0,
+                 fetch: Callable[[str, int, str | None, str, float], float] = fetch_fill,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s = timeout_s
+        self.quiet_s = quiet_s
+        self._fetch = fetch
+        self._clock = clock
+        # Two workers: one stuck in a slow DNS lookup does not stop the readings of other collectives.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="memory-fill")
+        self._failures: dict[tuple[str, int, str], _Failure] = {}
+        self._lock = threading.Lock()
+
+    def read(self, host: str, port: int, password: str | None, name: str) -> tuple[float | None, str | None]:
+        """(fill, None), or (None, why not) when unknown (failed now, or recently)."""
+        where = (host, port, name)
+        now = self._clock()
+        with self._lock:
+            failure = self._failures.get(where)
+            if failure is not None and failure.until > now:
+                return None, f"not retried yet: {failure.reason}"
+        future = self._pool.submit(self._fetch, host, port, password, name, self.timeout_s)
+        try:
+            fill = future.result(timeout=self.timeout_s * 2)
+        except concurrent.futures.TimeoutError:
+            reason = f"no answer from {host}:{port} within {self.timeout_s * 2:g}s"
+        except Exception as err:  # any failure only means: the fill is unknown
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        else:
+            with self._lock:
+                self._failures.pop(where, None)
+            return fill, None
+        with self._lock:
+            self._failures[where] = _Failure(until=now + self.quiet_s, reason=reason)
+        return None, reason
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,92 @@
+"""Reads a collective's children from the apiserver into `status.Observed`: the impure half of the status.
+
+Reads by name what the builders render (names.py): the agents Deployment, the memory StatefulSet, Kafka (the
+StatefulSet, or Strimzi's Kafka), ECK's Elasticsearch and Kibana, the indexer Deployment; lists the agent pods
+the scheduler could not place (Pending, PodScheduled=False, reason Unschedulable: e.g. more agents than GPUs);
+and, once the memory has a ready pod, reads its fill from Redis (memory_fill.py) with a short deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from borg_operator import names
+from borg_operator.apply import Applier
+from borg_operator.builders import OWNED_KINDS
+from borg_operator.memory_fill import FillReader
+from borg_operator.spec import REDIS_PORT, CollectiveSpec, memory_host
+from borg_operator.status import MissingApi, Observed
+
+log = logging.getLogger(__name__)
+
+ECK_ES = ("elasticsearch.k8s.elastic.co/v1", "Elasticsearch")
+ECK_KIBANA = ("kibana.k8s.elastic.co/v1", "Kibana")
+APPS = "apps/v1"
+
+
+# The Strimzi Kafka the builders render (the one the status reads back).
+STRIMZI_KAFKA = next((api_version, kind) for api_version, kind, _ in OWNED_KINDS
+                     if kind == "Kafka" and api_version.startswith("kafka.strimzi.io/"))
+
+
+def unschedulable_messages(pods: Sequence[dict[str, Any]]) -> list[str]:
+    """The scheduler's message for each pod it could not place (the pod stays Pending)."""
+    messages = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") != "Pending" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        for condition in status.get("conditions") or []:
+            if (condition.get("type") == "PodScheduled" and condition.get("status") == "False"
+                    and condition.get("reason") == "Unschedulable"):
+                messages.append(str(condition.get("message") or "Unschedulable"))
+    return messages
+
+
+def read_password(applier: Applier, namespace: str, cr: str) -> str | None:
+    """The memory's Redis password from the collective's Secret (None: no Secret, or no password in it)."""
+    secret = applier.get("v1", "Secret", namespace, names.redis_secret(cr))
+    encoded = ((secret or {}).get("data") or {}).get("password")
+    if not encoded:
+        return None
+    return base64.b64decode(encoded).decode()
+
+
+def _ready_replicas(obj: dict[str, Any] | None) -> int:
+    try:
+        return int(((obj or {}).get("status") or {}).get("readyReplicas") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | None, *,
+            missing: Sequence[MissingApi] = (),
+            error: str | None = None, observed_generation: int | None = None,
+            fills: FillReader | None = None) -> Observed:
+    """What the status needs, read now. `spec` None (invalid): only the agents are read (their counts)."""
+    agents = applier.get(APPS, "Deployment", namespace, names.agents(cr))
+    unschedulable: list[str] = []
+    if agents is not None and _ready_replicas(agents) < int((agents.get("spec") or {}).get("replicas") or 0):
+        pods = applier.list("v1", "Pod", namespace, names.selector_string(cr)) or []
+        unschedulable = unschedulable_messages(pods)
+    parts: dict[str, Any] = {}
+    if spec is not None:
+        parts["memory"] = applier.get(APPS, "StatefulSet", namespace, names.memory(cr))
+        if spec.kafka.mode == "managed":
+            parts["kafka"] = applier.get(APPS, "StatefulSet", namespace, names.kafka(cr))
+        elif spec.kafka.mode == "strimzi" and not missing:
+            parts["kafka"] = applier.get(*STRIMZI_KAFKA, namespace, names.kafka(cr))
+        if spec.elastic.mode == "eck" and not missing:
+            parts["elasticsearch"] = applier.get(*ECK_ES, namespace, names.elasticsearch(cr))
+            parts["kibana"] = applier.get(*ECK_KIBANA, namespace, names.kibana(cr))
+            parts["indexer"] = applier.get(APPS, "Deployment", namespace, names.indexer(cr))
+        if fills is not None and _ready_replicas(parts["memory"]) > 0:
+            fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, read_password(applier, namespace, cr), cr)
+            parts["memory_fill"] = fill
+            if why is not None:
+                log.debug("memory fill of %s/%s unknown: %s", namespace, cr, why)
+    return Observed(agents=agents, unschedulable=unschedulable, missing=tuple(missing), error=error,
+                    observed_generation=observed_generation, selector=names.selector_string(cr), **parts)

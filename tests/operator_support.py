@@ -1,0 +1,161 @@
+"""The operator as the tests and the latency benchmark run it: a real `python -m borg_operator` process against the
+harness's apiserver, with the generated CRD (and ECK's) installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from borg_operator import names
+from borg_operator.builders import OWNED_KINDS, build_children
+from borg_operator.spec import parse_spec
+from tests.harness.cache import Progress
+from tests.harness.kube import KubeCluster, eck_crds
+from tests.harness.process import ServerProcess, free_port, rss_bytes, start_server, wait_until
+from tests.kube_helpers import wait_established
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT / "crds" / "borg.dev_borgcollectives.yaml"
+CRD_NAME = "borgcollectives.borg.dev"
+T = TypeVar("T")
+
+
+def install_crds(kube: KubeCluster, *, eck: bool = True) -> None:
+    """Our CRD (and ECK's): server-side, so a second install in the same session changes nothing."""
+    files = [CRD, *(eck_crds(Progress()) if eck else [])]
+    kube.kubectl("apply", "--server-side", "--force-conflicts", *(arg for path in files for arg in ("-f", str(path))))
+    wait_established(kube, CRD_NAME, *(("elasticsearches.elasticsearch.k8s.elastic.co",
+                                        "kibanas.kibana.k8s.elastic.co") if eck else ()))
+
+
+def collective(name: str, namespace: str, spec: dict[str, Any] | None = None,
+               annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = annotations
+    return {"apiVersion": "borg.dev/v1alpha1", "kind": "BorgCollective", "metadata": meta, "spec": spec or {}}
+
+
+def expected_children(name: str, namespace: str, spec: dict[str, Any] | None = None) -> set[tuple[str, str]]:
+    """(kind, name) of everything the builders render for this spec (the password does not change the set)."""
+    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_password="unused")
+    return {(child["kind"], child["metadata"]["name"]) for child in rendered}
+
+
+def _resource(api_version: str, plural: str) -> str:
+    return f"{plural}.{api_version.split('/')[0]}" if "/" in api_version else plural
+
+
+def children(kube: KubeCluster, namespace: str, name: str) -> dict[tuple[str, str], Any]:
+    """Every object of an owned kind (of those the cluster serves now) labelled with the collective's instance."""
+    selector = ",".join(f"{k}={v}" for k, v in names.instance_selector(name).items())
+    served = set(kube.kubectl("api-resources", "-o", "name").stdout.split())
+    resources = [_resource(api, plural) for api, _, plural in OWNED_KINDS if _resource(api, plural) in served]
+    listed = kube.kubectl("get", ",".join(resources), "-n", namespace, "-l", selector, "-o", "json",
+                          "--show-managed-fields")
+    return {(item["kind"], item["metadata"]["name"]): item for item in json.loads(listed.stdout)["items"]}
+
+
+def status(kube: KubeCluster, namespace: str, name: str) -> dict[str, Any]:
+    return dict(kube.get_json("borgcollective", name, "-n", namespace).get("status") or {})
+
+
+def condition(kube: KubeCluster, namespace: str, name: str, type_: str) -> dict[str, Any]:
+    for found in status(kube, namespace, name).get("conditions") or []:
+        if found["type"] == type_:
+            return dict(found)
+    return {}
+
+
+def events(kube: KubeCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    listed = kube.get_json("events", "-n", namespace, "--field-selector",
+                           f"involvedObject.name={name},involvedObject.kind=BorgCollective")
+    return list(listed["items"])
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+class Operator:
+    """`python -m borg_operator` as a subprocess (its own process group, killed with the test session)."""
+
+    def __init__(self, kube: KubeCluster, workdir: Path, *args: str, kubeconfig: Path | None = None,
+                 resync_s: float = 2.0, log_format: str = "text") -> None:
+        self.kube = kube
+        self.workdir = workdir
+        self.args = args
+        self.kubeconfig = kubeconfig or kube.kubeconfig
+        self.resync_s = resync_s
+        self.log_format = log_format
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.proc: ServerProcess | None = None
+        self.starts = 0
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"operator-{self.starts}.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "borg_operator", "--metrics-port", str(self.metrics_port), "--liveness-port",
+                str(self.liveness_port), "--bind-address", "127.0.0.1", "--log-format", self.log_format,
+                "--resync-seconds", str(self.resync_s), *self.args]
+
+    def start(self, wait: bool = True) -> Operator:
+        self.starts += 1
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.proc = start_server("borg-operator", self.command(), self.log, env=env, cwd=ROOT)
+        if wait:
+            wait_until(self.proc, self.healthy, "serving /healthz", timeout_s=60)
+        return self
+
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+            return bool(response.status == 200)
+
+    def metrics(self) -> dict[str, float]:
+        """The Prometheus samples, by `name{labels}`."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if match and not line.startswith("#"):
+                samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+        return samples
+
+    def reconciles(self) -> float:
+        return sum(value for key, value in self.metrics().items() if key.startswith("borg_operator_reconciles_total"))
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        return rss_bytes([self.proc.pgid])
+
+    def output(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted(self.workdir.glob("operator-*.log")))
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace_s=10)
+            self.proc = None
+
+
+@contextmanager
+def running_operator(kube: KubeCluster, workdir: Path, *args: str, **kwargs: Any) -> Iterator[Operator]:
+    operator = Operator(kube, workdir, *args, **kwargs).start()
+    try:
+        yield operator
+    finally:
+        operator.stop()

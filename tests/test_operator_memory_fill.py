@@ -1,0 +1,68 @@
+"""The memory fill the operator reports, read from a real Redis memory (the harness's redis-server)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from borg_operator.memory_fill import FillError, FillReader, fetch_fill, read_fill
+from borgdqn.memory.redis_replay import RedisReplay
+from tests.harness.process import free_port
+from tests.harness.redis import RedisServer
+from tests.test_memory_monitor import config, episode
+
+pytestmark = pytest.mark.integration
+
+
+def test_fill_matches_the_memory_s_own_stats(redis_server: RedisServer) -> None:
+    name = f"fill-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(FillError, match="not created yet"):
+        read_fill(client, name)
+
+    memory = RedisReplay.connect(redis_server.url, name, config())
+    try:
+        assert read_fill(client, name) == 0.0
+        episode(memory, stream=0, agent=0, steps=24)
+        memory.flush()
+        stats = memory.stats()
+        assert stats.size == 24
+        assert read_fill(client, name) == pytest.approx(stats.size / stats.capacity) == 24 / 64
+        assert fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, 1.0) == 24 / 64
+    finally:
+        memory.close()
+        client.close()
+
+
+def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(redis_server: RedisServer) -> None:
+    name = f"fill-{uuid.uuid4().hex[:8]}"
+    memory = RedisReplay.connect(redis_server.url, name, config())
+    now = [100.0]
+    reader = FillReader(timeout_s=0.5, quiet_s=60.0, clock=lambda: now[0])
+    try:
+        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == (0.0, None)
+
+        fill, why = reader.read("127.0.0.1", redis_server.port, "wrong-password", name)
+        assert fill is None and why is not None and "password" in why.lower()
+        # Within the quiet period the same memory is not tried again (not even connected to) ...
+        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name)[1] == \
+            f"not retried yet: {why}"
+
+        closed = free_port()
+        started = time.monotonic()
+        fill, why = reader.read("127.0.0.1", closed, None, name)
+        assert fill is None and why is not None
+        assert time.monotonic() - started < 1.5
+        fill, again = reader.read("127.0.0.1", closed, None, name)
+        assert fill is None and again == f"not retried yet: {why}"
+        # ... and afterwards it is.
+        now[0] += 61
+        fill, why = reader.read("127.0.0.1", closed, None, name)
+        assert fill is None and why is not None and not why.startswith("not retried yet")
+        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == (0.0, None)
+    finally:
+        reader.close()
+        memory.close()
