@@ -30,7 +30,7 @@ from borg_operator import names
 from borg_operator.__main__ import check_crd
 from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.process import free_port
-from tests.kube_helpers import apply, new_namespace, poll, wait_gpus_free
+from tests.kube_helpers import Timeout, apply, gpu_pods, new_namespace, poll, wait_gpus_free
 from tests.operator_support import (
     Operator,
     children,
@@ -381,6 +381,19 @@ def test_the_cli_says_in_one_line_what_is_missing(cluster: KubeCluster, tmp_path
     assert bad.returncode == 2 and "--metrics-port: 70000 is not a port" in bad.stderr
 
 
+def cluster_picture(kube: KubeCluster, namespace: str, name: str) -> str:
+    """What a failed full-tier wait saw: the condition, the agent pods, the nodes' readiness and taints, who holds
+    the GPUs."""
+    agents = condition(kube, namespace, name, "AgentsReady")
+    pods = [(pod["metadata"]["name"], pod["status"].get("phase"), pod["spec"].get("nodeName"),
+             [(c["type"], c["status"], c.get("reason")) for c in pod["status"].get("conditions", [])])
+            for pod in kube.get_json("pods", "-n", namespace, "-l", names.selector_string(name))["items"]]
+    nodes = [(node["metadata"]["name"], node["spec"].get("taints"),
+              [(c["type"], c["status"]) for c in node["status"].get("conditions", []) if c["type"] == "Ready"])
+             for node in kube.get_json("nodes")["items"]]
+    return f"AgentsReady: {agents}\nagent pods: {pods}\nnodes: {nodes}\nGPUs held by: {gpu_pods(kube)}"
+
+
 @pytest.mark.slow
 def test_full_tier_agents_run_on_gpu_nodes_surplus_stays_pending_and_deletion_collects_everything(
         kube_full: KubeCluster, cluster: KubeCluster, tmp_path: Path) -> None:
@@ -416,7 +429,10 @@ def test_full_tier_agents_run_on_gpu_nodes_surplus_stays_pending_and_deletion_co
             settled = found.get("reason") == "Unschedulable" and "4/5 agents ready" in found.get("message", "")
             return found if settled else None
 
-        agents = poll(surplus, "AgentsReady: Unschedulable with 4/5 ready", timeout_s=120)
+        try:
+            agents = poll(surplus, "AgentsReady: Unschedulable with 4/5 ready", timeout_s=120)
+        except Timeout as err:
+            raise Timeout(f"{err}\n{cluster_picture(kube, namespace, 'gp')}") from None
         assert agents["status"] == "False"
         assert "1 agent pod cannot be scheduled: more agents than free GPUs" in agents["message"]
         assert f"Insufficient {GPU_RESOURCE}" in agents["message"]
