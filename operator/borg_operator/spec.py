@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from borgdqn.config import (
     BorgConfig,
@@ -120,18 +121,23 @@ class AgentsSpec(CrdModel):
         return data
 
 
+def _replay_field(name: str, **overrides: Any) -> Any:
+    """A field of borgdqn's ReplayConfig (type, bounds, description) with the cluster's default, so the CRD's
+    memory section and the agents' `replay` section cannot drift apart."""
+    return FieldInfo.merge_field_infos(ReplayConfig.model_fields[name], **overrides)
+
+
 class MemorySpec(CrdModel):
-    capacity: int = Field(default=1_000_000, ge=64, description="steps stored, shared by all agents")
-    chunk_length: int = Field(default=32, ge=1, le=4096, description="steps per chunk an agent adds")
-    prioritized: bool = Field(default=True, description="proportional prioritized replay")
-    alpha: float = Field(default=0.6, ge=0.0, description="priority exponent")
-    beta: Schedule = Field(
-        default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=10_000_000),
-        description="importance-weight exponent over hive env steps",
-    )
-    priority_eps: float = Field(default=1e-6, gt=0.0, description="added to |TD| so no step starves")
-    local_capacity: int = Field(default=20_000, ge=256, description="steps each agent also keeps locally")
-    cache_mb: int = Field(default=256, ge=1, description="decoded chunks each agent's sampler caches, in MiB")
+    # Larger defaults than one machine's: a cluster memory is shared by many GPU agents for a long run.
+    capacity: int = _replay_field("capacity", default=1_000_000)
+    chunk_length: int = _replay_field("chunk_length")
+    prioritized: bool = _replay_field("prioritized")
+    alpha: float = _replay_field("alpha")
+    beta: Schedule = _replay_field(
+        "beta", default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=10_000_000))
+    priority_eps: float = _replay_field("priority_eps")
+    local_capacity: int = _replay_field("local_capacity")
+    cache_mb: int = _replay_field("redis_cache_mb")  # every memory here is Redis: the prefix would say nothing
     persistence: bool = Field(default=True, description="append-only file on the volume: the memory survives restarts")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="the memory's volume")
     image: str = Field(default=DEFAULT_MEMORY_IMAGE, description="the memory image (Redis + the monitor)")
