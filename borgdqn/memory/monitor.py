@@ -242,13 +242,13 @@ class MemoryMonitor:
         at = self._clock()
         if config_b is None:
             raise MemoryNotCreated(f"memory {self.name!r} not created yet on {self.where} (no {k['config']})")
-        slots, chunk_length = _shape(config_b, k["config"])
+        slots, chunk_length = layout_shape(config_b, k["config"])
         if gseq_b is None or steps_b is None or agent_b is None:
             # The first client writes the config, then the arrays: caught in between (or it died there).
             raise MemoryNotCreated(f"memory {self.name!r} on {self.where} not created yet (config without arrays)")
-        gseq = _array(gseq_b, "<i8", slots, k["gseq"])
-        steps = _array(steps_b, "<u2", slots, k["steps"]).astype(np.int64)
-        agents = _array(agent_b, "<u2", slots, k["agent"]).astype(np.int64)
+        gseq = slot_array(gseq_b, "<i8", slots, k["gseq"])
+        steps = slot_array(steps_b, "<u2", slots, k["steps"]).astype(np.int64)
+        agents = slot_array(agent_b, "<u2", slots, k["agent"]).astype(np.int64)
         filled = np.flatnonzero(gseq >= 0)
         size = int(steps[filled].sum())
         per_agent_arr = np.bincount(agents[filled], weights=steps[filled]) if filled.size else np.zeros(0)
@@ -327,7 +327,7 @@ def _one_line(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
-def _shape(config_b: bytes, key: str) -> tuple[int, int]:
+def layout_shape(config_b: bytes, key: str) -> tuple[int, int]:
     """(slots, chunk_length) from the memory's stored config; MonitorError if it is not what a client writes."""
     try:
         config = json.loads(config_b)
@@ -339,7 +339,8 @@ def _shape(config_b: bytes, key: str) -> tuple[int, int]:
     return max(1, -(-capacity // chunk_length)), chunk_length
 
 
-def _array(raw: bytes | None, dtype: str, slots: int, key: str) -> np.ndarray:
+def slot_array(raw: bytes | None, dtype: str, slots: int, key: str) -> np.ndarray:
+    """A per-slot array of the memory (gseq, steps, agent) as numpy; MonitorError if its size is not the layout's."""
     width = np.dtype(dtype).itemsize
     if raw is None or len(raw) != slots * width:
         got = "missing" if raw is None else f"{len(raw)} bytes"

@@ -12,7 +12,6 @@ tried again for a while. An unknown fill is simply left out of the status.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from borgdqn.memory.monitor import MonitorError, layout_shape, slot_array
 from borgdqn.memory.redis_replay import memory_keys
 
 
@@ -37,16 +37,12 @@ def read_fill(client: object, name: str) -> float:
     config_b, gseq_b, steps_b = pipe.execute()
     if config_b is None or gseq_b is None or steps_b is None:
         raise FillError(f"memory {name!r} not created yet")
-    try:
-        config = json.loads(config_b)
-        capacity, chunk_length = int(config["capacity"]), int(config["chunk_length"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise FillError(f"{keys['config']} is not a memory config: {err}") from None
-    slots = max(1, -(-capacity // max(chunk_length, 1)))
-    if len(gseq_b) != slots * 8 or len(steps_b) != slots * 2:
-        raise FillError(f"memory {name!r}: per-slot arrays do not match {slots} slots")
-    gseq = np.frombuffer(gseq_b, dtype="<i8")
-    steps = np.frombuffer(steps_b, dtype="<u2").astype(np.int64)
+    try:  # the layout as the memory monitor reads it
+        slots, chunk_length = layout_shape(config_b, keys["config"])
+        gseq = slot_array(gseq_b, "<i8", slots, keys["gseq"])
+        steps = slot_array(steps_b, "<u2", slots, keys["steps"]).astype(np.int64)
+    except MonitorError as err:
+        raise FillError(str(err)) from None
     return float(steps[gseq >= 0].sum()) / (slots * chunk_length)
 
 
