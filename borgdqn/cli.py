@@ -30,6 +30,7 @@ examples:
   borgdqn train --env CartPole-v1 --agents 2 --steps 100000 --config examples/cartpole.yaml --out runs/cp
   borgdqn train --out runs/cp --resume --steps 200000   # continue a run, extend its budget
   borgdqn train --kafka localhost:9092            # also stream live telemetry to Kafka (docs/telemetry.md)
+  borgdqn train --config /etc/borgdqn/borgdqn.yaml --member "$POD_NAME"   # an agent pod of a collective
 """
 
 
@@ -58,7 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="base seed (default 0)")
     train.add_argument("--out", type=Path, help="run directory (default runs/hive)")
     train.add_argument("--config", type=Path, help="YAML file with any of the config sections")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    start.add_argument("--member", metavar="NAME",
+                       help="run as one member of a collective (a Kubernetes pod, NAME its name): one agent on "
+                            "the Redis memory whose seeds, replay streams and epsilon-ladder place derive from "
+                            "NAME; resumes the run in --out if there is one (docs/operator.md)")  # fmt: skip
     train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
                        help="share the Redis replay memory there instead of an embedded one "
                             "(password from BORG_REDIS_PASSWORD)")  # fmt: skip
@@ -170,7 +176,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from borgdqn.hive import train
 
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, member=args.member)
     hive = summary["hive"]
     mean = hive["mean_return_last_20"]
     best = hive["best_mean_return_20"]

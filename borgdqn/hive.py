@@ -35,6 +35,7 @@ from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.agent import AgentReport
 from borgdqn.rl.checkpoint import CHECKPOINT_DIR
 from borgdqn.rl.envs import EnvSpec, make_vector_env
+from borgdqn.rl.identity import collective_member, hive_agent
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,13 @@ def probe_env(config: BorgConfig) -> EnvSpec:
         env.close()
 
 
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT_DIR).exists() or (run_dir / "metrics").exists()
+
+
 def prepare_run_dir(config: BorgConfig, resume: bool) -> Path:
     run_dir = config.hive.out
-    has_run = (run_dir / CHECKPOINT_DIR).exists() or (run_dir / "metrics").exists()
+    has_run = holds_run(run_dir)
     if has_run and not resume:
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if resume and not has_run:
@@ -78,6 +83,7 @@ def prepare_run_dir(config: BorgConfig, resume: bool) -> Path:
 
 def _agent_main(
     agent: int,
+    member: str | None,
     config_json: str,
     handle: SharedReplayHandle | None,
     run_dir: Path,
@@ -93,13 +99,15 @@ def _agent_main(
     from borgdqn.rl.agent import run_agent
 
     config = BorgConfig.model_validate_json(config_json)
+    identity = collective_member(config, member) if member else hive_agent(config, agent)
     memory: ReplayMemory
     if handle is None:
-        memory = open_redis_link(config, probe_env(config), agent)
+        memory = open_redis_link(config, probe_env(config), identity.seed)
     else:
-        memory = SharedReplay.attach(handle, seed=agent)
+        memory = SharedReplay.attach(handle, seed=identity.seed)
     try:
-        run_agent(agent, config, memory, run_dir, stop=stop, reports=reports, resume=resume, clock_offset=clock_offset)
+        run_agent(identity, config, memory, run_dir, stop=stop, reports=reports, resume=resume,
+                  clock_offset=clock_offset)
     except Exception as err:
         log.debug("agent %d failed:\n%s", agent, traceback.format_exc())
         reports.put(AgentFailure(agent, f"{err.__class__.__name__}: {err}"))
@@ -125,7 +133,7 @@ def open_redis_memory(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisRepl
                                cache_bytes=replay.redis_cache_mb << 20)
 
 
-def open_redis_link(config: BorgConfig, spec: EnvSpec, agent: int) -> RedisLink:
+def open_redis_link(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisLink:
     """An agent's link to the Redis memory: background writer and sampler, and a local buffer of
     ``replay.local_capacity`` steps to learn from while Redis is away or slow."""
     replay = config.replay
@@ -134,12 +142,12 @@ def open_redis_link(config: BorgConfig, spec: EnvSpec, agent: int) -> RedisLink:
         capacity, spec.frame_shape, spec.frame_dtype, prioritized=replay.prioritized, alpha=replay.alpha,
         priority_eps=replay.priority_eps,
         recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
-        max_streams=STREAMS_PER_AGENT, seed=agent,
+        max_streams=STREAMS_PER_AGENT, seed=seed,
     )  # fmt: skip
     # The outbox holds about as many steps as the local buffer while Redis is away.
     settings = LinkSettings(outbox_chunks=max(16, capacity // replay.chunk_length))
     try:
-        return RedisLink(lambda: open_redis_memory(config, spec, seed=agent), local, settings)
+        return RedisLink(lambda: open_redis_memory(config, spec, seed=seed), local, settings)
     except BaseException:
         local.close()
         local.unlink()
@@ -176,8 +184,27 @@ def _resume_offset(run_dir: Path) -> float:
         return 0.0  # a session that was killed wrote none: restart the clock rather than refuse to resume
 
 
-def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json."""
+def check_member(config: BorgConfig, member: str) -> None:
+    """A collective's pod runs one agent that learns from the collective's Redis memory."""
+    if config.hive.agents != 1:
+        raise ConfigError(f"--member: a member runs one agent, but hive.agents is {config.hive.agents}")
+    if config.replay.backend != "redis":
+        raise ConfigError("--member: a member shares the collective's memory: set replay.backend to redis")
+    try:
+        collective_member(config, member)
+    except ValueError as err:
+        raise ConfigError(f"--member: {err}") from None
+
+
+def train(config: BorgConfig, *, resume: bool = False, member: str | None = None) -> dict[str, Any]:
+    """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json.
+
+    ``member`` (a pod's name): run as that one member of a collective (see :mod:`borgdqn.rl.identity`); a run
+    directory that already holds its run (the container restarted in the same pod) is resumed.
+    """
+    if member is not None:
+        check_member(config, member)
+        resume = holds_run(config.hive.out)
     spec = probe_env(config)
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
@@ -221,7 +248,7 @@ def train(config: BorgConfig, *, resume: bool = False) -> dict[str, Any]:
         ctx.Process(
             target=_agent_main,
             name=f"borgdqn-agent-{i}",
-            args=(i, config_json, shared.handle() if shared else None, run_dir, stop, reports, resume, offset,
+            args=(i, member, config_json, shared.handle() if shared else None, run_dir, stop, reports, resume, offset,
                   logging.getLogger().level),
         )
         for i in range(config.hive.agents)

@@ -56,6 +56,17 @@ def namespaces_deleted_after(kube: KubeCluster) -> Iterator[None]:
             kube.kubectl("delete", "namespace", *made, "--wait=false", check=False)
 
 
+def token_kubeconfig(kube: KubeCluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a TokenRequest token of the ServiceAccount (what a pod mounts)."""
+    token = kube.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    config = json.loads(kube.kubeconfig.read_text())
+    config["users"] = [{"name": account, "user": {"token": token}}]
+    config["contexts"][0]["context"]["user"] = account
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    return path
+
+
 def apply(kube: KubeCluster, manifest: dict[str, Any], *args: str) -> None:
     kube.kubectl("apply", *args, "-f", "-", input=json.dumps(manifest))
 

@@ -20,7 +20,7 @@ from borg_operator.spec import parse_spec
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds
 from tests.harness.process import ServerProcess, free_port, rss_bytes, start_server, wait_until
-from tests.kube_helpers import wait_established
+from tests.kube_helpers import gpu_pods, wait_established
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "borg.dev_borgcollectives.yaml"
@@ -159,3 +159,16 @@ def running_operator(kube: KubeCluster, workdir: Path, *args: str, **kwargs: Any
         yield operator
     finally:
         operator.stop()
+
+
+def cluster_picture(kube: KubeCluster, namespace: str, name: str) -> str:
+    """What a failed full-tier wait saw: the condition, the agent pods, the nodes' readiness and taints, who holds
+    the GPUs."""
+    agents = condition(kube, namespace, name, "AgentsReady")
+    pods = [(pod["metadata"]["name"], pod["status"].get("phase"), pod["spec"].get("nodeName"),
+             [(c["type"], c["status"], c.get("reason")) for c in pod["status"].get("conditions", [])])
+            for pod in kube.get_json("pods", "-n", namespace, "-l", names.selector_string(name))["items"]]
+    nodes = [(node["metadata"]["name"], node["spec"].get("taints"),
+              [(c["type"], c["status"]) for c in node["status"].get("conditions", []) if c["type"] == "Ready"])
+             for node in kube.get_json("nodes")["items"]]
+    return f"AgentsReady: {agents}\nagent pods: {pods}\nnodes: {nodes}\nGPUs held by: {gpu_pods(kube)}"

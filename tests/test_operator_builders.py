@@ -212,7 +212,9 @@ def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() 
     children = render(*example("minimal"))
     pod = pod_spec(by_kind(children, "Deployment", "pong-minimal-agents"))
     (container,) = pod["containers"]
-    assert container["command"] + container["args"] == ["borgdqn", "train", "--config", "/etc/borgdqn/borgdqn.yaml"]
+    # Kubernetes expands $(BORG_POD_NAME) in args: each pod is its own member of the collective.
+    assert container["command"] + container["args"] == ["borgdqn", "train", "--config", "/etc/borgdqn/borgdqn.yaml",
+                                                         "--member", "$(BORG_POD_NAME)"]
     variables = env_of(container)
     assert variables["BORG_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert variables["BORG_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}

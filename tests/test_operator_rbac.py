@@ -18,7 +18,7 @@ import pytest
 
 from borg_operator import rbac
 from tests.harness.kube import KubeCluster
-from tests.kube_helpers import apply, new_namespace, poll
+from tests.kube_helpers import apply, new_namespace, poll, token_kubeconfig
 from tests.operator_support import (
     Operator,
     children,
@@ -37,17 +37,6 @@ pytestmark = pytest.mark.integration
 def cluster(kube: KubeCluster) -> KubeCluster:
     install_crds(kube)
     return kube
-
-
-def token_kubeconfig(kube: KubeCluster, namespace: str, account: str, path: Path) -> Path:
-    """A kubeconfig that authenticates with a TokenRequest token of the ServiceAccount (what a pod mounts)."""
-    token = kube.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
-    config = json.loads(kube.kubeconfig.read_text())
-    config["users"] = [{"name": account, "user": {"token": token}}]
-    config["contexts"][0]["context"]["user"] = account
-    path.write_text(json.dumps(config))
-    path.chmod(0o600)
-    return path
 
 
 def can_i(kube: KubeCluster, identity: str, *args: str) -> bool:

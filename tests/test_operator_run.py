@@ -3,10 +3,9 @@
 Tier 1 (etcd + kube-apiserver, no controllers): the operator turns a collective into its children, rolls the
 agents on a hyper-parameter change, follows `kubectl scale`, prunes what the spec drops, pauses, refuses what
 cannot run (an invalid spec, Strimzi mode without Strimzi) without a retry storm, and converges after a
-SIGKILL. The full tier (controller-manager, scheduler, kwok's fake GPU nodes): agent pods really run and the
-status follows them, more agents than GPUs stay Pending and the status says so, and deleting the collective
-garbage-collects every child. Every test runs an operator of its own for its own namespace (`--namespace`), so
-that tests never see each other's collectives; the cluster-wide default is tested with its RBAC
+SIGKILL. The full tier (agent pods Running on fake GPU nodes, more agents than GPUs, garbage collection) runs
+through the Helm charts in test_charts.py. Every test runs an operator of its own for its own namespace
+(`--namespace`), so that tests never see each other's collectives; the cluster-wide default is tested with its RBAC
 (test_operator_rbac.py).
 """
 
@@ -30,7 +29,7 @@ from borg_operator import names
 from borg_operator.__main__ import check_crd
 from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.process import free_port
-from tests.kube_helpers import Timeout, apply, gpu_pods, new_namespace, poll, wait_gpus_free
+from tests.kube_helpers import apply, new_namespace, poll
 from tests.operator_support import (
     Operator,
     children,
@@ -379,76 +378,6 @@ def test_the_cli_says_in_one_line_what_is_missing(cluster: KubeCluster, tmp_path
     bad = subprocess.run([sys.executable, "-m", "borg_operator", "--metrics-port", "70000"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--metrics-port: 70000 is not a port" in bad.stderr
-
-
-def cluster_picture(kube: KubeCluster, namespace: str, name: str) -> str:
-    """What a failed full-tier wait saw: the condition, the agent pods, the nodes' readiness and taints, who holds
-    the GPUs."""
-    agents = condition(kube, namespace, name, "AgentsReady")
-    pods = [(pod["metadata"]["name"], pod["status"].get("phase"), pod["spec"].get("nodeName"),
-             [(c["type"], c["status"], c.get("reason")) for c in pod["status"].get("conditions", [])])
-            for pod in kube.get_json("pods", "-n", namespace, "-l", names.selector_string(name))["items"]]
-    nodes = [(node["metadata"]["name"], node["spec"].get("taints"),
-              [(c["type"], c["status"]) for c in node["status"].get("conditions", []) if c["type"] == "Ready"])
-             for node in kube.get_json("nodes")["items"]]
-    return f"AgentsReady: {agents}\nagent pods: {pods}\nnodes: {nodes}\nGPUs held by: {gpu_pods(kube)}"
-
-
-@pytest.mark.slow
-def test_full_tier_agents_run_on_gpu_nodes_surplus_stays_pending_and_deletion_collects_everything(
-        kube_full: KubeCluster, cluster: KubeCluster, tmp_path: Path) -> None:
-    kube = kube_full
-    # The fake nodes' 4 GPUs must all be free (the namespaces of earlier tests are being deleted).
-    wait_gpus_free(kube)
-    namespace = new_namespace(kube, "gpu")
-    # kwok's nodes: 2 x 2 nvidia.com/gpu, tainted. Small agents; no Kafka or Elasticsearch pods to wait for.
-    spec = {"agents": {"replicas": 2, "gpus": 1, "resources": {"cpu": "1", "memory": "1Gi"}},
-            "memory": {"persistence": False}, "elastic": {"mode": "disabled"},
-            "kafka": {"mode": "external", "bootstrapServers": "kafka.example:9092"}}
-    operator = Operator(kube, tmp_path, "--namespace", namespace).start()
-    try:
-        apply(kube, collective("gp", namespace, spec))
-        settled(kube, namespace, "gp", spec)
-
-        def agents_ready(count: int) -> Any:
-            current = status(kube, namespace, "gp")
-            return current if current.get("agents", {}).get("ready") == count else None
-
-        current = poll(lambda: agents_ready(2), "status.agents.ready == 2", timeout_s=120)
-        assert condition(kube, namespace, "gp", "AgentsReady")["status"] == "True"
-        pods = kube.get_json("pods", "-n", namespace, "-l", names.selector_string("gp"))["items"]
-        assert {pod["spec"]["nodeName"] for pod in pods} <= set(kube.fake_nodes)
-        assert all(pod["status"]["phase"] == "Running" for pod in pods)
-        assert current["agents"]["replicas"] == 2
-
-        # 5 agents x 1 GPU on 4 GPUs: one stays Pending, and the status says why.
-        kube.kubectl("scale", "borgcollective/gp", "--replicas=5", "-n", namespace)
-
-        def surplus() -> dict[str, Any] | None:
-            found = condition(kube, namespace, "gp", "AgentsReady")
-            settled = found.get("reason") == "Unschedulable" and "4/5 agents ready" in found.get("message", "")
-            return found if settled else None
-
-        try:
-            agents = poll(surplus, "AgentsReady: Unschedulable with 4/5 ready", timeout_s=120)
-        except Timeout as err:
-            raise Timeout(f"{err}\n{cluster_picture(kube, namespace, 'gp')}") from None
-        assert agents["status"] == "False"
-        assert "1 agent pod cannot be scheduled: more agents than free GPUs" in agents["message"]
-        assert f"Insufficient {GPU_RESOURCE}" in agents["message"]
-        poll(lambda: agents_ready(4), "status.agents.ready == 4", timeout_s=60)
-        warnings = [e["reason"] for e in events(kube, namespace, "gp") if e["type"] == "Warning"]
-        assert warnings == ["Unschedulable"]
-
-        # Deleting the collective: the garbage collector takes every child (the operator adds no finalizer).
-        assert not kube.get_json("borgcollective", "gp", "-n", namespace)["metadata"].get("finalizers")
-        kube.kubectl("delete", "borgcollective", "gp", "-n", namespace, "--wait=true", "--timeout=30s")
-        poll(lambda: children(kube, namespace, "gp") == {}, "every child garbage-collected", timeout_s=120)
-        poll(lambda: kube.get_json("pods", "-n", namespace)["items"] == [], "every pod gone", timeout_s=120)
-    finally:
-        operator.stop()
-        print(f"--- the operator's log (tail) ---\n{operator.output()[-4000:]}")
-        kube.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def test_cli_defaults_retry_backoff_and_key_value_logs() -> None:

@@ -11,12 +11,9 @@ import numpy as np
 
 from borgdqn.memory.protocol import ReplayMemory, TrajectoryChunk
 
-# Stream ids must be unique over the hive: agent i's env e is stream i * STREAMS_PER_AGENT + e.
+# Stream ids must be unique over the memory: an agent owns STREAMS_PER_AGENT ids from its stream base (agent i of
+# a hive: i * STREAMS_PER_AGENT; see borgdqn.rl.identity), and its env e writes stream base + e.
 STREAMS_PER_AGENT = 1024
-
-
-def stream_id(agent: int, env: int) -> int:
-    return agent * STREAMS_PER_AGENT + env
 
 
 class ChunkAdder:
@@ -27,6 +24,7 @@ class ChunkAdder:
         memory: ReplayMemory,
         *,
         agent: int,
+        stream_base: int | None = None,
         num_envs: int,
         chunk_length: int,
         frame_shape: tuple[int, ...],
@@ -37,6 +35,7 @@ class ChunkAdder:
             raise ValueError(f"env.num_envs must be <= {STREAMS_PER_AGENT}")
         self._memory = memory
         self._agent = agent
+        self._stream_base = agent * STREAMS_PER_AGENT if stream_base is None else stream_base
         self._t = chunk_length
         e = num_envs
         self._frames = np.zeros((e, chunk_length, *frame_shape), dtype=frame_dtype)
@@ -90,7 +89,7 @@ class ChunkAdder:
             # Copies: the buffers are reused for the next chunk while a backend may keep references.
             self._memory.add(
                 TrajectoryChunk(
-                    stream_id=stream_id(self._agent, env),
+                    stream_id=self._stream_base + env,
                     agent_id=self._agent,
                     frames=self._frames[env, :n].copy(),
                     actions=self._actions[env, :n].copy(),

@@ -28,9 +28,10 @@ from borgdqn.rl.adder import ChunkAdder
 from borgdqn.rl.checkpoint import AgentCheckpoint, load_agent_checkpoint, save_agent_checkpoint
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
+from borgdqn.rl.identity import AgentIdentity
 from borgdqn.rl.learner import Learner, UpdateResult
 from borgdqn.rl.policies import build_policy
-from borgdqn.rl.schedules import epsilon_ladder, make_schedule
+from borgdqn.rl.schedules import make_schedule
 from borgdqn.telemetry.producer import producer_for
 
 log = logging.getLogger(__name__)
@@ -55,25 +56,8 @@ class AgentReport:
     done: bool = False
 
 
-def agent_seed(base: int, agent: int) -> int:
-    # Far-apart seeds: agent i's envs use seed + e, so consecutive agents must not overlap.
-    return base * 1_000_003 + agent * 10_007
-
-
-def ladder_epsilon_for(config: BorgConfig, agent: int) -> float | None:
-    ladder = config.epsilon_ladder
-    if not ladder.enabled:
-        return None
-    return epsilon_ladder(agent, config.hive.agents, ladder.base, ladder.alpha)
-
-
-def per_agent_steps(config: BorgConfig) -> int:
-    """The hive's step budget split over its agents (the first agents take the remainder)."""
-    return config.hive.steps // config.hive.agents
-
-
 def run_agent(
-    agent: int,
+    identity: AgentIdentity,
     config: BorgConfig,
     memory: ReplayMemory,
     run_dir: Path,
@@ -83,13 +67,12 @@ def run_agent(
     resume: bool = False,
     clock_offset: float = 0.0,
 ) -> AgentCheckpoint:
-    """Run agent ``agent`` until its share of ``hive.steps`` is done or ``stop`` is set; returns its final state.
+    """Run the agent ``identity`` until its ``steps`` are done or ``stop`` is set; returns its final state.
 
     ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
     """
     env_cfg, learn_cfg = config.env, config.learner
-    seed = agent_seed(config.hive.seed, agent)
-    budget = per_agent_steps(config) + (1 if agent < config.hive.steps % config.hive.agents else 0)
+    agent, seed, budget = identity.agent_id, identity.seed, identity.steps
 
     env = make_vector_env(env_cfg, seed=seed)
     spec = env.spec
@@ -100,13 +83,14 @@ def run_agent(
         num_envs=env.num_envs,
         num_actions=spec.num_actions,
         seed=seed,
-        ladder_epsilon=ladder_epsilon_for(config, agent),
+        ladder_epsilon=identity.ladder_epsilon,
     )
     beta = make_schedule(config.replay.beta)
     recurrent = learner.online.recurrent
     adder = ChunkAdder(
         memory,
         agent=agent,
+        stream_base=identity.stream_base,
         num_envs=env.num_envs,
         chunk_length=config.replay.chunk_length,
         frame_shape=spec.frame_shape,
@@ -149,7 +133,7 @@ def run_agent(
     last_report = 0.0
     last_loss: float | None = None
     # Live telemetry (telemetry.kafka): emit only queues an event; a background thread talks to Kafka.
-    telemetry = producer_for(config, "agent", agent)
+    telemetry = producer_for(config, "agent", agent, name=identity.label)
     memory_before: tuple[float, int, int] | None = None  # (time, inserted, sampled) at the previous report
 
     def report(done: bool = False) -> None:
@@ -196,7 +180,7 @@ def run_agent(
                 env_steps_per_s=rep.env_steps_per_s, replay_sample_age=sample_age, epsilon=rep.epsilon,
                 mean_return=tally.mean, best_mean_return=tally.best_mean, wall_seconds=now - started,
             ))  # fmt: skip
-        if agent == 0:
+        if identity.reports_memory:
             metrics.write(
                 "memory",
                 size=stats.size,

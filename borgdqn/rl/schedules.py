@@ -133,4 +133,11 @@ def epsilon_ladder(agent: int, agents: int, base: float, alpha: float) -> float:
         raise ValueError(f"agent must be in [0, {agents}) (got {agent})")
     if agents == 1:
         return float(base)
-    return float(base ** (1.0 + alpha * agent / (agents - 1)))
+    return ladder_epsilon_at(agent / (agents - 1), base, alpha)
+
+
+def ladder_epsilon_at(position: float, base: float, alpha: float) -> float:
+    """The ladder's epsilon at ``position`` in [0, 1]: ``base`` at 0, ``base ** (1 + alpha)`` at 1."""
+    if not 0.0 <= position <= 1.0:
+        raise ValueError(f"ladder position must be in [0, 1] (got {position})")
+    return float(base ** (1.0 + alpha * position))

@@ -35,24 +35,25 @@ class BadEvent(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Who sends events: the collective, a role and index (``agent-3``, ``memory-0``), a random id per process
-    life; ``next_seq`` numbers its events from 0 without gaps."""
+    """Who sends events: the collective, a role and index (``agent-3``, ``memory-0``) or a name of its own (a
+    collective's agent is its pod), a random id per process life; ``next_seq`` numbers its events from 0."""
 
     collective: str
     role: str
     index: int
     nonce: str
+    name: str = ""  # replaces ``role-index`` in the source id
 
     @classmethod
-    def new(cls, collective: str, role: str, index: int = 0) -> Source:
-        for what, value in (("collective", collective), ("role", role)):
+    def new(cls, collective: str, role: str, index: int = 0, name: str = "") -> Source:
+        for what, value in (("collective", collective), ("role", role), ("name", name or role)):
             if not _NAME.match(value):
                 raise ValueError(f"telemetry {what} {value!r}: use 1-63 letters, digits, '_', '.', '-'")
-        return cls(collective, role, index, secrets.token_hex(4))
+        return cls(collective, role, index, secrets.token_hex(4), name)
 
     @property
     def source_id(self) -> str:
-        return f"{self.collective}/{self.role}-{self.index}/{self.nonce}"
+        return f"{self.collective}/{self.name or f'{self.role}-{self.index}'}/{self.nonce}"
 
 
 def header(source: Source, seq: int, now: float | None = None) -> pb.EventHeader:

@@ -585,11 +585,13 @@ def _one_line(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
-def producer_for(config: BorgConfig, role: str, index: int) -> TelemetryProducer | None:
+def producer_for(config: BorgConfig, role: str, index: int, name: str = "") -> TelemetryProducer | None:
     """The producer ``config.telemetry`` asks for (None when ``telemetry.kafka`` is empty); the collective is
-    ``telemetry.collective``, else the run directory's name."""
+    ``telemetry.collective``, else the run directory's name; ``name`` (a pod's) replaces ``role-index`` in the
+    source id."""
     telemetry = config.telemetry
     if not telemetry.kafka:
         return None
     collective = telemetry.collective or collective_from_path(config.hive.out)
-    return TelemetryProducer(telemetry.kafka, Source.new(collective, role, index), max_buffered=telemetry.buffer_events)
+    source = Source.new(collective, role, index, name=name)
+    return TelemetryProducer(telemetry.kafka, source, max_buffered=telemetry.buffer_events)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from borg_operator.images import DEFAULT_AGENT_IMAGE, DEFAULT_KAFKA_IMAGE, DEFAULT_MEMORY_IMAGE
 from borgdqn.config import (
     BorgConfig,
     EnvConfig,
@@ -31,9 +32,6 @@ from borgdqn.config import (
     _is_union_tag,
 )
 
-DEFAULT_AGENT_IMAGE = "ghcr.io/borg-dqn/borgdqn-agent:0.1.0"
-DEFAULT_MEMORY_IMAGE = "ghcr.io/borg-dqn/borgdqn-memory:0.1.0"
-DEFAULT_KAFKA_IMAGE = "apache/kafka:4.1.0"
 DEFAULT_ELASTIC_VERSION = "8.19.7"
 DEFAULT_STRIMZI_KAFKA_VERSION = "4.1.0"
 REDIS_PORT = 6379

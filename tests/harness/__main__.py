@@ -142,9 +142,10 @@ def _installers(args: argparse.Namespace) -> dict[str, Callable[[Progress], obje
         full = everything or args.kube_full
         installers["kube"] = lambda progress: ensure_kube(progress, full=full)
         # The third-party CRDs the operator's tests install (ECK's from Go's module cache, Strimzi's generated).
-        from tests.harness.kube import eck_crds, strimzi_crds
+        from tests.harness.kube import eck_crds, service_monitor_crd, strimzi_crds
 
-        installers["crds"] = lambda progress: (eck_crds(progress), strimzi_crds(progress))
+        installers["crds"] = lambda progress: (eck_crds(progress), strimzi_crds(progress),
+                                                  service_monitor_crd(progress))
     return installers
 
 

@@ -50,6 +50,7 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 KWOK_VERSION = "v0.8.0"
 ECK_MODULE = "github.com/elastic/cloud-on-k8s/v3"
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
 
 # Without these, the binaries report v0.0.0 (helm: v3.22), and kubectl and helm warn about version skew.
 # etcd and kwok carry their versions in their source.
@@ -135,6 +136,16 @@ def eck_crds(progress: Progress) -> list[Path]:
     if not crds:
         raise HarnessError(f"{ECK_MODULE}: no CRDs under {source}/config/crds/v1/resources")
     return crds
+
+
+def service_monitor_crd(progress: Progress) -> Path:
+    """The Prometheus operator's ServiceMonitor CRD at the pinned version (the operator chart's optional
+    ServiceMonitor is dry-run against it)."""
+    source = go_module_dir(progress, "prometheus", PROMETHEUS_OPERATOR_MODULE)
+    crd = source / "example" / "prometheus-operator-crd" / "monitoring.coreos.com_servicemonitors.yaml"
+    if not crd.is_file():
+        raise HarnessError(f"{PROMETHEUS_OPERATOR_MODULE}: no ServiceMonitor CRD at {crd}")
+    return crd
 
 
 def strimzi_crds(progress: Progress) -> list[Path]:

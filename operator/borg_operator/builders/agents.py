@@ -25,6 +25,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # borgdqn.memory.redis_replay reads it
 REDIS_PASSWORD_KEY = "password"
+POD_NAME_ENV = "BORG_POD_NAME"
 
 
 def _tolerations(spec: CollectiveSpec) -> list[dict[str, Any]]:
@@ -43,11 +44,13 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
         "image": agents.image,
         "imagePullPolicy": agents.image_pull_policy,
         "command": ["borgdqn"],
-        # Everything else is in the config file; the run dir is an emptyDir, so there is nothing to resume.
-        "args": ["train", "--config", CONFIG_PATH],
+        # Everything else is in the config file. --member: a Deployment's pods have no ordinal, so each agent's
+        # seeds, replay streams and epsilon-ladder place derive from its pod's name (borgdqn.rl.identity); a
+        # container restarted in the same pod resumes from its emptyDir run dir.
+        "args": ["train", "--config", CONFIG_PATH, "--member", f"$({POD_NAME_ENV})"],
         "env": [
             # Identity from the downward API: which pod, where (logs, telemetry, debugging a slow node).
-            env_field("BORG_POD_NAME", "metadata.name"),
+            env_field(POD_NAME_ENV, "metadata.name"),
             env_field("BORG_POD_NAMESPACE", "metadata.namespace"),
             env_field("BORG_NODE_NAME", "spec.nodeName"),
             env_secret(REDIS_PASSWORD_ENV, names.redis_secret(cr), REDIS_PASSWORD_KEY),

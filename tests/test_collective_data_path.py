@@ -1,0 +1,386 @@
+"""The rendered collective works, not only parses: its ConfigMap, agent pods, memory monitor and indexer, run as
+the pods run them against the harness's real Redis, Kafka and Elasticsearch.
+
+The operator's builders render a small CartPole collective. Its ConfigMap's ``borgdqn.yaml`` is written to a file
+verbatim, and two agents run the agent container's command and args, ``$(BORG_POD_NAME)`` expanded from the
+container's env (two pod names, as a Deployment gives them). What a cluster provides and this machine cannot is
+replaced, and nothing else: the Service addresses (Redis, Kafka, Elasticsearch) and the run dir and /tmp
+emptyDirs go in through borgdqn's documented ``BORG_SECTION__FIELD`` overrides (or, for the sidecar and the
+indexer, by replacing just those argument values); the Redis password comes from the rendered Secret, as its
+secretKeyRef would deliver it.
+
+Proven: both members finish their budgets; the shared Redis memory holds each member's steps under the agent id
+its pod name gives (``borgdqn.rl.identity.collective_member``); the monitor sidecar and both members' telemetry
+reach Elasticsearch through the rendered indexer, attributed to the collective and to each pod; the members
+explored with their own ladder epsilons and played their own games; a member whose container restarts in the same
+pod resumes its finished run instead of refusing its run dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from elasticsearch import Elasticsearch
+
+from borg_operator import names
+from borg_operator.builders import build_children
+from borg_operator.builders.config import CONFIG_KEY
+from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
+from borgdqn.config import BorgConfig
+from borgdqn.memory.monitor import LogPublisher, MemoryMonitor
+from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
+from borgdqn.rl.identity import AgentIdentity, collective_member
+from borgdqn.telemetry.documents import SHARES_INDEX
+from borgdqn.telemetry.events import INDICES
+from tests.conditions import eventually
+from tests.harness.kafka import KafkaServer
+from tests.harness.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "borg-test"
+STEPS = 2000  # env steps per member
+NUM_ENVS = 2
+LADDER = {"enabled": True, "base": 0.4, "alpha": 7.0}
+SPEC: dict[str, Any] = {
+    "env": {"id": "CartPole-v1", "numEnvs": NUM_ENVS, "frameStack": 1},
+    "agents": {
+        "replicas": 2, "gpus": 0, "threads": 1, "steps": STEPS, "seed": 3,
+        "resources": {"cpu": "1", "memory": "2Gi"},
+        "learner": {"learningStarts": 200, "batchSize": 32, "updateEvery": 4, "targetUpdatePeriod": 100,
+                    "lr": 1e-3, "device": "cpu"},
+        "network": {"mlpHidden": [32, 32]},
+        # Annealed within the budget, so each member ends on its own ladder epsilon.
+        "policy": {"kind": "epsilon_greedy", "epsilon": {"kind": "linear", "start": 1.0, "end": 0.01, "steps": 400}},
+        "epsilonLadder": LADDER,
+    },
+    # Room for both members' steps (partial chunks included): nothing is evicted, so the counts are exact.
+    "memory": {"capacity": 8192, "chunkLength": 16, "localCapacity": 1024, "cacheMb": 8, "persistence": False,
+               "resources": {"cpu": "1", "memory": "1Gi"}},
+    "kafka": {"mode": "managed"},
+    "elastic": {"mode": "eck", "count": 1},
+}  # fmt: skip
+# The keys a cluster's addresses and volumes decide; every other key of the agents' config is the ConfigMap's.
+CLUSTER_KEYS = {"replay.redis_url", "telemetry.kafka", "hive.out"}
+CONSOLE_SCRIPT = Path(sys.executable).with_name("borgdqn")  # what `borgdqn` is in the images: the console script
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+# -- the pods, as the kubelet would start them ---------------------------------------------------------------------
+
+
+def by_kind(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(child["kind"], child["metadata"]["name"]): child for child in children}
+
+
+def container(children: Mapping[tuple[str, str], dict[str, Any]], kind: str, name: str,
+              container_name: str) -> dict[str, Any]:  # fmt: skip
+    pod = children[(kind, name)]["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == container_name)
+
+
+def secret_values(children: Mapping[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(Secret, key) -> value of every rendered Secret, as a secretKeyRef would read it."""
+    return {(name, key): base64.b64decode(value).decode() for (kind, name), child in children.items()
+            if kind == "Secret" for key, value in child["data"].items()}  # fmt: skip
+
+
+def pod_env(spec: Mapping[str, Any], fields: Mapping[str, str],
+            secrets: Mapping[tuple[str, str], str]) -> dict[str, str]:  # fmt: skip
+    """The container's env as the kubelet resolves it: literals, downward-API fields, Secret keys."""
+    out: dict[str, str] = {}
+    for item in spec.get("env", []):
+        if "value" in item:
+            out[item["name"]] = item["value"]
+        elif "fieldRef" in item["valueFrom"]:
+            out[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            out[item["name"]] = secrets[(ref["name"], ref["key"])]
+    return out
+
+
+def argv(spec: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """command + args with ``$(VAR)`` expanded from the container's env (Kubernetes' substitution)."""
+    assert spec["command"] == ["borgdqn"]
+    return [str(CONSOLE_SCRIPT), *(_VAR.sub(lambda m: env[m.group(1)], arg) for arg in spec["args"])]
+
+
+def replace_value(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2 :]]
+
+
+def drop_flag(args: list[str], flag: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[:i], *args[i + 2 :]]
+
+
+def process_env(pod: Mapping[str, str]) -> dict[str, str]:
+    """This machine's environment (PATH, OMP_NUM_THREADS, ...) without any BORG_* of its own, plus the pod's."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("BORG_")}, **pod}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def pick_members(config: BorgConfig, deployment: str) -> list[tuple[str, AgentIdentity]]:
+    """Two pod names as a Deployment gives them (``<deployment>-<template hash>-<5 chars>``) whose members differ
+    in agent id and, clearly, in ladder epsilon (almost any two do; the collective's name is random)."""
+    pods = [f"{deployment}-5d8f7b9c4-{suffix}" for suffix in ("x2x4z", "q7k9m", "b4nlw", "t8vjr", "h2c6p")]
+    for i, first in enumerate(pods):
+        for second in pods[i + 1 :]:
+            a, b = collective_member(config, first), collective_member(config, second)
+            assert a.ladder_epsilon is not None and b.ladder_epsilon is not None
+            if a.agent_id != b.agent_id and abs(a.ladder_epsilon - b.ladder_epsilon) > 0.01:
+                return [(first, a), (second, b)]
+    raise AssertionError("no two of the pod names give members with distinct agent ids and epsilons")
+
+
+class Processes:
+    """The test's own processes, each logging to a file; stopped (SIGTERM, then SIGKILL) at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=self.logs)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def alive(self, name: str) -> None:
+        assert self.procs[name].poll() is None, f"{name} exited: {self.log(name)[-3000:]}"
+
+    def stop(self, name: str) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for name in self.procs:
+            self.stop(name)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def search(es: Elasticsearch, index: str, collective: str) -> list[dict[str, Any]]:
+    es.indices.refresh(index=index)
+    found = es.search(index=index, query={"term": {"collective": collective}}, size=10_000)
+    return [hit["_source"] for hit in found["hits"]["hits"]]
+
+
+def metrics(run_dir: Path, agent: int, kind: str) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics" / f"agent-{agent}.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+# -- the test ------------------------------------------------------------------------------------------------------
+
+
+def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elasticsearch(
+        tmp_path: Path, redis_server: RedisServer, kafka_server: KafkaServer, es_server: Any,
+        processes: Processes) -> None:  # fmt: skip
+    cr = f"dp-{uuid.uuid4().hex[:6]}"  # the collective's name: its memory's name and its telemetry's collective
+    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_password=redis_server.password))
+    config_text = children[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY]
+    rendered = yaml.safe_load(config_text)
+    config_file = tmp_path / CONFIG_KEY
+    config_file.write_text(config_text)  # verbatim: the ConfigMap volume's file
+    config = BorgConfig.model_validate(rendered)
+    assert (config.hive.agents, config.replay.backend, config.replay.redis_name, config.telemetry.collective,
+            config.hive.out) == (1, "redis", cr, cr, Path(RUN_DIR))  # fmt: skip
+    secrets = secret_values(children)
+    kafka = kafka_server.bootstrap
+    memory_url = f"redis://127.0.0.1:{redis_server.port}/0"
+
+    # The memory pod's monitor sidecar: its Redis is on the pod's loopback (here: the harness's port), its
+    # password the Secret's file.
+    monitor = container(children, "StatefulSet", f"{cr}-memory", "monitor")
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(secrets[(names.redis_secret(cr), "password")])  # the Secret volume's file
+    monitor_args = argv(monitor, {})
+    assert monitor_args[monitor_args.index("--memory") + 1] == "redis://127.0.0.1:6379/0"
+    monitor_args = replace_value(monitor_args, "--memory", memory_url)
+    monitor_args = replace_value(monitor_args, "--password-file", str(password_file))
+    monitor_args = replace_value(monitor_args, "--kafka", kafka)
+    assert monitor_args[monitor_args.index("--name") + 1] == cr
+    processes.start("monitor", monitor_args, process_env({}))
+
+    # The indexer Deployment's container. The harness's Elasticsearch is plain http with security off, so there
+    # is no CA to trust (--ca-file is dropped) and the credentials (ECK's `elastic` user, whose Secret ECK would
+    # create) are sent but not checked.
+    indexer = container(children, "Deployment", f"{cr}-indexer", "indexer")
+    indexer_env = pod_env(indexer, {}, {**secrets, (names.es_elastic_user_secret(cr), "elastic"): "unchecked"})
+    assert set(indexer_env) == {"BORG_ES_USERNAME", "BORG_ES_PASSWORD"}
+    indexer_args = argv(indexer, indexer_env)
+    assert indexer_args[indexer_args.index("--group") + 1] == f"{cr}-indexer"  # a new consumer group per run
+    indexer_args = replace_value(indexer_args, "--kafka", kafka)
+    indexer_args = replace_value(indexer_args, "--es", es_server.url)
+    indexer_args = drop_flag(indexer_args, "--ca-file")
+    processes.start("indexer", indexer_args, process_env(indexer_env))
+
+    # Two agent pods of the Deployment.
+    agent = container(children, "Deployment", f"{cr}-agents", "agent")
+    assert agent["args"] == ["train", "--config", CONFIG_PATH, "--member", "$(BORG_POD_NAME)"]
+    members = pick_members(config, f"{cr}-agents")
+    runs: dict[str, tuple[list[str], dict[str, str], Path]] = {}
+    for pod, _ in members:
+        pod_dir = tmp_path / pod
+        (pod_dir / "tmp").mkdir(parents=True)
+        env = pod_env(agent, {"metadata.name": pod, "metadata.namespace": NAMESPACE, "spec.nodeName": "node-1"},
+                      secrets)  # fmt: skip
+        assert env["BORG_REDIS_PASSWORD"] == redis_server.password and env["HOME"] == "/tmp"
+        env["HOME"] = str(pod_dir / "tmp")  # the pod's /tmp emptyDir
+        cluster = {  # the Services' addresses and the run dir's emptyDir: nothing else is overridden
+            "BORG_REPLAY__REDIS_URL": memory_url,
+            "BORG_TELEMETRY__KAFKA": kafka,
+            "BORG_HIVE__OUT": str(pod_dir / "run"),
+        }
+        # The ConfigMap volume's file is config_file here: the one path in the args that must move.
+        args = [arg.replace(CONFIG_PATH, str(config_file)) for arg in argv(agent, env)]
+        assert args[1:] == ["train", "--config", str(config_file), "--member", pod]
+        runs[pod] = (args, process_env({**env, **cluster}), pod_dir / "run")
+        processes.start(pod, *runs[pod][:2])
+
+    for pod, _ in members:
+        assert processes.procs[pod].wait(300) == 0, processes.log(pod)[-3000:]
+    for name in ("monitor", "indexer"):
+        processes.alive(name)
+
+    # Each member ran with the ConfigMap's config: only the cluster's addresses and paths differ.
+    for pod, identity in members:
+        _, env, run_dir = runs[pod]
+        assert f"done: {STEPS:,} env steps" in processes.log(pod)
+        effective = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        want = flatten(rendered)
+        assert set(effective) == set(want)
+        assert {key for key in want if effective[key] != want[key]} == CLUSTER_KEYS
+        assert effective["replay.redis_url"] == memory_url and effective["telemetry.kafka"] == kafka
+        assert effective["hive.out"] == env["BORG_HIVE__OUT"]
+        saved, state = read_checkpoint(agent_checkpoint_path(run_dir, identity.agent_id))
+        assert flatten(saved.model_dump(mode="json")) == effective
+        assert state.agent == identity.agent_id and state.env_steps == STEPS
+        assert json.loads((run_dir / "summary.json").read_text())["hive"]["env_steps"] == STEPS
+
+    # The shared memory holds exactly each member's steps, counted under the agent id its pod name gives.
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        reading = MemoryMonitor(client, cr, LogPublisher()).read()
+    finally:
+        client.close()
+    ids = {identity.agent_id: STEPS for _, identity in members}
+    assert reading.per_agent == ids and reading.size == reading.inserted == 2 * STEPS
+
+    # A container restarted in its pod (same run dir): the member resumes its finished run and stops at once.
+    first_pod, first = members[0]
+    args, env, run_dir = runs[first_pod]
+    episodes_before = metrics(run_dir, first.agent_id, "episode")
+    restart = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "already holds a run" not in restart.stderr + restart.stdout
+    assert f"done: {STEPS:,} env steps" in restart.stdout
+    assert read_checkpoint(agent_checkpoint_path(run_dir, first.agent_id))[1].env_steps == STEPS
+    assert metrics(run_dir, first.agent_id, "episode") == episodes_before, "no further steps were played"
+    assert f"resumed env_steps={STEPS}" in (run_dir / "logs" / "agent-0.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["hive"]["env_steps"] == STEPS
+
+    # Everything reaches Elasticsearch through the indexer, under the collective and each member's pod name.
+    def pod_of(doc: Mapping[str, Any]) -> str:
+        collective, source, _nonce = doc["source_id"].split("/")
+        assert collective == doc["collective"] == cr
+        return str(source)
+
+    es = Elasticsearch(es_server.url, request_timeout=30)
+    try:
+
+        def indexed() -> bool:
+            processes.alive("indexer")
+            episodes = search(es, INDICES["episode"], cr)
+            training = search(es, INDICES["training"], cr)
+            shares = search(es, SHARES_INDEX, cr)
+            for pod, identity in members:
+                mine = [d for d in episodes if pod_of(d) == pod]
+                if len(mine) < len(metrics(runs[pod][2], identity.agent_id, "episode")):
+                    return False
+                if not any(pod_of(d) == pod and d["env_steps"] == STEPS for d in training):
+                    return False
+            # The restarted member's final report, from a source of its own (a new process life).
+            if len({d["source_id"] for d in training if pod_of(d) == first_pod}) < 2:
+                return False
+            final = {}
+            for doc in shares:  # the monitor's reading after both members finished
+                final.setdefault((doc["source_id"], doc["seq"]), {})[doc["agent"]] = doc["steps"]
+            return ids in final.values()
+
+        eventually(indexed, "every member's episodes, final reports and the final memory shares indexed", 90, 0.5)
+        episodes = search(es, INDICES["episode"], cr)
+        training = search(es, INDICES["training"], cr)
+        memory = search(es, INDICES["memory"], cr)
+        shares = search(es, SHARES_INDEX, cr)
+    finally:
+        es.close()
+
+    assert {pod_of(d) for d in [*episodes, *training]} == {pod for pod, _ in members}
+    assert {pod_of(d) for d in [*memory, *shares]} == {"memory-0"}, "the sidecar reports the collective's memory"
+    assert max(d["size"] for d in memory) == 2 * STEPS
+    lengths, epsilons = {}, {}
+    for pod, identity in members:
+        mine = sorted((d for d in episodes if pod_of(d) == pod), key=lambda d: d["episode"])
+        records = metrics(runs[pod][2], identity.agent_id, "episode")
+        sent = [(r["episode"], r["length"], r["return"]) for r in records]
+        assert sent and [(d["episode"], d["length"], d["episode_return"]) for d in mine] == sent
+        assert {d["agent"] for d in mine} == {identity.agent_id}
+        lengths[pod] = [d["length"] for d in mine[:8]]
+        reports = [d for d in training if pod_of(d) == pod]
+        assert {d["agent"] for d in reports} == {identity.agent_id}
+        last = max(reports, key=lambda d: d["env_steps"])
+        # Annealed within the budget to this member's own place on the ladder.
+        assert last["epsilon"] == pytest.approx(identity.ladder_epsilon, rel=1e-9)
+        epsilons[pod] = last["epsilon"]
+    (a, _), (b, _) = members
+    assert abs(epsilons[a] - epsilons[b]) > 0.01, "each member explores at its own place on the ladder"
+    assert lengths[a] and lengths[a] != lengths[b], "different seeds: the members played different games"
+
+    # The sidecar and the indexer stop on SIGTERM as their pods' containers must; no secret reached a log.
+    assert processes.stop("monitor") == 0 and processes.stop("indexer") == 0
+    logs = "".join(processes.log(name) for name in processes.procs) + restart.stdout + restart.stderr
+    logs += "".join(p.read_text() for _, _, run_dir in runs.values() for p in (run_dir / "logs").glob("*.log"))
+    assert "Traceback" not in logs and redis_server.password not in logs
