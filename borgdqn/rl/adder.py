@@ -24,7 +24,7 @@ class ChunkAdder:
         memory: ReplayMemory,
         *,
         agent: int,
-        stream_base: int | None = None,
+        stream_base: int,
         num_envs: int,
         chunk_length: int,
         frame_shape: tuple[int, ...],
@@ -35,7 +35,7 @@ class ChunkAdder:
             raise ValueError(f"env.num_envs must be <= {STREAMS_PER_AGENT}")
         self._memory = memory
         self._agent = agent
-        self._stream_base = agent * STREAMS_PER_AGENT if stream_base is None else stream_base
+        self._stream_base = stream_base
         self._t = chunk_length
         e = num_envs
         self._frames = np.zeros((e, chunk_length, *frame_shape), dtype=frame_dtype)
