@@ -248,7 +248,7 @@ def _cmd_kibana_setup(args: argparse.Namespace) -> int:
 
 
 def _cmd_memory_monitor(args: argparse.Namespace) -> int:
-    from borgdqn.memory.monitor import MonitorError, serve
+    from borgdqn.telemetry.memory_monitor import MonitorError, serve
 
     try:
         return serve(args.memory, args.name, interval_s=args.interval, once=args.once,

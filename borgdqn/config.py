@@ -220,15 +220,10 @@ class ReplayConfig(_Strict):
         description="importance-weight exponent over hive env steps",
     )
     priority_eps: float = Field(default=1e-6, gt=0.0, description="added to |TD| so no step starves")
-    local_capacity: int = Field(
+    outbox_steps: int = Field(
         default=20_000,
         ge=256,
-        description="redis: steps each agent also keeps locally, to learn from while Redis is away or slow",
-    )
-    redis_cache_mb: int = Field(
-        default=256,
-        ge=1,
-        description="redis: decoded chunks each agent's sampler keeps (Atari: ~8.5 KB per step; more = fewer decodes)",
+        description="redis: own steps an agent queues while Redis is away; beyond this the oldest chunks are dropped",
     )
 
 

@@ -20,15 +20,16 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 
 from borgdqn.config import BorgConfig, ConfigError, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
 from borgdqn.memory.protocol import ReplayMemory
-from borgdqn.memory.redis_link import LinkSettings, RedisLink
-from borgdqn.memory.redis_replay import REDIS_PASSWORD_ENV, RedisReplay, RedisReplayConfig
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, with_password
+from borgdqn.memory.redis.keys import LogShape
+from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 LOG_DIR = "logs"
 JOIN_TIMEOUT_S = 120.0
+# A replica links the streams of every agent of the collective (each agent: up to STREAMS_PER_AGENT envs).
+MAX_REPLICA_STREAMS = 1 << 16
 # A second interrupt aborts only when it comes this long after the first: tools deliver one stop twice at once.
 ABORT_AFTER_S = 1.0
 
@@ -102,7 +105,7 @@ def _agent_main(
     identity = collective_member(config, member) if member else hive_agent(config, agent)
     memory: ReplayMemory
     if handle is None:
-        memory = open_redis_link(config, probe_env(config), identity.seed)
+        memory = open_redis_link(config, probe_env(config), identity.seed, identity.label)
     else:
         memory = SharedReplay.attach(handle, seed=identity.seed)
     try:
@@ -116,41 +119,46 @@ def _agent_main(
         memory.close()
 
 
-def open_redis_memory(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisReplay:
-    """The Redis memory of ``config.replay``; the password comes from BORG_REDIS_PASSWORD, never from a URL."""
-    replay, network = config.replay, config.network
-    url = urlsplit(replay.redis_url)
-    password = os.environ.get(REDIS_PASSWORD_ENV, "")
-    netloc = f":{quote(password, safe='')}@{url.netloc}" if password else url.netloc
-    shape = RedisReplayConfig(
-        capacity=replay.capacity, chunk_length=replay.chunk_length, frame_shape=tuple(spec.frame_shape),
-        frame_dtype=np.dtype(spec.frame_dtype).str, prioritized=replay.prioritized, alpha=replay.alpha,
-        priority_eps=replay.priority_eps, context=config.env.frame_stack - 1, lookahead=config.learner.n_step,
-        recurrent_hidden=network.lstm_hidden if network.lstm else None,
-        sequence_length=config.learner.sampled_length if network.lstm else 0,
-    )  # fmt: skip
-    return RedisReplay.connect(urlunsplit(url._replace(netloc=netloc)), replay.redis_name, shape, seed=seed,
-                               cache_bytes=replay.redis_cache_mb << 20)
+def log_shape(config: BorgConfig, spec: EnvSpec) -> LogShape:
+    """The shape of the hive's Redis log that ``config`` writes and reads."""
+    network = config.network
+    return LogShape(capacity=config.replay.capacity, chunk_length=config.replay.chunk_length,
+                    frame_shape=tuple(spec.frame_shape), frame_dtype=np.dtype(spec.frame_dtype).str,
+                    recurrent_hidden=network.lstm_hidden if network.lstm else 0)
 
 
-def open_redis_link(config: BorgConfig, spec: EnvSpec, seed: int) -> RedisLink:
-    """An agent's link to the Redis memory: background writer and sampler, and a local buffer of
-    ``replay.local_capacity`` steps to learn from while Redis is away or slow."""
+def connect_redis(config: BorgConfig) -> Any:
+    """A client of ``replay.redis_url``; the password comes from BORG_REDIS_PASSWORD, never from a URL."""
+    return connect(with_password(config.replay.redis_url, os.environ.get(REDIS_PASSWORD_ENV, "")))
+
+
+def check_redis_log(config: BorgConfig, spec: EnvSpec) -> None:
+    """Reach the Redis memory and declare its log (or check that it has this config's shape): one line if not."""
+    client = connect_redis(config)
+    try:
+        LogWriter(client, config.replay.redis_name, log_shape(config, spec)).declare()
+    except LogShapeMismatch as err:
+        raise ConfigError(str(err)) from None
+    finally:
+        client.close()
+
+
+def open_redis_link(config: BorgConfig, spec: EnvSpec, seed: int, label: str) -> RedisLink:
+    """An agent's link to the hive's Redis log: its writer and tail threads and its local replica of the log,
+    which holds ``replay.capacity`` steps like the log itself."""
     replay = config.replay
-    capacity = min(replay.local_capacity, replay.capacity)
-    local = SharedReplay.create(
-        capacity, spec.frame_shape, spec.frame_dtype, prioritized=replay.prioritized, alpha=replay.alpha,
+    replica = SharedReplay.create(
+        replay.capacity, spec.frame_shape, spec.frame_dtype, prioritized=replay.prioritized, alpha=replay.alpha,
         priority_eps=replay.priority_eps,
         recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
-        max_streams=STREAMS_PER_AGENT, seed=seed,
+        max_streams=MAX_REPLICA_STREAMS, seed=seed, private=True,
     )  # fmt: skip
-    # The outbox holds about as many steps as the local buffer while Redis is away.
-    settings = LinkSettings(outbox_chunks=max(16, capacity // replay.chunk_length))
+    settings = LinkSettings(outbox_chunks=max(16, replay.outbox_steps // replay.chunk_length))
     try:
-        return RedisLink(lambda: open_redis_memory(config, spec, seed=seed), local, settings)
+        return RedisLink(lambda: connect_redis(config), replay.redis_name, log_shape(config, spec), replica,
+                         label=label, settings=settings)
     except BaseException:
-        local.close()
-        local.unlink()
+        replica.close()
         raise
 
 
@@ -209,20 +217,13 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
     # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.
-    redis = open_redis_memory(config, spec, seed=config.hive.seed) if config.replay.backend == "redis" else None
-    try:
-        run_dir = prepare_run_dir(config, resume)
-    except BaseException:
-        if redis is not None:
-            redis.close()
-        raise
+    if config.replay.backend == "redis":
+        check_redis_log(config, spec)
+    run_dir = prepare_run_dir(config, resume)
     offset = _resume_offset(run_dir) if resume else 0.0
     shared: SharedReplay | None = None
-    memory: ReplayMemory
-    if redis is not None:
-        memory = redis
-    else:
-        memory = shared = SharedReplay.create(
+    if config.replay.backend != "redis":
+        shared = SharedReplay.create(
             config.replay.capacity,
             spec.frame_shape,
             spec.frame_dtype,
@@ -272,8 +273,8 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
         for p in procs:
             if p.is_alive():
                 p.kill()
-        memory.close()
         if shared is not None:
+            shared.close()
             shared.unlink()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

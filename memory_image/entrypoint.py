@@ -4,7 +4,7 @@
     entrypoint.py COMMAND [ARG...]          run anything else as given (the monitor sidecar, the indexer, a shell)
 
 The rendered config is the template beside this script (``redis.conf``) with its placeholders filled in,
-``maxmemory`` sized from the memory's capacity (``borgdqn.memory.redis_sizing``) and ``requirepass`` appended.
+``maxmemory`` sized from the memory's capacity (``borgdqn.memory.redis.sizing``) and ``requirepass`` appended.
 It is written with mode 0600 to ``BORG_REDIS_CONF``, and redis-server gets only that file's path: the password
 is in no process's arguments, and ``BORG_REDIS_PASSWORD`` is removed from redis-server's environment.
 
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from borgdqn.memory.redis_sizing import (
+from borgdqn.memory.redis.sizing import (
     DEFAULT_BYTES_PER_STEP,
     DEFAULT_CHUNK_LENGTH,
     DEFAULT_HEADROOM,
@@ -220,7 +220,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     how = (
         "BORG_MEMORY_MAXMEMORY"
         if sizing is None
-        else f"capacity={sizing.capacity} chunk_length={sizing.chunk_length} slots={sizing.slots} "
+        else f"capacity={sizing.capacity} chunk_length={sizing.chunk_length} chunks={sizing.chunks} "
         f"bytes_per_step={sizing.bytes_per_step:g} headroom={sizing.headroom:g}"
     )
     log.info(

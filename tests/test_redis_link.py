@@ -1,6 +1,7 @@
-"""An agent's link to the Redis memory (background writer and sampler, local buffer, reconnects), against a real
-redis-server that the tests kill (SIGKILL) and restart. Every sampled batch is checked by the embedded memory's
-oracle (frames encode stream and step), and what Redis holds is read back chunk by chunk.
+"""The hive's log in Redis and each agent's replica of it (writer and tail threads, outbox, reconnects), against
+a real redis-server that the tests kill (SIGKILL) and restart. Every sampled batch is checked by the embedded
+memory's oracle (frames encode stream and step); what the log holds is read back entry by entry and compared
+with what every replica holds.
 """
 
 from __future__ import annotations
@@ -15,31 +16,34 @@ import numpy as np
 import pytest
 import redis
 
-from borgdqn.memory.codec import decode_chunk
+from borgdqn.memory.codec import decode_chunk, encode_chunk
+from borgdqn.memory.layout import LAST
 from borgdqn.memory.protocol import MemoryNotReady
-from borgdqn.memory.redis_link import LinkSettings, RedisLink
-from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
+from borgdqn.memory.redis.keys import LogShape, read_state
+from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay
 from tests.conditions import eventually
 from tests.harness.redis import RedisServer
-from tests.test_replay_shared import GAMMA, U8_SMALL, Codec, Stream, check_transitions, insertion_order
+from tests.test_replay_shared import GAMMA, U8_SMALL, Codec, Stream, check_sequences, check_transitions
 
 pytestmark = pytest.mark.integration
 
 N, STACK, CHUNK = 3, 4, 16
 
 
-def shape(capacity: int = 8192, prioritized: bool = True) -> RedisReplayConfig:
-    return RedisReplayConfig(capacity=capacity, chunk_length=CHUNK, frame_shape=U8_SMALL.shape,
-                             frame_dtype=U8_SMALL.dtype, prioritized=prioritized, alpha=0.6, priority_eps=1e-6,
-                             context=STACK - 1, lookahead=N)
+def shape(capacity: int = 8192, recurrent_hidden: int = 0) -> LogShape:
+    return LogShape(capacity=capacity, chunk_length=CHUNK, frame_shape=U8_SMALL.shape,
+                    frame_dtype=np.dtype(U8_SMALL.dtype).str, recurrent_hidden=recurrent_hidden)
 
 
-def open_link(url: str, name: str, cfg: RedisReplayConfig, *, seed: int = 0, local_capacity: int = 2048,
+def open_link(url: str, name: str, log_shape: LogShape, *, seed: int = 0, prioritized: bool = True,
               settings: LinkSettings | None = None) -> RedisLink:
-    local = SharedReplay.create(local_capacity, U8_SMALL.shape, np.dtype(U8_SMALL.dtype), prioritized=cfg.prioritized,
-                                alpha=cfg.alpha, priority_eps=cfg.priority_eps, max_streams=64, seed=seed)
-    return RedisLink(lambda: RedisReplay.connect(url, name, cfg, seed=seed, timeout_s=10), local, settings)
+    replica = SharedReplay.create(log_shape.capacity, U8_SMALL.shape, np.dtype(U8_SMALL.dtype),
+                                  prioritized=prioritized, alpha=0.6, priority_eps=1e-6,
+                                  recurrent_hidden=log_shape.recurrent_hidden or None, seed=seed, private=True)
+    return RedisLink(lambda: redis.Redis.from_url(url), name, log_shape, replica, label=f"agent-{seed}",
+                     settings=settings or LinkSettings(backoff_max_s=0.5))
 
 
 def chunks_of(streams: list[Stream], seed: int) -> list[Any]:
@@ -56,121 +60,154 @@ def chunks_of(streams: list[Stream], seed: int) -> list[Any]:
     return out
 
 
-def span(chunk: Any) -> tuple[int, int, int]:
-    """(stream, first step, last step + 1) of a chunk, read from its frames."""
-    _, steps = U8_SMALL.decode(chunk.frames)
-    return chunk.stream_id, int(steps[0]), int(steps[-1]) + 1
-
-
-def stored_steps(url: str, name: str, cfg: RedisReplayConfig, codec: Codec,
-                 streams: dict[int, Stream]) -> list[tuple[int, int]]:
-    """Every step the Redis memory holds as its chunks' own steps, each checked against its stream (frame intact,
-    action, reward and flags right, agent right); returns their (stream, step) in slot order."""
+def log_steps(url: str, name: str, codec: Codec, streams: dict[int, Stream]) -> list[tuple[int, int]]:
+    """Every step the log holds, each checked against its stream (frame intact, action, reward, flags and agent
+    right); returns their (stream, step) in log order."""
     client = redis.Redis.from_url(url)
     try:
-        head = int(client.get(f"borg:{{{name}}}:head") or 0)
-        gseq = np.frombuffer(client.get(f"borg:{{{name}}}:gseq") or b"", dtype="<i8")
         out = []
-        for slot in range(min(head, cfg.slots)):
-            data = client.get(f"borg:{{{name}}}:c:{slot}")
-            assert data is not None and gseq[slot] >= 0, f"slot {slot} is empty below head {head}"
-            decoded = decode_chunk(data, codec.shape, np.dtype(codec.dtype))
+        for _, fields in client.xrange(f"borg:{{{name}}}:log"):
+            decoded = decode_chunk(fields[b"d"], codec.shape, np.dtype(codec.dtype))
             c = decoded.chunk
-            own = slice(decoded.context_steps, len(c) - decoded.lookahead_steps)
-            assert codec.intact(c.frames).all(), f"slot {slot}: corrupt frame"
+            assert decoded.context_steps == decoded.lookahead_steps == 0, "no borrowed steps in the log"
+            assert codec.intact(c.frames).all(), "corrupt frame"
             sids, idx = codec.decode(c.frames)
-            assert (sids == c.stream_id).all() and (np.diff(idx) == 1).all(), f"slot {slot}: steps not consecutive"
+            assert (sids == c.stream_id).all() and (np.diff(idx) == 1).all(), "steps not consecutive"
             s = streams[c.stream_id]
-            t = idx[own]
-            assert (c.actions[own] == s.actions[t]).all() and (c.rewards[own] == s.rewards[t]).all()
-            assert (c.first[own] == s.first[t]).all() and (c.last[own] == s.last[t]).all()
-            assert (c.terminated[own] == s.terminated[t]).all() and c.agent_id == s.agent
-            out += [(c.stream_id, int(i)) for i in t]
+            assert (c.actions == s.actions[idx]).all() and (c.rewards == s.rewards[idx]).all()
+            assert (c.first == s.first[idx]).all() and (c.last == s.last[idx]).all()
+            assert (c.terminated == s.terminated[idx]).all() and c.agent_id == s.agent
+            out += [(c.stream_id, int(i)) for i in idx]
         return out
     finally:
         client.close()
 
 
-def test_the_link_writes_everything_and_serves_batches_drawn_from_redis(redis_server: RedisServer) -> None:
-    name, cfg = uuid.uuid4().hex, shape()
-    streams = {s.sid: s for s in (Stream.random(sid, agent=1, total=600, max_episode=60) for sid in (10, 11))}
-    link = open_link(redis_server.url, name, cfg)
+def replica_steps(link: RedisLink) -> list[tuple[int, int]]:
+    """The (stream, step) of every step the link's replica holds, in the order the replica took them in."""
+    x = link.replica._x  # the test reads the replica's arrays directly: no sampling luck involved
+    live = np.flatnonzero(x.seq >= 0)
+    order = live[np.argsort(x.seq[live])]
+    sids, idx = U8_SMALL.decode(x.frames[order])
+    return list(zip(sids.tolist(), idx.tolist(), strict=True))
+
+
+def replicated(link: RedisLink, url: str, name: str) -> bool:
+    """The link has nothing queued and its tail has read the whole log."""
+    return link.queued == 0 and link.cursor == read_state(redis.Redis.from_url(url), name).chunks
+
+
+def test_every_replica_holds_exactly_the_log_after_writes_stop_even_once_it_has_lapped(
+        redis_server: RedisServer) -> None:
+    name, log_shape = uuid.uuid4().hex, shape(capacity=2048)
+    streams = {s.sid: s for s in (Stream.random(sid, agent=sid // 10, total=1500, max_episode=60)
+                                  for sid in (10, 11, 20, 21))}
+    links = [open_link(redis_server.url, name, log_shape, seed=i) for i in (1, 2)]
     try:
         for chunk in chunks_of(list(streams.values()), seed=1):
-            link.add(chunk)
-        eventually(lambda: link.stats().inserted >= 1100, "most steps in Redis")
-        remote = 0
-        for _ in range(60):
-            batch = link.sample(32, N, GAMMA, STACK, 0.5)
-            check_transitions(batch, streams, U8_SMALL, N, STACK)
-            assert (batch.keys >= 0).all() or (batch.keys < 0).all(), "one batch comes from one memory"
-            remote += int((batch.keys >= 0).all())
-            link.update_priorities(batch.keys, np.arange(32, dtype=np.float64))
-        assert remote > 0 and link.counters.remote_batches == remote
+            links[chunk.agent_id - 1].add(chunk)
+        for link in links:
+            eventually(lambda link=link: replicated(link, redis_server.url, name), "the log replicated", 60)
+        held = log_steps(redis_server.url, name, U8_SMALL, streams)
+        state = read_state(redis.Redis.from_url(redis_server.url), name)
+        assert state.trimmed > 0 and state.inserted == 6000, "the log lapped"
+        assert len(held) == state.size and log_shape.capacity - CHUNK < state.size <= log_shape.capacity
+        assert state.per_agent == {a: sum(1 for sid, _ in held if sid // 10 == a) for a in (1, 2)}
+        for link in links:
+            # Same steps, same order (per stream and overall); the replica may keep the tail of one older chunk.
+            steps = replica_steps(link)
+            assert steps[-len(held):] == held and len(steps) - len(held) < CHUNK
+            assert link.counters.dropped_chunks == 0 and link.snapshot().bad_chunks == 0
+            # What the learner samples is right (frames, returns, stacks, episode cuts) and from both agents.
+            agents: set[int] = set()
+            for _ in range(20):
+                batch = link.sample(32, N, GAMMA, STACK, 0.5)
+                check_transitions(batch, streams, U8_SMALL, N, STACK)
+                link.update_priorities(batch.keys, np.arange(32, dtype=np.float64))
+                agents |= set(batch.agent_ids.tolist())
+            assert agents == {1, 2}
     finally:
-        link.close()
-    # Close wrote every step (the held-back chunks included), each intact, none twice.
-    steps = stored_steps(redis_server.url, name, cfg, U8_SMALL, streams)
-    assert sorted(steps) == sorted((sid, t) for sid, s in streams.items() for t in range(len(s)))
-    # The learner's priorities reached Redis: no longer all equal to the first one every step got.
-    prio = np.frombuffer(redis.Redis.from_url(redis_server.url).get(f"borg:{{{name}}}:prio") or b"", dtype="<f4")
-    assert len(set(prio[prio > 0].tolist())) > 2
+        for link in links:
+            link.close()
 
 
-def test_learning_goes_on_while_redis_is_away_and_its_contents_survive_a_crash(
-        redis_server_aof: RedisServer) -> None:
-    server, name, cfg = redis_server_aof, uuid.uuid4().hex, shape()
-    streams = {s.sid: s for s in (Stream.random(sid, agent=2, total=900, max_episode=60) for sid in (20, 21))}
-    chunks = chunks_of(list(streams.values()), seed=2)
-    half = len(chunks) // 2
-    link = open_link(server.url, name, cfg, settings=LinkSettings(stall_s=0.5, backoff_max_s=0.5))
-    client = redis.Redis.from_url(server.url)
+def test_hostile_bytes_in_the_log_are_counted_skipped_and_cut_their_stream(redis_server: RedisServer) -> None:
+    name, log_shape = uuid.uuid4().hex, shape()
+    stream = Stream.from_episodes(30, 3, [400], [])  # one long episode: a gap would be sampled across
+    chunks = [stream.chunk(a, a + CHUNK, U8_SMALL) for a in range(0, 400, CHUNK)]
+    client = redis.Redis.from_url(redis_server.url)
+    writer = LogWriter(client, name, log_shape)
+    writer.declare()
+    good = [encode_chunk(c, chunk_seq=i) for i, c in enumerate(chunks)]
+    hostile = [b"", b"\x00" * 40, good[11][: len(good[11]) // 2], good[12][:-3] + b"\xff\xff\xff"]
+    # Chunks 11 and 12 reach the log only as hostile bytes: truncated, corrupted; two more are pure noise.
+    writer.append([(data, 3, CHUNK) for data in good[:11]])
+    writer.append([(data, 3, CHUNK) for data in hostile])
+    writer.append([(data, 3, CHUNK) for data in good[13:]])
+    link = open_link(redis_server.url, name, log_shape, prioritized=False)
     try:
-        for chunk in chunks[:half]:
-            link.add(chunk)
-        eventually(lambda: link.queued == 0, "the first half written")
-        head_before = int(client.get(f"borg:{{{name}}}:head") or 0)
-        kept_before = stored_steps(server.url, name, cfg, U8_SMALL, streams)
-
-        server.kill()
-        # Acting and learning go on: adds return, batches come from the local buffer, all of them right.
-        for chunk in chunks[half:]:
-            link.add(chunk)
-        local = 0
-        # The local buffer took every chunk in the order added (it holds them all): its batches' ages count that.
-        order = insertion_order([span(chunk) for chunk in chunks])
-        for _ in range(10):
-            batch = link.sample(32, N, GAMMA, STACK, 0.5)
-            starts = check_transitions(batch, streams, U8_SMALL, N, STACK)
-            if (batch.keys < 0).all():
-                local += 1
-                assert batch.ages.tolist() == [len(order) - 1 - order[start] for start in starts]
-            link.update_priorities(batch.keys, np.ones(32))
-        assert local >= 5, "while Redis is away the learner draws from the local buffer"
-        eventually(lambda: link.away, "the link noticing the outage")
-
-        server.launch()
-        # AOF (appendfsync always): every chunk acknowledged before the crash is there after the restart.
-        head_after = int(client.get(f"borg:{{{name}}}:head") or 0)
-        assert head_after >= head_before
-        assert stored_steps(server.url, name, cfg, U8_SMALL, streams)[: len(kept_before)] == kept_before
-        # The link reconnects by itself, writes what it queued, and serves Redis batches again.
-        eventually(lambda: not link.away and link.queued == 0, "the queued half written", 60)
-        eventually(lambda: (link.sample(32, N, GAMMA, STACK, 0.5).keys >= 0).all(), "a batch from Redis again")
-        assert link.counters.outages >= 1 and link.counters.dropped_chunks == 0
+        eventually(lambda: replicated(link, redis_server.url, name), "the log replicated")
+        assert link.snapshot().bad_chunks == len(hostile)
+        kept = {t for _, t in replica_steps(link)}
+        assert kept == set(range(400)) - set(range(11 * CHUNK, 13 * CHUNK)), "only the good chunks, all of them"
+        starts: set[int] = set()
+        for _ in range(60):
+            starts |= {t for _, t in check_transitions(link.sample(64, N, GAMMA, STACK, 0.5), {30: stream},
+                                                       U8_SMALL, N, STACK)}
+        # The stream was cut at the gap: no transition's n steps or stack reach across it.
+        assert not {t for t in starts if 11 * CHUNK - N <= t < 13 * CHUNK + STACK - 1}
+        assert {t for t in starts if t < 11 * CHUNK - N} and {t for t in starts if t >= 13 * CHUNK + STACK - 1}
+        assert link.stats().rejected == 0, "nothing hostile reached the replica"
     finally:
         link.close()
         client.close()
-    steps = stored_steps(server.url, name, cfg, U8_SMALL, streams)
-    assert sorted(steps) == sorted((sid, t) for sid, s in streams.items() for t in range(len(s)))
+
+
+def test_learning_goes_on_while_redis_is_away_and_the_log_survives_a_crash(redis_server_aof: RedisServer) -> None:
+    server, name, log_shape = redis_server_aof, uuid.uuid4().hex, shape()
+    streams = {s.sid: s for s in (Stream.random(sid, agent=2, total=900, max_episode=60) for sid in (20, 21))}
+    chunks = chunks_of(list(streams.values()), seed=2)
+    half = len(chunks) // 2
+    link = open_link(server.url, name, log_shape)
+    try:
+        for chunk in chunks[:half]:
+            link.add(chunk)
+        eventually(lambda: replicated(link, server.url, name), "the first half replicated")
+        before = log_steps(server.url, name, U8_SMALL, streams)
+        sampled_before = link.stats().sampled
+
+        server.kill()
+        # Acting and learning go on: adds return, batches come from the replica, all of them right.
+        for chunk in chunks[half:]:
+            link.add(chunk)
+        for _ in range(10):
+            batch = link.sample(32, N, GAMMA, STACK, 0.5)
+            check_transitions(batch, streams, U8_SMALL, N, STACK)
+            link.update_priorities(batch.keys, np.ones(32))
+        assert link.stats().sampled == sampled_before + 320
+        eventually(lambda: link.away, "the link noticing the outage")
+
+        server.launch()
+        # AOF: every chunk acknowledged before the crash is in the log after the restart.
+        assert log_steps(server.url, name, U8_SMALL, streams)[: len(before)] == before
+        # The link reconnects by itself, appends what it queued, and its tail brings it into the replica.
+        eventually(lambda: not link.away and replicated(link, server.url, name), "the queued half replicated", 60)
+        counters = link.snapshot()
+        assert counters.outages >= 1 and counters.away_s > 0
+        assert counters.dropped_chunks == counters.skipped_chunks == counters.bad_chunks == 0
+    finally:
+        link.close()
+    held = log_steps(server.url, name, U8_SMALL, streams)
+    assert sorted(held) == sorted((sid, t) for sid, s in streams.items() for t in range(len(s)))
 
 
 def test_a_full_outbox_drops_the_oldest_chunks_and_no_transition_spans_the_gap(
         redis_server_aof: RedisServer) -> None:
-    server, name, cfg = redis_server_aof, uuid.uuid4().hex, shape(prioritized=False)
+    server, name, log_shape = redis_server_aof, uuid.uuid4().hex, shape()
     stream = Stream.from_episodes(30, 3, [400], [])  # one long episode: a gap would be sampled across
     chunks = [stream.chunk(a, a + CHUNK, U8_SMALL) for a in range(0, 400, CHUNK)]
-    link = open_link(server.url, name, cfg, settings=LinkSettings(outbox_chunks=4, backoff_max_s=0.5))
+    link = open_link(server.url, name, log_shape, prioritized=False,
+                     settings=LinkSettings(outbox_chunks=4, backoff_max_s=0.5))
     try:
         for chunk in chunks[:5]:
             link.add(chunk)
@@ -180,66 +217,120 @@ def test_a_full_outbox_drops_the_oldest_chunks_and_no_transition_spans_the_gap(
             link.add(chunk)
         server.launch()
         eventually(lambda: not link.away and link.queued == 0, "the queued chunks written", 60)
-        assert link.counters.dropped_chunks == 6
+        assert link.counters.dropped_chunks == 6, "ten chunks into an outbox of four"
         for chunk in chunks[15:]:
             link.add(chunk)
             eventually(lambda: link.queued == 0, "a chunk written")
-    finally:
-        link.close()
-    kept = {t for _, t in stored_steps(server.url, name, cfg, U8_SMALL, {30: stream})}
-    # Six whole chunks went, all from those added while Redis was down: the oldest queued, bar the one the writer
-    # had started on (so the lost chunks form one run, or two around that one when the writer picked it up
-    # between the drops).
-    lost_chunks = sorted({t // CHUNK for t in set(range(400)) - kept})
-    assert len(lost_chunks) == 6 and set(lost_chunks) <= set(range(5, 15))
-    assert not {t for c in lost_chunks for t in range(c * CHUNK, (c + 1) * CHUNK)} & kept
-    gaps = [(c * CHUNK, (c + 1) * CHUNK) for c in lost_chunks]
-    # Sampled from Redis, every transition is right (the oracle would catch frames from across a gap) and
-    # none starts where its stack or n steps would need a dropped step.
-    memory = RedisReplay.connect(server.url, name, cfg)
-    try:
+        eventually(lambda: replicated(link, server.url, name), "the log replicated")
+        kept = {t for _, t in log_steps(server.url, name, U8_SMALL, {30: stream})}
+        assert kept == {t for _, t in replica_steps(link)}
+        lost_chunks = sorted({t // CHUNK for t in set(range(400)) - kept})
+        assert len(lost_chunks) == 6 and set(lost_chunks) <= set(range(5, 15))
+        gaps = [(c * CHUNK, (c + 1) * CHUNK) for c in lost_chunks]
         starts: set[int] = set()
         for _ in range(60):
-            starts |= {t for _, t in check_transitions(memory.sample(64, N, GAMMA, STACK, 0.5), {30: stream},
+            starts |= {t for _, t in check_transitions(link.sample(64, N, GAMMA, STACK, 0.5), {30: stream},
                                                        U8_SMALL, N, STACK)}
         assert not {t for t in starts for lo, hi in gaps if lo - N <= t < hi + STACK - 1}
         assert {t for t in starts if t < gaps[0][0] - N} and {t for t in starts if t >= gaps[-1][1] + STACK - 1}
+        assert link.snapshot().cuts >= 1
     finally:
-        memory.close()
+        link.close()
 
 
-def test_a_restart_that_lost_the_memory_gets_its_layout_back(redis_server_aof: RedisServer) -> None:
-    server, name, cfg = redis_server_aof, uuid.uuid4().hex, shape()
+def test_a_restart_that_lost_the_log_gets_it_back_and_every_tail_reads_it_again(
+        redis_server_aof: RedisServer) -> None:
+    server, name, log_shape = redis_server_aof, uuid.uuid4().hex, shape()
     stream = Stream.random(40, agent=4, total=300, max_episode=50)
     chunks = chunks_of([stream], seed=4)
-    link = open_link(server.url, name, cfg, settings=LinkSettings(backoff_max_s=0.5))
+    link = open_link(server.url, name, log_shape)
     try:
         for chunk in chunks[:5]:
             link.add(chunk)
-        eventually(lambda: link.stats().inserted > 0, "a first write")
+        eventually(lambda: replicated(link, server.url, name), "a first write replicated")
         server.kill()
         shutil.rmtree(server.workdir / "appendonlydir")  # a restart with nothing to load
         server.launch()
         for chunk in chunks[5:]:
             link.add(chunk)
-        eventually(lambda: not link.away and link.queued == 0, "writes into the recreated memory", 60)
+        eventually(lambda: not link.away and replicated(link, server.url, name), "the recreated log replicated", 60)
+        after = {t for c in chunks[5:] for t in U8_SMALL.decode(c.frames)[1].tolist()}
+        held = log_steps(server.url, name, U8_SMALL, {40: stream})
+        assert {t for _, t in held} == after and len(held) == len(after)
+        assert set(replica_steps(link)) >= set(held)
+        assert link._tail.counters.resets == 1
     finally:
         link.close()
-    # The layout is whole again (gseq -1 where empty): what was written after the restart reads back right, once.
-    steps = stored_steps(server.url, name, cfg, U8_SMALL, {40: stream})
-    after = {t for c in chunks[5:] for t in U8_SMALL.decode(c.frames)[1].tolist()}
-    assert len(steps) == len(set(steps)) and {t for _, t in steps} >= after
+
+
+def test_lstm_sequences_sample_through_a_replica(redis_server: RedisServer) -> None:
+    name, log_shape = uuid.uuid4().hex, shape(recurrent_hidden=3)
+    streams = {sid: Stream.random(sid, 1, 118, max_episode=14) for sid in (7, 8)}
+    link = open_link(redis_server.url, name, log_shape)
+    try:
+        for start in range(0, 118, 5):
+            for s in streams.values():
+                link.add(s.chunk(start, min(start + 5, 118), U8_SMALL, state=True))
+        eventually(lambda: replicated(link, redis_server.url, name), "the log replicated")
+        seen: set[tuple[int, int]] = set()
+        for _ in range(20):
+            batch = link.sample_sequences(16, 8, 1, 0.5)
+            seen |= set(check_sequences(batch, streams, U8_SMALL, 8, 1, {7: (118, 118), 8: (118, 118)}))
+            link.update_priorities(batch.keys, np.ones(16))
+        assert all(t % 5 == 0 for _, t in seen) and len(seen) >= 0.8 * 2 * 24
+    finally:
+        link.close()
+
+
+def test_a_log_of_another_shape_is_refused_in_one_line(redis_server: RedisServer) -> None:
+    name = uuid.uuid4().hex
+    link = open_link(redis_server.url, name, shape())
+    link.close()
+    with pytest.raises(LogShapeMismatch, match="holds a log of another shape") as err:
+        open_link(redis_server.url, name, shape(capacity=4096))
+    assert "\n" not in str(err.value)
+
+
+def test_the_learner_waits_for_its_replica_to_load_the_log(redis_server: RedisServer) -> None:
+    name, log_shape = uuid.uuid4().hex, shape()
+    stream = Stream.random(50, agent=5, total=4000, max_episode=100)
+    writer = open_link(redis_server.url, name, log_shape, seed=5)
+    try:
+        for chunk in chunks_of([stream], seed=5):
+            writer.add(chunk)
+        eventually(lambda: replicated(writer, redis_server.url, name), "the log written")
+    finally:
+        writer.close()
+    joiner = open_link(redis_server.url, name, log_shape, seed=6)
+    try:
+        # Until its replica holds the whole log, a joining learner gets MemoryNotReady (and acts on meanwhile).
+        try:
+            joiner.sample(32, N, GAMMA, STACK, 0.5)
+            assert joiner.caught_up, "a batch before the catch-up ended"
+        except MemoryNotReady:
+            pass
+        assert joiner.wait_caught_up(30)
+        assert joiner.stats().size == 4000 and joiner.snapshot().catch_up_s > 0
+        check_transitions(joiner.sample(32, N, GAMMA, STACK, 0.5), {50: stream}, U8_SMALL, N, STACK)
+    finally:
+        joiner.close()
 
 
 # ------------------------------------------------------------------------------------------ agent processes
-def _agent(url: str, name: str, agent: int, start: Any, out: Any) -> None:
-    """An agent's memory traffic: writes its two streams through a link, sampling (and checking) as it goes."""
-    checked, remote, error = 0, 0, ""
-    # An outbox that holds everything: this test is about concurrency, not about dropping while Redis is away.
-    link = open_link(url, name, shape(capacity=131_072), seed=agent, settings=LinkSettings(outbox_chunks=10_000))
+STEPS = 3000
+
+
+def _agent(url: str, name: str, agent: int, agents: int, start: Any, out: Any) -> None:
+    """An agent's memory traffic: writes its two streams through a link, sampling (and checking) as it goes;
+    at the end, waits for its replica to hold the whole log and reports what it holds and what it sampled."""
+    checked, error, held, drawn = 0, "", [], np.zeros(agents, np.int64)
+    # Uniform replicas: a learner's shares then follow what each agent wrote, not the priorities it set. An outbox
+    # that holds everything: this test is about concurrency, not about drops.
+    link = open_link(url, name, shape(capacity=65_536), seed=agent, prioritized=False,
+                     settings=LinkSettings(outbox_chunks=10_000))
     try:
-        mine = [Stream.random(agent * 1024 + e, agent, 3000) for e in range(2)]
-        known = {s.sid: s for s in mine}
+        mine = [Stream.random(agent * 1024 + e, agent, STEPS) for e in range(2)]
+        known = {s.sid: s for a in range(agents) for s in (Stream.random(a * 1024 + e, a, STEPS) for e in range(2))}
         rng = np.random.default_rng(agent)
         start.wait(timeout=120)
         for i, chunk in enumerate(chunks_of(mine, seed=agent)):
@@ -249,47 +340,44 @@ def _agent(url: str, name: str, agent: int, start: Any, out: Any) -> None:
             try:
                 batch = link.sample(32, N, GAMMA, STACK, 0.4)
             except MemoryNotReady:
-                continue  # neither Redis nor the local buffer holds enough yet
-            else:
-                # Other agents' streams are checked too: every stream is a pure function of its id.
-                for sid in set(U8_SMALL.decode(batch.obs)[0][:, -1].tolist()) - known.keys():
-                    known[sid] = Stream.random(sid, sid // 1024, 3000)
-                checked += len(check_transitions(batch, known, U8_SMALL, N, STACK))
-                remote += int((batch.keys >= 0).all())
-                link.update_priorities(batch.keys, rng.random(32) * 3)
+                continue
+            checked += len(check_transitions(batch, known, U8_SMALL, N, STACK))
+            link.update_priorities(batch.keys, rng.random(32) * 3)
+        eventually(lambda: link.queued == 0, "own chunks written", 120)
+        start.wait(timeout=120)  # every agent has written everything
+        eventually(lambda: replicated(link, url, name), "the log replicated", 120)
+        held = replica_steps(link)
+        for _ in range(50):  # after warm-up, what this learner draws, by agent
+            drawn += np.bincount(link.sample(64, N, GAMMA, STACK, 0.4).agent_ids, minlength=agents)
     except Exception as err:
         error = f"{err.__class__.__name__}: {err}"
     finally:
         link.close()
-        if not error and link.counters.dropped_chunks:
-            error = f"dropped {link.counters.dropped_chunks} chunks"
-        out.put((agent, checked, remote, error))
+        out.put((agent, checked, error, held, drawn.tolist()))
 
 
 @pytest.mark.parametrize("agents", [2, 4])
-def test_agent_processes_writing_and_sampling_at_once_lose_and_corrupt_nothing(redis_server: RedisServer,
-                                                                                 agents: int) -> None:
+def test_agent_processes_share_one_log_and_every_learner_samples_every_agent(redis_server: RedisServer,
+                                                                              agents: int) -> None:
     name = uuid.uuid4().hex
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(agents), ctx.Queue()
-    procs = [ctx.Process(target=_agent, args=(redis_server.url, name, a, start, results)) for a in range(agents)]
+    procs = [ctx.Process(target=_agent, args=(redis_server.url, name, a, agents, start, results))
+             for a in range(agents)]
     for p in procs:
         p.start()
     outcomes = sorted(results.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(60)
-    assert [error for *_, error in outcomes] == [""] * agents
-    assert all(p.exitcode == 0 for p in procs)
-    assert all(checked > 0 and remote > 0 for _, checked, remote, _ in outcomes), outcomes
-    streams = {s.sid: s for a in range(agents) for s in (Stream.random(a * 1024 + e, a, 3000) for e in range(2))}
-    cfg = shape(capacity=131_072)  # a slot per chunk (1..16 steps each): room for every one of them
-    steps = stored_steps(redis_server.url, name, cfg, U8_SMALL, streams)
-    assert sorted(steps) == sorted((sid, t) for sid in streams for t in range(3000)), "a step lost or doubled"
-    memory = RedisReplay.connect(redis_server.url, name, cfg)
-    try:
-        stats = memory.stats()
-        assert stats.inserted == stats.size == agents * 2 * 3000 and stats.rejected == 0
-        assert stats.per_agent == dict.fromkeys(range(agents), 6000)
-        assert stats.sampled >= sum(checked for _, checked, _, _ in outcomes if checked) // 2
-    finally:
-        memory.close()
+    assert [error for _, _, error, _, _ in outcomes] == [""] * agents
+    assert all(p.exitcode == 0 for p in procs) and all(checked > 0 for _, checked, *_ in outcomes)
+    streams = {s.sid: s for a in range(agents) for s in (Stream.random(a * 1024 + e, a, STEPS) for e in range(2))}
+    held = log_steps(redis_server.url, name, U8_SMALL, streams)
+    assert sorted(held) == sorted((sid, t) for sid in streams for t in range(STEPS)), "a step lost or doubled"
+    for _, _, _, replica, drawn in outcomes:
+        assert replica == held, "every replica holds the log, in its order"
+        shares = np.array(drawn) / sum(drawn)  # every agent wrote the same number of steps
+        assert np.abs(shares - 1 / agents).max() < 0.05, shares
+    state = read_state(redis.Redis.from_url(redis_server.url), name)
+    assert state.inserted == state.size == agents * 2 * STEPS
+    assert state.per_agent == dict.fromkeys(range(agents), 2 * STEPS)

@@ -292,12 +292,15 @@ class SharedReplay:
         name: str | None = None,
         max_agents: int = 1024,
         max_sequences: int | None = None,
+        private: bool = False,
     ) -> SharedReplay:
         """Allocate a memory of ``capacity`` steps (the caller owns it and unlinks it at the end).
 
         ``max_streams``: distinct streams linked at once (older, evicted streams free their entry);
         ``max_agents``: agent ids must lie in ``[0, max_agents)``; ``max_sequences``: sequence starts kept
-        (default capacity // 16, enough for chunks of 16 steps or more).
+        (default capacity // 16, enough for chunks of 16 steps or more). ``private``: anonymous memory of this
+        process alone (an agent's replica of the Redis log, whose threads share it): nothing in ``/dev/shm``,
+        whose size a container caps, and no ``handle``.
         """
         shape = tuple(int(d) for d in frame_shape)
         if capacity < 1 or not shape or min(shape) < 1:
@@ -325,6 +328,10 @@ class SharedReplay:
             max_clients=MAX_CLIENTS,
         )
         layout = Layout.build(params)
+        if private:
+            memory = cls(mmap.mmap(-1, layout.nbytes), "", params, threading.Lock(), owner=False, seed=seed)
+            memory._initialise()
+            return memory
         seg = _segment_name(name or f"borgdqn-replay-{os.getpid()}-{secrets.token_hex(4)}")
         fd = _posixshmem.shm_open(seg, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
@@ -338,7 +345,12 @@ class SharedReplay:
         # The tracker unlinks the segment if this process dies without unlink(); unlink() unregisters it.
         resource_tracker.register(seg, "shared_memory")
         memory = cls(mm, seg, params, mp.get_context("spawn").Lock(), owner=True, seed=seed)
-        x = memory._x
+        memory._initialise()
+        log.debug("replay created name=%s bytes=%d capacity=%d", seg, layout.nbytes, capacity)
+        return memory
+
+    def _initialise(self) -> None:
+        x = self._x
         x.header[H_MAGIC] = MAGIC
         x.header[H_VERSION] = VERSION
         x.headerf[F_MAX_PRIORITY] = 1.0
@@ -349,12 +361,12 @@ class SharedReplay:
         x.side_id[:] = -1
         x.side_seq[:] = EMPTY
         x.header[H_CLIENTS] = 1
-        memory._client = 0
-        log.debug("replay created name=%s bytes=%d capacity=%d", seg, layout.nbytes, capacity)
-        return memory
+        self._client = 0
 
     def handle(self) -> SharedReplayHandle:
         """A small picklable object for ``attach`` in a child process (pass it as a ``Process`` argument)."""
+        if not self._name:
+            raise TypeError("a private memory cannot be attached by another process")
         return SharedReplayHandle(self._name, self._params, self._lock)
 
     @classmethod
@@ -397,7 +409,7 @@ class SharedReplay:
         """Free the segment (owner, at the end): attached processes keep their mapping until they close."""
         if self._finalizer is not None:
             self._finalizer()
-        else:
+        elif self._name:
             _unlink_segment(self._name)
 
     def __getstate__(self) -> Any:
@@ -424,14 +436,16 @@ class SharedReplay:
             raise RuntimeError("replay memory is closed")
 
     # ------------------------------------------------------------------------------------------ writing
-    def add(self, chunk: TrajectoryChunk) -> None:
+    def add(self, chunk: TrajectoryChunk, *, continues: bool = True) -> None:
+        """Store ``chunk``; ``continues=False`` starts its stream anew: nothing links it to the stream's earlier
+        steps (a replica does this after a gap in the log, so that no stack or n-step window spans the gap)."""
         self._check_open()
         try:
             prepared = self._prepare(chunk)
         except Exception as err:  # hostile input of any shape: count it, never let it reach the pool
             self._reject(chunk, err)
             return
-        self._write(prepared)
+        self._write(prepared, continues)
 
     def _prepare(self, chunk: TrajectoryChunk) -> _Prepared:
         chunk.validate(self._frame_shape, self._frame_dtype)
@@ -488,9 +502,11 @@ class SharedReplay:
                 getattr(chunk, "stream_id", "?"), getattr(chunk, "agent_id", "?"), err, n,
             )  # fmt: skip
 
-    def _write(self, p: _Prepared) -> None:
+    def _write(self, p: _Prepared, continues: bool = True) -> None:
         x, c, t = self._x, self._capacity, p.length
         s0, prev_last, entry = self._reserve(p)
+        if not continues:
+            prev_last = -1
         runs = _segments(s0 % c, t, c)
         for slot, i, n in runs:
             x.frames[slot : slot + n] = p.frames[i : i + n]

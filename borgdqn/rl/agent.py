@@ -14,7 +14,7 @@ import contextlib
 import logging
 import multiprocessing.synchronize
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from borgdqn.config import BorgConfig
 from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory
+from borgdqn.memory.redis.link import RedisLink
 from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.adder import ChunkAdder
@@ -142,6 +143,7 @@ def run_agent(
         now = time.monotonic()
         span = max(now - window_start, 1e-9)
         stats = memory.stats()
+        link = memory.snapshot() if isinstance(memory, RedisLink) else None
         rep = AgentReport(
             agent=agent,
             env_steps=state.env_steps,
@@ -200,7 +202,15 @@ def run_agent(
                     mem.insert_rate = (stats.inserted - memory_before[1]) / (now - memory_before[0])
                     mem.sample_rate = (stats.sampled - memory_before[2]) / (now - memory_before[0])
                 memory_before = (now, stats.inserted, stats.sampled)
+                if link is not None:
+                    mem.dropped_chunks, mem.skipped_chunks = link.dropped_chunks, link.skipped_chunks
+                    mem.outage_seconds = link.away_s
+                    if link.lag_p99_ms is not None:
+                        mem.replication_lag_p99_ms = link.lag_p99_ms
                 telemetry.emit(mem)
+        if link is not None:
+            # What the agent's link to the Redis log did: drops, skips, bad chunks, outages, lag, catch-up.
+            metrics.write("link", **asdict(link), wall=now - started)
         losses.clear()
         mean_qs.clear()
         sample_ages.clear()

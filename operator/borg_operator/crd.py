@@ -52,21 +52,17 @@ NAME_LIMITS = (names.MAX_NAME, names.MAX_NAME_ECK, names.MAX_NAME_STRIMZI)
 # ------------------------------------------------------------------------------------------- immutable fields
 # Fields the operator cannot change in place, refused by the apiserver on update (a CEL transition rule,
 # `self == oldSelf`) so that the user learns it from `kubectl apply` instead of from agents that crash-loop.
-# Keys are camelCase paths under .spec. The Redis memory stores the layout it was created with (see
-# borgdqn/memory/redis_replay.py, `_declare`) and refuses clients that want another one: every field of that
-# layout is here, since a changed one would leave every agent refused by the memory.
-_MEMORY_LAYOUT = "the replay memory was created with this layout and refuses agents with another one"
+# Keys are camelCase paths under .spec. The Redis log stores the shape it was created with (see
+# borgdqn/memory/redis/keys.py, `LogShape`) and refuses clients that want another one: every field of that
+# shape is here, since a changed one would leave every agent refused by the memory. Sampling settings (frame
+# stack, n-step, priorities) belong to each agent's replica and may change.
+_MEMORY_LAYOUT = "the replay memory's log was created with this shape and refuses agents with another one"
 IMMUTABLE: dict[str, str] = {
     "env.id": f"the game decides the frames and actions the memory holds ({_MEMORY_LAYOUT})",
     "env.screenSize": f"the frame shape is part of the memory's layout ({_MEMORY_LAYOUT})",
-    "env.frameStack": f"the stacking context is part of the memory's layout ({_MEMORY_LAYOUT})",
-    "agents.learner.nStep": f"the n-step lookahead is part of the memory's layout ({_MEMORY_LAYOUT})",
-    "agents.network.lstm": f"recurrent memories store sequences and hidden states ({_MEMORY_LAYOUT})",
-    "memory.capacity": f"the memory's arrays are sized at creation ({_MEMORY_LAYOUT})",
-    "memory.chunkLength": f"the memory's arrays are sized at creation ({_MEMORY_LAYOUT})",
-    "memory.prioritized": f"the memory keeps (or not) a priority per step ({_MEMORY_LAYOUT})",
-    "memory.alpha": f"stored priorities are already raised to alpha ({_MEMORY_LAYOUT})",
-    "memory.priorityEps": f"stored priorities already include it ({_MEMORY_LAYOUT})",
+    "agents.network.lstm": f"recurrent memories store hidden states ({_MEMORY_LAYOUT})",
+    "memory.capacity": f"the log and every agent's replica are sized by it ({_MEMORY_LAYOUT})",
+    "memory.chunkLength": f"the log's entries have this length ({_MEMORY_LAYOUT})",
     "memory.persistence": "it decides the memory StatefulSet's volume claim template, which a StatefulSet cannot "
     "change",
     "memory.storage": "a StatefulSet's volume claim template cannot change; create a new collective for a new volume",
@@ -108,7 +104,7 @@ def _rule(needs: Sequence[str], expr: str, message: str, field_path: str | None 
 # Rules placed on an object (keys: camelCase paths under .spec, "" is the spec itself). Some immutables only
 # matter under a condition; the coherence rules of borgdqn's BorgConfig (which to_borg_config checks later) are
 # checked here too, so that a collective that could never run is refused at `kubectl apply`.
-_RECURRENT = f"recurrent memories store hidden states and sequences of this size ({_MEMORY_LAYOUT})"
+_RECURRENT = f"recurrent memories store hidden states of this size ({_MEMORY_LAYOUT})"
 OBJECT_RULES: dict[str, list[Schema]] = {
     "": [
         _rule(["memory.chunkLength", "memory.capacity"], "4 * self.memory.chunkLength <= self.memory.capacity",
@@ -125,9 +121,6 @@ OBJECT_RULES: dict[str, list[Schema]] = {
         _rule(["network.lstm", "network.lstmHidden"],
               "!self.network.lstm || self.network.lstmHidden == oldSelf.network.lstmHidden",
               f"is immutable while network.lstm is on: {_RECURRENT}", ".network.lstmHidden", transition=True),
-        _rule(["network.lstm", "learner.sequenceLength"],
-              "!self.network.lstm || self.learner.sequenceLength == oldSelf.learner.sequenceLength",
-              f"is immutable while network.lstm is on: {_RECURRENT}", ".learner.sequenceLength", transition=True),
     ],
     "kafka": [
         _rule(["mode"], "self.mode != 'external' || (has(self.bootstrapServers) && self.bootstrapServers != '')",

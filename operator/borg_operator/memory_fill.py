@@ -1,8 +1,8 @@
 """How full the collective's replay memory is, read from its Redis in one short round trip.
 
-The memory is laid out by `borgdqn.memory.redis_replay` (`borg:{name}:config|gseq|steps|...`): the fill is the
-steps held by filled slots over the ring's capacity, the figure `RedisReplay.stats()` and the memory monitor
-report. The operator reads three keys (no STRLEN per chunk as the monitor does), and never writes one.
+The memory is the hive's log, laid out by `borgdqn.memory.redis.keys` (`borg:{name}:config|log|stats|...`): the
+fill is the steps the log holds over its capacity, the figure the memory monitor reports, read with the same
+`read_state` in one MULTI. The operator never writes a key.
 
 Reaching Redis must never hold up a reconcile: each reading runs on a worker thread and is given up after a
 short deadline (it covers DNS too, which a socket timeout does not), and a memory that could not be read is not
@@ -17,33 +17,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from borgdqn.memory.monitor import MonitorError, layout_shape, slot_array
-from borgdqn.memory.redis_replay import memory_keys
+from borgdqn.memory.redis.keys import LogNotCreated, read_state
 
 
 class FillError(Exception):
-    """The memory's keys are not what `redis_replay` writes (or not there yet)."""
+    """The memory's keys are not what the log's writers write (or not there yet)."""
 
 
 def read_fill(client: object, name: str) -> float:
     """Steps stored / capacity of memory `name`, through a `redis.Redis` client; FillError if not created."""
-    keys = memory_keys(name)
-    pipe = client.pipeline(transaction=True)  # type: ignore[attr-defined]
-    pipe.get(keys["config"])
-    pipe.get(keys["gseq"])
-    pipe.get(keys["steps"])
-    config_b, gseq_b, steps_b = pipe.execute()
-    if config_b is None or gseq_b is None or steps_b is None:
-        raise FillError(f"memory {name!r} not created yet")
-    try:  # the layout as the memory monitor reads it
-        slots, chunk_length = layout_shape(config_b, keys["config"])
-        gseq = slot_array(gseq_b, "<i8", slots, keys["gseq"])
-        steps = slot_array(steps_b, "<u2", slots, keys["steps"]).astype(np.int64)
-    except MonitorError as err:
+    try:
+        return read_state(client, name).fill
+    except (LogNotCreated, ValueError) as err:
         raise FillError(str(err)) from None
-    return float(steps[gseq >= 0].sum()) / (slots * chunk_length)
 
 
 def fetch_fill(host: str, port: int, password: str | None, name: str, timeout_s: float) -> float:

@@ -134,8 +134,7 @@ class MemorySpec(CrdModel):
     beta: Schedule = _replay_field(
         "beta", default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=10_000_000))
     priority_eps: float = _replay_field("priority_eps")
-    local_capacity: int = _replay_field("local_capacity")
-    cache_mb: int = _replay_field("redis_cache_mb")  # every memory here is Redis: the prefix would say nothing
+    outbox_steps: int = _replay_field("outbox_steps")
     persistence: bool = Field(default=True, description="append-only file on the volume: the memory survives restarts")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="the memory's volume")
     image: str = Field(default=DEFAULT_MEMORY_IMAGE, description="the memory image (Redis + the monitor)")
@@ -256,8 +255,7 @@ def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfi
                 alpha=memory.alpha,
                 beta=memory.beta,
                 priority_eps=memory.priority_eps,
-                local_capacity=memory.local_capacity,
-                redis_cache_mb=memory.cache_mb,
+                outbox_steps=memory.outbox_steps,
             ),
             hive=HiveConfig(agents=1, steps=agents.steps, seed=agents.seed, out=Path(RUN_DIR),
                             threads_per_agent=agents.threads, live="off"),

@@ -21,7 +21,7 @@ from borg_operator.builders.common import (
     pod_basics,
 )
 from borg_operator.spec import REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
-from borgdqn.memory.redis_sizing import size_memory
+from borgdqn.memory.redis.sizing import size_memory
 
 PASSWORD_DIR = "/var/run/secrets/borg"
 PASSWORD_FILE = f"{PASSWORD_DIR}/redis-password"  # the memory image's default BORG_REDIS_PASSWORD_FILE
@@ -75,7 +75,7 @@ def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "args": args,
         "env": [
-            # The entrypoint sizes maxmemory from these with borgdqn.memory.redis_sizing (and logs how).
+            # The entrypoint sizes maxmemory from these with borgdqn.memory.redis.sizing (and logs how).
             env("BORG_MEMORY_CAPACITY", str(memory.capacity)),
             env("BORG_MEMORY_CHUNK_LENGTH", str(memory.chunk_length)),
             env("BORG_REDIS_PASSWORD_FILE", PASSWORD_FILE),

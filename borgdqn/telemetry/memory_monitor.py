@@ -1,13 +1,14 @@
-"""The memory monitor: reads the Redis replay memory's stats every few seconds and publishes them.
+"""The memory monitor: reads the hive's Redis log every few seconds and publishes what it holds and how it fares.
 
-It reads the memory as ``redis_replay`` lays it out (``borg:{name}:config|head|c:<slot>|gseq|steps|agent|stats``)
-without knowing the frame shape: the shape it needs (capacity, chunk length) is in ``borg:{name}:config``, which
-the first client wrote. It never writes a key, so a memory that does not exist yet is reported as such, not
-created. One reading costs one MULTI (config, the per-slot arrays, the counters, INFO memory) plus one pipelined
-STRLEN per filled slot, in batches: O(slots), never ``KEYS *``.
+It reads the log through ``borgdqn.memory.redis.keys.read_state`` (the log's counters, kept exact by the append
+script, and every agent's link counters) without knowing the frame shape. It never writes a key, so a memory
+that does not exist yet is reported as such, not created. One reading costs one MULTI (config, counters,
+per-agent steps, link counters, XLEN) and INFO memory: O(agents), never a scan of the log.
 
 A reading holds size, capacity, fill, counters and their rates per second (from the deltas between two
-readings), the bytes Redis uses and the bytes of the stored chunks, and each agent's share of the stored steps.
+readings), the bytes Redis uses and the bytes of the stored chunks, each agent's share of the stored steps, and
+what the agents' links report: chunks dropped while Redis was away, chunks a tail skipped (trimmed before it read
+them), chunks that did not decode, outage seconds and the write-to-replica lag.
 It goes to a :class:`Publisher`: the log (:class:`LogPublisher`, one ``key=value`` line per reading) and, with
 ``--kafka``, Kafka too (:class:`KafkaPublisher`, a ``MemoryReport`` telemetry event per reading).
 
@@ -20,7 +21,6 @@ arguments, and is never logged.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import numpy as np
-
-from borgdqn.memory.redis_replay import REDIS_PASSWORD_ENV, memory_keys
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV
+from borgdqn.memory.redis.keys import LogNotCreated, read_state
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN_HELP = "letters, digits, '_', '.', '-' (1-64), as replay.redis_name"
-STRLEN_BATCH = 2048
 
 
 class MonitorError(Exception):
@@ -64,13 +62,12 @@ class MemoryReading:
     name: str
     time: float  # unix seconds
     size: int  # steps stored now
-    capacity: int  # steps the ring holds (slots * chunk_length)
+    capacity: int  # steps the log holds
     fill: float
-    slots: int
-    filled_slots: int
+    chunks: int  # entries in the log now
     inserted: int  # steps ever inserted
-    sampled: int  # transitions ever sampled (samplers report in batches, so its rate is bursty)
-    rejected: int  # chunks refused as malformed
+    sampled: int  # transitions ever sampled from the agents' replicas (as their links last reported)
+    rejected: int  # log entries that did not decode (the most any agent's tail counted)
     insert_rate: float | None
     sample_rate: float | None
     used_memory: int  # INFO memory used_memory: everything Redis holds
@@ -79,6 +76,12 @@ class MemoryReading:
     bytes_per_step: float  # chunk_bytes / size: the figure the memory image's sizing takes
     per_agent: dict[int, int] = field(default_factory=dict)  # steps stored now, by agent
     per_agent_share: dict[int, float] = field(default_factory=dict)  # of ``size``
+    links: int = 0  # agents whose link reported
+    catching_up: int = 0  # of them, replicas still loading the log
+    dropped_chunks: int = 0  # own chunks the agents dropped while Redis was away (sum)
+    skipped_chunks: int = 0  # log entries trimmed before a tail read them (sum over tails)
+    outage_s: float = 0.0  # the longest time any agent spent without Redis
+    lag_p99_ms: float | None = None  # the worst agent's write-to-replica lag, 99th percentile
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,12 +105,14 @@ def format_reading(reading: MemoryReading) -> str:
     shares = ",".join(f"{a}:{s:.4f}" for a, s in sorted(reading.per_agent_share.items())) or "-"
     return " ".join([
         f"name={reading.name}", f"size={reading.size}", f"capacity={reading.capacity}", f"fill={reading.fill:.4f}",
-        f"slots={reading.filled_slots}/{reading.slots}", f"inserted={reading.inserted}",
+        f"chunks={reading.chunks}", f"inserted={reading.inserted}",
         f"sampled={reading.sampled}", f"rejected={reading.rejected}",
         f"insert_rate={_number(reading.insert_rate, 1)}", f"sample_rate={_number(reading.sample_rate, 1)}",
         f"used_memory={reading.used_memory}", f"maxmemory={reading.maxmemory}",
         f"chunk_bytes={reading.chunk_bytes}", f"bytes_per_step={reading.bytes_per_step:.1f}",
-        f"per_agent={agents}", f"share={shares}",
+        f"per_agent={agents}", f"share={shares}", f"links={reading.links}", f"catching_up={reading.catching_up}",
+        f"dropped_chunks={reading.dropped_chunks}", f"skipped_chunks={reading.skipped_chunks}",
+        f"outage_s={reading.outage_s:.1f}", f"lag_p99_ms={_number(reading.lag_p99_ms, 1)}",
     ])  # fmt: skip
 
 
@@ -132,8 +137,11 @@ def memory_report(reading: MemoryReading, wall_seconds: float) -> Any:
     report = pb.MemoryReport(
         size=reading.size, capacity=reading.capacity, inserted=reading.inserted, sampled=reading.sampled,
         rejected=reading.rejected, bytes_used=reading.used_memory, per_agent_steps=reading.per_agent,
-        wall_seconds=wall_seconds,
+        wall_seconds=wall_seconds, dropped_chunks=reading.dropped_chunks, skipped_chunks=reading.skipped_chunks,
+        outage_seconds=reading.outage_s,
     )  # fmt: skip
+    if reading.lag_p99_ms is not None:
+        report.replication_lag_p99_ms = reading.lag_p99_ms
     if reading.insert_rate is not None:
         report.insert_rate = reading.insert_rate
     if reading.sample_rate is not None:
@@ -224,61 +232,42 @@ class MemoryMonitor:
         self.interval_s = interval_s
         self.max_backoff_s = max(max_backoff_s, 0.01)
         self._clock = clock
-        self._k = memory_keys(name)
         self._previous: _Previous | None = None
 
     # ------------------------------------------------------------------------------------------ one reading
     def read(self) -> MemoryReading:
-        """One reading. Raises MemoryNotCreated, MonitorError (a layout that does not add up) or redis's errors."""
-        k = self._k
-        pipe = self._r.pipeline(transaction=True)  # one consistent snapshot of the arrays and counters
-        pipe.get(k["config"])
-        pipe.get(k["gseq"])
-        pipe.get(k["steps"])
-        pipe.get(k["agent"])
-        pipe.hgetall(k["stats"])
+        """One reading. Raises MemoryNotCreated, MonitorError (a config that is not ours) or redis's errors."""
+        pipe = self._r.pipeline(transaction=False)
         pipe.info("memory")
-        config_b, gseq_b, steps_b, agent_b, counters, info = pipe.execute()
+        (info,) = pipe.execute()
+        try:
+            state = read_state(self._r, self.name)
+        except LogNotCreated as err:
+            raise MemoryNotCreated(f"{err} on {self.where}") from None
+        except ValueError as err:
+            raise MonitorError(str(err)) from None
         at = self._clock()
-        if config_b is None:
-            raise MemoryNotCreated(f"memory {self.name!r} not created yet on {self.where} (no {k['config']})")
-        slots, chunk_length = layout_shape(config_b, k["config"])
-        if gseq_b is None or steps_b is None or agent_b is None:
-            # The first client writes the config, then the arrays: caught in between (or it died there).
-            raise MemoryNotCreated(f"memory {self.name!r} on {self.where} not created yet (config without arrays)")
-        gseq = slot_array(gseq_b, "<i8", slots, k["gseq"])
-        steps = slot_array(steps_b, "<u2", slots, k["steps"]).astype(np.int64)
-        agents = slot_array(agent_b, "<u2", slots, k["agent"]).astype(np.int64)
-        filled = np.flatnonzero(gseq >= 0)
-        size = int(steps[filled].sum())
-        per_agent_arr = np.bincount(agents[filled], weights=steps[filled]) if filled.size else np.zeros(0)
-        per_agent = {int(a): int(n) for a, n in enumerate(per_agent_arr) if n > 0}
-        counts = _counters(counters)
-        chunk_bytes = self._chunk_bytes(filled.tolist())
-        inserted, sampled = counts.get("inserted", 0), counts.get("sampled", 0)
+        links = state.links.values()
+        sampled = sum(_count(link.get("sampled")) for link in links)
+        inserted, size, capacity = state.inserted, state.size, state.shape.capacity
+        lags = [float(link["lag_p99_ms"]) for link in links if isinstance(link.get("lag_p99_ms"), int | float)]
         previous = self._previous
         self._previous = _Previous(at=at, inserted=inserted, sampled=sampled)
-        capacity = slots * chunk_length
         return MemoryReading(
             name=self.name, time=time.time(), size=size, capacity=capacity, fill=size / capacity,
-            slots=slots, filled_slots=int(filled.size), inserted=inserted, sampled=sampled,
-            rejected=counts.get("rejected", 0),
+            chunks=state.held_chunks, inserted=inserted, sampled=sampled,
+            rejected=max((_count(link.get("bad_chunks")) for link in links), default=0),
             insert_rate=None if previous is None else _rate(inserted, previous.inserted, at - previous.at),
             sample_rate=None if previous is None else _rate(sampled, previous.sampled, at - previous.at),
             used_memory=int(info.get("used_memory", 0)), maxmemory=int(info.get("maxmemory", 0)),
-            chunk_bytes=chunk_bytes, bytes_per_step=chunk_bytes / size if size else 0.0,
-            per_agent=per_agent, per_agent_share={a: n / size for a, n in per_agent.items()},
+            chunk_bytes=state.bytes, bytes_per_step=state.bytes / size if size else 0.0,
+            per_agent=state.per_agent, per_agent_share={a: n / size for a, n in state.per_agent.items()} if size else {},
+            links=len(state.links), catching_up=sum(1 for link in links if link.get("caught_up") is False),
+            dropped_chunks=sum(_count(link.get("dropped_chunks")) for link in links),
+            skipped_chunks=sum(_count(link.get("skipped_chunks")) for link in links),
+            outage_s=max((float(_count(link.get("away_s"), float)) for link in links), default=0.0),
+            lag_p99_ms=max(lags) if lags else None,
         )  # fmt: skip
-
-    def _chunk_bytes(self, slots: list[int]) -> int:
-        total = 0
-        prefix = self._k["chunk_prefix"]
-        for lo in range(0, len(slots), STRLEN_BATCH):
-            pipe = self._r.pipeline(transaction=False)
-            for slot in slots[lo : lo + STRLEN_BATCH]:
-                pipe.strlen(f"{prefix}{slot}")
-            total += sum(int(n) for n in pipe.execute())
-        return total
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event | None = None) -> None:
@@ -327,36 +316,11 @@ def _one_line(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
-def layout_shape(config_b: bytes, key: str) -> tuple[int, int]:
-    """(slots, chunk_length) from the memory's stored config; MonitorError if it is not what a client writes."""
-    try:
-        config = json.loads(config_b)
-        capacity, chunk_length = int(config["capacity"]), int(config["chunk_length"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise MonitorError(f"{key} is not a memory config ({_one_line(err)})") from None
-    if capacity < 1 or chunk_length < 1:
-        raise MonitorError(f"{key} holds capacity {capacity}, chunk_length {chunk_length}")
-    return max(1, -(-capacity // chunk_length)), chunk_length
-
-
-def slot_array(raw: bytes | None, dtype: str, slots: int, key: str) -> np.ndarray:
-    """A per-slot array of the memory (gseq, steps, agent) as numpy; MonitorError if its size is not the layout's."""
-    width = np.dtype(dtype).itemsize
-    if raw is None or len(raw) != slots * width:
-        got = "missing" if raw is None else f"{len(raw)} bytes"
-        raise MonitorError(f"{key} is {got}, not {slots * width} bytes ({slots} slots)")
-    return np.frombuffer(raw, dtype=dtype)
-
-
-def _counters(raw: Mapping[Any, Any]) -> dict[str, int]:
-    counts = {}
-    for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else str(key)
-        try:
-            counts[name] = int(value)
-        except (TypeError, ValueError):
-            continue  # not a counter of ours
-    return counts
+def _count(value: Any, kind: type = int) -> Any:
+    """A counter from an agent's link report (JSON written by each agent): anything else counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return kind(0)
+    return kind(value)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -1,0 +1,139 @@
+"""The Redis key layout of one hive's experience log: the only module that knows key names and field names.
+
+Every key shares the hash tag ``{name}`` (``replay.redis_name``), so that several hives can share one Redis and one
+script may touch all of a log's keys:
+
+    borg:{name}:config  JSON of the log's shape (capacity, chunk length, frame shape and dtype, recurrent size);
+                        the first client writes it, later ones must match it
+    borg:{name}:log     a Redis stream: one entry per trajectory chunk, id ``<g>-1`` where g counts chunks from 1;
+                        fields ``d`` (a ``borg.v1.TrajectoryChunk``), ``a`` (agent), ``t`` (steps), ``w`` (the
+                        writer's unix time in ms, for the replication lag)
+    borg:{name}:stats   hash: ``chunks`` (g of the newest entry), ``inserted`` (steps ever), ``size`` (steps held),
+                        ``bytes`` (chunk bytes held), ``trimmed`` (chunks trimmed)
+    borg:{name}:agents  hash: agent id -> steps held
+    borg:{name}:links   hash: agent label -> JSON of its link's counters (drops, skips, outages, lag), refreshed
+                        every few seconds by each agent, read by the memory monitor and the operator
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# Fields of a log entry.
+F_DATA, F_AGENT, F_STEPS, F_WRITTEN = b"d", b"a", b"t", b"w"
+
+
+@dataclass(frozen=True)
+class LogKeys:
+    config: str
+    log: str
+    stats: str
+    agents: str
+    links: str
+
+    @classmethod
+    def of(cls, name: str) -> LogKeys:
+        base = f"borg:{{{name}}}"
+        return cls(*(f"{base}:{part}" for part in ("config", "log", "stats", "agents", "links")))
+
+    def all(self) -> list[str]:
+        return [self.config, self.log, self.stats, self.agents, self.links]
+
+
+@dataclass(frozen=True)
+class LogShape:
+    """What every client of one log must agree on: it is stored in ``borg:{name}:config``."""
+
+    capacity: int  # steps the log holds; the oldest whole chunks are trimmed beyond it
+    chunk_length: int
+    frame_shape: tuple[int, ...]
+    frame_dtype: str  # numpy dtype string, e.g. "|u1"
+    recurrent_hidden: int = 0  # LSTM: the size of a chunk's stored state (0: none)
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or self.chunk_length < 1 or not self.frame_shape or min(self.frame_shape) < 1:
+            raise ValueError(f"a log needs capacity, chunk_length and frame dimensions >= 1: {self}")
+        if self.recurrent_hidden < 0:
+            raise ValueError(f"recurrent_hidden must be >= 0, not {self.recurrent_hidden}")
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "frame_shape": list(self.frame_shape)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, where: str = "config") -> LogShape:
+        """The shape stored at ``where``; ValueError (one line) for anything else."""
+        try:
+            data: Any = json.loads(raw)
+            return cls(capacity=int(data["capacity"]), chunk_length=int(data["chunk_length"]),
+                       frame_shape=tuple(int(d) for d in data["frame_shape"]), frame_dtype=str(data["frame_dtype"]),
+                       recurrent_hidden=int(data.get("recurrent_hidden", 0)))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{where} is not a borgdqn log shape ({type(err).__name__}: {err})") from None
+
+    @property
+    def frame_bytes(self) -> int:
+        return int(np.prod(self.frame_shape)) * np.dtype(self.frame_dtype).itemsize
+
+
+@dataclass(frozen=True)
+class LogState:
+    """One consistent reading of the log's counters (``read_state``)."""
+
+    shape: LogShape
+    chunks: int  # g of the newest entry (chunks ever appended)
+    held_chunks: int  # entries in the stream now
+    inserted: int
+    size: int
+    bytes: int
+    trimmed: int
+    per_agent: dict[int, int]
+    links: dict[str, dict[str, Any]]  # each agent's link counters, as it last wrote them
+
+    @property
+    def fill(self) -> float:
+        return self.size / self.shape.capacity
+
+
+class LogNotCreated(LookupError):
+    """No client has created the log yet (``borg:{name}:config`` is absent)."""
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def read_state(client: Any, name: str) -> LogState:
+    """Read log ``name``'s counters in one MULTI; never writes. LogNotCreated, ValueError (a config that is
+    not ours) or redis' errors."""
+    k = LogKeys.of(name)
+    pipe = client.pipeline(transaction=True)
+    pipe.get(k.config)
+    pipe.hgetall(k.stats)
+    pipe.hgetall(k.agents)
+    pipe.hgetall(k.links)
+    pipe.xlen(k.log)
+    config_b, stats, agents, links, held = pipe.execute()
+    if config_b is None:
+        raise LogNotCreated(f"memory {name!r} not created yet (no {k.config})")
+    shape = LogShape.from_json(config_b, k.config)
+    counters = {key.decode(): _int(value) for key, value in stats.items()}
+    per_agent = {_int(a): _int(n) for a, n in agents.items() if _int(n) > 0}
+    parsed: dict[str, dict[str, Any]] = {}
+    for label, raw in links.items():
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue  # a hostile or half-written entry says nothing
+        if isinstance(value, dict):
+            parsed[label.decode(errors="replace")] = value
+    return LogState(shape=shape, chunks=counters.get("chunks", 0), held_chunks=int(held),
+                    inserted=counters.get("inserted", 0), size=counters.get("size", 0),
+                    bytes=counters.get("bytes", 0), trimmed=counters.get("trimmed", 0), per_agent=per_agent,
+                    links=parsed)

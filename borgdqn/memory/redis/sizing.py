@@ -1,0 +1,72 @@
+"""How much memory the Redis log needs: the ``maxmemory`` of the memory pod's redis-server.
+
+The log holds at most ``capacity`` steps in whole chunks (see ``writer``), one stream entry per chunk plus a few
+small hashes, so what it holds once full is known in advance, up to how well the frames compress::
+
+    chunks     = ceil(capacity / chunk_length)
+    chunk      = chunk_length * bytes_per_step + PER_CHUNK_OVERHEAD       (one entry: its fields and stream node)
+    data       = chunks * chunk
+    maxmemory  = ceil(data * (1 + headroom)) + BASE_BYTES
+
+``bytes_per_step`` is what one step costs in a stored chunk: exactly the ``bytes_per_step`` that the memory
+monitor reports (chunk bytes held / steps held), so a measured figure can be fed back. The default is a generous
+guess for Atari frames (84x84 uint8, LZ4): Pong measures ~95 B/step with 32-step chunks; a raw frame is 7,056 B.
+``headroom`` covers the allocator's size-class rounding (up to 25% of a value) and frames that compress worse than
+guessed; ``BASE_BYTES`` covers Redis itself (client buffers, scripts, the AOF rewrite buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_CHUNK_LENGTH = 32
+DEFAULT_BYTES_PER_STEP = 1024
+DEFAULT_HEADROOM = 0.5
+PER_CHUNK_OVERHEAD = 256  # the stream entry (id, field names, agent, steps, time) and the chunk's protobuf header
+BASE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class MemorySizing:
+    """The numbers behind one ``maxmemory`` (logged by the memory image's entrypoint)."""
+
+    capacity: int
+    chunk_length: int
+    bytes_per_step: float
+    headroom: float
+    chunks: int
+    chunk_bytes: int  # one chunk with its entry's overhead
+    data_bytes: int
+    maxmemory: int
+
+
+def size_memory(
+    capacity: int,
+    chunk_length: int = DEFAULT_CHUNK_LENGTH,
+    bytes_per_step: float = DEFAULT_BYTES_PER_STEP,
+    headroom: float = DEFAULT_HEADROOM,
+) -> MemorySizing:
+    """The ``maxmemory`` (bytes) of a Redis memory of ``capacity`` steps; ValueError names a bad argument."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1 step, not {capacity}")
+    if chunk_length < 1:
+        raise ValueError(f"chunk_length must be at least 1 step, not {chunk_length}")
+    if not (math.isfinite(bytes_per_step) and bytes_per_step > 0):
+        raise ValueError(f"bytes_per_step must be a positive number, not {bytes_per_step}")
+    if not (math.isfinite(headroom) and headroom >= 0):
+        raise ValueError(f"headroom must be a fraction >= 0, not {headroom}")
+    chunks = max(1, -(-capacity // chunk_length))
+    chunk = math.ceil(chunk_length * bytes_per_step) + PER_CHUNK_OVERHEAD
+    data = chunks * chunk
+    maxmemory = math.ceil(data * (1 + headroom)) + BASE_BYTES
+    return MemorySizing(
+        capacity=capacity,
+        chunk_length=chunk_length,
+        bytes_per_step=bytes_per_step,
+        headroom=headroom,
+        chunks=chunks,
+        chunk_bytes=chunk,
+        data_bytes=data,
+        maxmemory=maxmemory,
+    )
