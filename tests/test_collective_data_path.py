@@ -40,7 +40,7 @@ from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
 from borgdqn.config import BorgConfig
-from borgdqn.memory.monitor import LogPublisher, MemoryMonitor
+from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
 from borgdqn.telemetry.documents import SHARES_INDEX

@@ -18,15 +18,14 @@ from pathlib import Path
 import pytest
 
 from borgdqn.cli import main
-from borgdqn.memory.redis_replay import RedisReplay
 from borgdqn.telemetry.events import kind_of
 from tests.conditions import eventually
 from tests.harness.kafka import KafkaServer
 from tests.harness.redis import RedisServer
 from tests.test_hive import EXAMPLES, small_config
 from tests.test_hive_redis import _train
-from tests.test_memory_monitor import config as memory_config
 from tests.test_memory_monitor import episode as add_episode
+from tests.test_memory_monitor import open_log
 from tests.test_telemetry_producer import read_events
 
 pytestmark = pytest.mark.integration
@@ -95,7 +94,7 @@ def test_a_hive_streams_every_episode_its_training_and_its_memory(tmp_path: Path
 def test_the_memory_monitor_sends_memory_reports(redis_server: RedisServer, kafka_server: KafkaServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     name = f"mon-{uuid.uuid4().hex[:12]}"
-    replay = RedisReplay.connect(redis_server.url, name, memory_config())
+    replay = open_log(redis_server.url, name)
     try:
         add_episode(replay, stream=0, agent=0, steps=24)
         add_episode(replay, stream=1, agent=1, steps=8)
@@ -104,9 +103,8 @@ def test_the_memory_monitor_sends_memory_reports(redis_server: RedisServer, kafk
         for _ in range(2):
             assert main(["memory-monitor", "--memory", url, "--name", name, "--once", "--kafka",
                          kafka_server.bootstrap]) == 0  # fmt: skip
-        stats = replay.stats()
     finally:
-        replay.close()
+        replay._r.close()
     events = read_events(kafka_server.bootstrap, ("memory",), keep=lambda e: e.header.collective == name,
                          done=lambda got: len(got) >= 2)  # fmt: skip
     assert len(events) == 2, "one report per reading"
@@ -114,8 +112,8 @@ def test_the_memory_monitor_sends_memory_reports(redis_server: RedisServer, kafk
         assert topic == "borg.telemetry.memory"
         assert event.header.source_id.startswith(f"{name}/memory-0/")
         report = event.memory
-        assert (report.size, report.capacity, report.inserted) == (stats.size, stats.capacity, stats.inserted) \
-            == (32, 64, 32)
+        assert (report.size, report.capacity, report.inserted) == (32, 64, 32)
+        assert (report.dropped_chunks, report.skipped_chunks, report.outage_seconds) == (0, 0, 0.0)
         assert dict(report.per_agent_steps) == {0: 24, 1: 8}
         assert report.bytes_used > 0 and not report.HasField("insert_rate")  # --once: one reading, no rate
     # A bad address is bad input (exit 2).

@@ -16,6 +16,7 @@ import redis
 
 from borgdqn.config import ConfigError, build_config
 from borgdqn.hive import train
+from borgdqn.memory.redis.keys import read_state
 from tests.conditions import eventually
 from tests.harness.redis import RedisServer
 from tests.test_hive import EXAMPLES, small_config
@@ -51,10 +52,15 @@ def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: Re
     ages = [now["replay_sample_age"] for before, now in itertools.pairwise(updates)
             if now["updates"] > before["updates"]]  # fmt: skip
     assert ages and all(age is not None and 0 < age < 5000 for age in ages)
-    # The memory is in Redis, with both agents' steps; the password is in no log line.
+    # The log is in Redis, with both agents' steps; each agent learned from its replica of it, whose link reported
+    # what it did; the password is in no log line.
     client = redis.Redis.from_url(redis_server.url)
-    stats = client.hgetall(f"borg:{{{name}}}:stats")
-    assert int(stats[b"inserted"]) >= 3000 and int(stats[b"sampled"]) > 0
+    state = read_state(client, name)
+    assert state.inserted >= 3000 and set(state.per_agent) == {0, 1}
+    links = [json.loads(line) for line in (out / "metrics" / "agent-1.jsonl").read_text().splitlines()
+             if '"kind":"link"' in line]
+    assert links and links[-1]["caught_up"] and links[-1]["sampled"] > 0 and links[-1]["replica_chunks"] > 0
+    assert links[-1]["dropped_chunks"] == links[-1]["bad_chunks"] == 0
     logs = "".join(p.read_text() for p in (out / "logs").glob("*.log")) + result.stderr + result.stdout
     assert redis_server.password not in logs
 
@@ -88,17 +94,17 @@ def test_agents_survive_redis_killed_and_restarted_and_the_memory_survives_with_
     try:
         eventually(lambda: inserted() > 2000 and min(_updates(out, 0), _updates(out, 1)) > 0,
                    "both agents writing and learning", 120)
-        head_before = int(client.get(f"borg:{{{name}}}:head") or 0)
+        head_before = read_state(client, name).chunks
 
         server.kill()
         eventually(lambda: every_log_says("redis away"), "both agents noticing the crash", 60)
         learned = [_updates(out, a) for a in (0, 1)]
         eventually(lambda: all(_updates(out, a) > learned[a] + 20 for a in (0, 1)),
-                   "both agents learning on (from their local buffers) while Redis is down", 60)
+                   "both agents learning on (from their replicas) while Redis is down", 60)
 
         server.launch()
         # appendfsync always: every chunk written before the crash is still there.
-        assert int(client.get(f"borg:{{{name}}}:head") or 0) >= head_before
+        assert read_state(client, name).chunks >= head_before
         eventually(lambda: every_log_says("redis back"), "both agents reconnecting", 60)
         after = inserted()
         eventually(lambda: inserted() > after + 1000, "the agents writing into the restarted memory", 60)
@@ -153,3 +159,18 @@ def test_cartpole_hive_of_two_learns_through_redis(tmp_path: Path, redis_server:
     summary = train(config)
     best = summary["hive"]["best_mean_return_20"]
     assert best is not None and best >= 475, summary
+    # The hive mind, measured: after warm-up (the second half of the run) each learner's batches come from both
+    # agents in proportion to what each wrote (each agent's share of the log), within 5 points.
+    written = read_state(redis.Redis.from_url(redis_server.url), config.replay.redis_name).per_agent
+    for agent in (0, 1):
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics" / f"agent-{agent}.jsonl").read_text()
+                   .splitlines() if '"kind":"train"' in line]
+        drawn: dict[str, int] = {}
+        for record in records[len(records) // 2:]:
+            for source, count in record["sampled_by_agent"].items():
+                drawn[source] = drawn.get(source, 0) + count
+        total = sum(drawn.values())
+        assert total > 10_000 and set(drawn) == {"0", "1"}, drawn
+        for source in (0, 1):
+            share_drawn, share_written = drawn[str(source)] / total, written[source] / sum(written.values())
+            assert abs(share_drawn - share_written) < 0.05, (agent, drawn, written)

@@ -1,6 +1,7 @@
-"""The memory monitor against a real Redis memory (the harness's redis-server) filled by ``RedisReplay``.
+"""The memory monitor against a real Redis log (the harness's redis-server) filled by ``LogWriter`` as the agents'
+links write it, and read by real links.
 
-Every figure of a reading is checked against the memory itself: ``RedisReplay.stats()`` and the stored values.
+Every figure of a reading is checked against the log itself: its entries, read back, and the links' counters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import redis
 
 from borgdqn.cli import main
-from borgdqn.memory.monitor import (
+from borgdqn.telemetry.memory_monitor import (
     MemoryMonitor,
     MemoryNotCreated,
     MemoryReading,
@@ -30,43 +31,55 @@ from borgdqn.memory.monitor import (
     connect,
     format_reading,
 )
+from borgdqn.memory.codec import encode_chunk
 from borgdqn.memory.protocol import TrajectoryChunk
-from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig
+from borgdqn.memory.redis.keys import LogShape
+from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.writer import LogWriter
+from borgdqn.memory.shared import SharedReplay
+from tests.conditions import eventually
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
-MONITOR_LOGGER = "borgdqn.memory.monitor"
+MONITOR_LOGGER = "borgdqn.telemetry.memory_monitor"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(capacity: int = 64, chunk_length: int = 8) -> RedisReplayConfig:
-    return RedisReplayConfig(
-        capacity=capacity,
-        chunk_length=chunk_length,
-        frame_shape=(2,),
-        frame_dtype="<f4",
-        prioritized=False,
-        alpha=0.6,
-        priority_eps=1e-6,
-        context=0,
-        lookahead=1,
-    )
+def shape(capacity: int = 64, chunk_length: int = 8) -> LogShape:
+    return LogShape(capacity=capacity, chunk_length=chunk_length, frame_shape=(2,), frame_dtype="<f4")
 
 
-def episode(memory: RedisReplay, stream: int, agent: int, steps: int, chunk_length: int = 8) -> None:
-    """One whole episode of ``steps`` steps, added in chunks (every chunk is stored: the episode ends)."""
-    for lo in range(0, steps, chunk_length):
+def open_log(url: str, name: str, capacity: int = 64) -> LogWriter:
+    """A writer of log ``name`` (declared), as an agent's link holds one."""
+    writer = LogWriter(redis.Redis.from_url(url), name, shape(capacity))
+    writer.declare()
+    return writer
+
+
+def episode(log: LogWriter, stream: int, agent: int, steps: int, chunk_length: int = 8) -> None:
+    """One whole episode of ``steps`` steps, appended in chunks numbered from 0 (a new stream id per episode)."""
+    entries = []
+    for number, lo in enumerate(range(0, steps, chunk_length)):
         t = min(chunk_length, steps - lo)
         first = np.zeros(t, dtype=bool)
         first[0] = lo == 0
         last = np.zeros(t, dtype=bool)
         last[-1] = lo + t == steps
-        memory.add(TrajectoryChunk(
+        chunk = TrajectoryChunk(
             stream_id=stream, agent_id=agent, frames=np.arange(lo, lo + t, dtype=np.float32)[:, None].repeat(2, 1),
             actions=np.zeros(t, dtype=np.int64), rewards=np.ones(t, dtype=np.float32), first=first, last=last,
-            terminated=last.copy()))  # fmt: skip
+            terminated=last.copy())  # fmt: skip
+        entries.append((encode_chunk(chunk, chunk_seq=number), agent, t))
+    log.append(entries)
+
+
+def open_link(url: str, name: str, label: str) -> RedisLink:
+    replica = SharedReplay.create(64, (2,), np.float32, prioritized=False, alpha=0.6, priority_eps=1e-6,
+                                  private=True)
+    return RedisLink(lambda: redis.Redis.from_url(url), name, shape(), replica, label=label,
+                     settings=LinkSettings(report_every_s=0.05))
 
 
 class Clock:
@@ -115,17 +128,17 @@ def count_reads(client: Any) -> Callable[[], int]:
     return lambda: opened
 
 
-def chunk_values(client: Any, name: str, slots: int) -> int:
-    """The stored chunks' bytes, read value by value (the monitor uses STRLEN)."""
-    return sum(len(client.get(f"borg:{{{name}}}:c:{slot}") or b"") for slot in range(slots))
+def chunk_values(client: Any, name: str) -> int:
+    """The stored chunks' bytes, read entry by entry (the monitor reads the log's own counter)."""
+    return sum(len(fields[b"d"]) for _, fields in client.xrange(f"borg:{{{name}}}:log"))
 
 
 @pytest.fixture
-def memory(redis_server: RedisServer) -> Iterator[tuple[RedisReplay, str]]:
+def memory(redis_server: RedisServer) -> Iterator[tuple[LogWriter, str]]:
     name = f"mon-{uuid.uuid4().hex[:12]}"
-    replay = RedisReplay.connect(redis_server.url, name, config())
-    yield replay, name
-    replay.close()
+    log = open_log(redis_server.url, name)
+    yield log, name
+    log._r.close()
 
 
 @pytest.fixture
@@ -135,45 +148,55 @@ def client(redis_server: RedisServer) -> Iterator[Any]:
     c.close()
 
 
-def test_a_reading_matches_the_memory(memory: tuple[RedisReplay, str], client: Any) -> None:
+def test_a_reading_matches_the_memory_and_what_the_links_report(
+        memory: tuple[LogWriter, str], client: Any, redis_server: RedisServer) -> None:
     replay, name = memory
     episode(replay, stream=0, agent=0, steps=24)
     episode(replay, stream=1, agent=1, steps=5)
     clock = Clock()
     monitor = MemoryMonitor(client, name, Collect(), clock=clock)
     first = monitor.read()
-    stats = replay.stats()
-    assert (first.size, first.capacity, first.inserted) == (stats.size, stats.capacity, stats.inserted) == (29, 64, 29)
-    assert first.per_agent == stats.per_agent == {0: 24, 1: 5}
+    assert (first.size, first.capacity, first.inserted, first.chunks) == (29, 64, 29, 4)
+    assert first.per_agent == {0: 24, 1: 5}
     assert first.per_agent_share == pytest.approx({0: 24 / 29, 1: 5 / 29})
-    assert (first.slots, first.filled_slots, first.fill) == (8, 4, pytest.approx(29 / 64))
-    assert first.chunk_bytes == chunk_values(client, name, 8) > 0
+    assert first.fill == pytest.approx(29 / 64)
+    assert first.chunk_bytes == chunk_values(client, name) > 0
     assert first.bytes_per_step == pytest.approx(first.chunk_bytes / 29)
     assert first.used_memory > first.chunk_bytes  # INFO memory: Redis holds the chunks and more
     assert first.maxmemory == int(client.config_get("maxmemory")["maxmemory"])
     assert first.insert_rate is None and first.sample_rate is None  # nothing to compare with yet
+    assert (first.links, first.dropped_chunks, first.lag_p99_ms) == (0, 0, None)
 
-    episode(replay, stream=2, agent=1, steps=16)
-    batch = replay.sample(16, 1, 0.99, 1, 0.5)
-    replay.stats()  # samplers report their counts in batches; this sends them
-    clock.now += 2.0
-    second = monitor.read()
-    assert second.inserted == replay.stats().inserted == 45
-    assert second.insert_rate == pytest.approx(16 / 2.0)
-    assert second.sample_rate == pytest.approx(len(batch.keys) / 2.0)
-    assert second.per_agent == {0: 24, 1: 21}
+    # Two agents' links: each loads the log into its replica, samples it and reports what it did.
+    links = [open_link(redis_server.url, name, f"agent-{i}") for i in range(2)]
+    try:
+        episode(replay, stream=2, agent=1, steps=16)
+        for link in links:
+            link.wait_caught_up(10)
+            eventually(lambda link=link: link.stats().size == 45, "the log replicated")
+            link.sample(16, 1, 0.99, 1, 0.5)
+        eventually(lambda: MemoryMonitor(client, name, Collect()).read().sampled == 32, "both links reporting")
+        clock.now += 2.0
+        second = monitor.read()
+        assert second.inserted == 45 and second.per_agent == {0: 24, 1: 21}
+        assert second.insert_rate == pytest.approx(16 / 2.0)
+        assert (second.links, second.catching_up, second.rejected, second.skipped_chunks) == (2, 0, 0, 0)
+        assert second.lag_p99_ms is not None and 0 <= second.lag_p99_ms < 10_000
+        assert second.sample_rate is not None and second.sample_rate >= 0
+    finally:
+        for link in links:
+            link.close()
 
 
-def test_a_full_ring_reports_only_what_it_holds(memory: tuple[RedisReplay, str], client: Any) -> None:
+def test_a_full_log_reports_only_what_it_holds(memory: tuple[LogWriter, str], client: Any) -> None:
     replay, name = memory
     episode(replay, stream=0, agent=0, steps=24)
-    episode(replay, stream=5, agent=2, steps=80)  # 10 chunks through 8 slots: agent 0's are overwritten
+    episode(replay, stream=5, agent=2, steps=80)  # 10 chunks through a log of 8: agent 0's are trimmed
     reading = MemoryMonitor(client, name, Collect()).read()
-    stats = replay.stats()
-    assert (reading.size, reading.fill, reading.inserted) == (stats.size, 1.0, 104) == (64, 1.0, 104)
-    assert reading.per_agent == stats.per_agent == {2: 64}
+    assert (reading.size, reading.fill, reading.inserted, reading.chunks) == (64, 1.0, 104, 8)
+    assert reading.per_agent == {2: 64}
     assert reading.per_agent_share == {2: 1.0}
-    assert reading.chunk_bytes == chunk_values(client, name, 8)
+    assert reading.chunk_bytes == chunk_values(client, name)
 
 
 def test_a_memory_that_does_not_exist_is_reported_not_created(
@@ -194,8 +217,8 @@ def test_a_memory_that_does_not_exist_is_reported_not_created(
         polled = reads()
         until(lambda: reads() >= polled + 3, "polling a few more times")
         assert list(client.scan_iter(match=f"borg:{{{name}}}*")) == []  # reading never creates the layout
-        replay = RedisReplay.connect(redis_server.url, name, config())
-        episode(replay, stream=0, agent=3, steps=8)
+        log = open_log(redis_server.url, name)
+        episode(log, stream=0, agent=3, steps=8)
         until(lambda: bool(collect.readings), "reading the new memory")
     finally:
         stop.set()
@@ -203,10 +226,10 @@ def test_a_memory_that_does_not_exist_is_reported_not_created(
     assert collect.readings[0].per_agent == {3: 8}
     absent = [r for r in caplog.records if "not created yet" in r.getMessage()]
     assert len(absent) == 1, [r.getMessage() for r in absent]  # said once, not once per poll
-    replay.close()
+    log._r.close()
 
 
-def test_a_failing_publisher_does_not_stop_the_monitor(memory: tuple[RedisReplay, str], client: Any) -> None:
+def test_a_failing_publisher_does_not_stop_the_monitor(memory: tuple[LogWriter, str], client: Any) -> None:
     replay, name = memory
     episode(replay, stream=0, agent=0, steps=8)
 
@@ -232,7 +255,7 @@ def test_a_failing_publisher_does_not_stop_the_monitor(memory: tuple[RedisReplay
 
 
 def test_the_cli_logs_one_line_per_reading_without_the_password(
-    memory: tuple[RedisReplay, str],
+    memory: tuple[LogWriter, str],
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
@@ -259,21 +282,23 @@ def test_the_cli_logs_one_line_per_reading_without_the_password(
     assert (fields["size"], fields["capacity"], fields["per_agent"]) == ("32", "64", "0:24,1:8")
     assert fields["share"] == "0:0.7500,1:0.2500"
     assert fields["insert_rate"] == "-"
-    assert int(fields["chunk_bytes"]) == chunk_values(replay._r, name, 8)
+    assert int(fields["chunk_bytes"]) == chunk_values(replay._r, name)
     out, err = capsys.readouterr()
     for text in (*[r.getMessage() for r in caplog.records], out, err):
         assert redis_server.password not in text
 
 
 def test_a_reading_formats_as_key_value_pairs() -> None:
-    reading = MemoryReading(name="hive", time=0.0, size=3, capacity=8, fill=0.375, slots=2, filled_slots=1,
+    reading = MemoryReading(name="hive", time=0.0, size=3, capacity=8, fill=0.375, chunks=1,
                             inserted=3, sampled=0, rejected=1, insert_rate=1.5, sample_rate=None, used_memory=10,
                             maxmemory=0, chunk_bytes=30, bytes_per_step=10.0, per_agent={1: 2, 0: 1},
-                            per_agent_share={1: 2 / 3, 0: 1 / 3})  # fmt: skip
+                            per_agent_share={1: 2 / 3, 0: 1 / 3}, links=2, catching_up=1, dropped_chunks=4,
+                            skipped_chunks=5, outage_s=1.25, lag_p99_ms=None)  # fmt: skip
     line = format_reading(reading)
-    assert line.startswith("name=hive size=3 capacity=8 fill=0.3750 slots=1/2 inserted=3 sampled=0 rejected=1 ")
+    assert line.startswith("name=hive size=3 capacity=8 fill=0.3750 chunks=1 inserted=3 sampled=0 rejected=1 ")
     assert "insert_rate=1.5 sample_rate=- " in line
-    assert line.endswith("per_agent=0:1,1:2 share=0:0.3333,1:0.6667")
+    assert line.endswith("per_agent=0:1,1:2 share=0:0.3333,1:0.6667 links=2 catching_up=1 dropped_chunks=4 "
+                         "skipped_chunks=5 outage_s=1.2 lag_p99_ms=-")
 
 
 def test_the_cli_refuses_bad_input_in_one_line(
@@ -305,9 +330,9 @@ def test_the_monitor_survives_its_redis_going_away(
 ) -> None:
     server = redis_server_aof
     name = "restarts"
-    replay = RedisReplay.connect(server.url, name, config())
-    episode(replay, stream=0, agent=0, steps=24)
-    replay.close()
+    log = open_log(server.url, name)
+    episode(log, stream=0, agent=0, steps=24)
+    log._r.close()
 
     client, where = connect(f"redis://127.0.0.1:{server.port}/0", server.password)
     attempts = count_reads(client)
@@ -345,20 +370,19 @@ def test_a_broken_layout_is_an_error_not_a_crash(redis_server: RedisServer, clie
     name = f"broken-{uuid.uuid4().hex[:12]}"
     client.set(f"borg:{{{name}}}:config", b"{not json")
     monitor = MemoryMonitor(client, name, Collect())
-    with pytest.raises(MonitorError, match="is not a memory config"):
+    with pytest.raises(MonitorError, match="is not a borgdqn log shape"):
         monitor.read()
-    client.set(f"borg:{{{name}}}:config", b'{"capacity": 64, "chunk_length": 8}')
-    with pytest.raises(MemoryNotCreated, match="config without arrays"):  # a client between its two writes
-        monitor.read()
-    client.set(f"borg:{{{name}}}:steps", b"\x00" * 16)
-    client.set(f"borg:{{{name}}}:agent", b"\x00" * 16)
-    client.set(f"borg:{{{name}}}:gseq", b"\x00" * 5)
-    with pytest.raises(MonitorError, match="gseq is 5 bytes, not 64 bytes"):
-        monitor.read()
+    client.set(f"borg:{{{name}}}:config", shape().to_json())
+    # Hostile counters and link reports count as nothing; the reading still comes.
+    client.hset(f"borg:{{{name}}}:stats", mapping={"size": "lots", "inserted": "8"})
+    client.hset(f"borg:{{{name}}}:links", mapping={"x": "{not json", "y": '{"dropped_chunks": -5, "away_s": "1"}',
+                                                    "z": '{"dropped_chunks": 3}'})
+    reading = monitor.read()
+    assert (reading.size, reading.inserted, reading.links, reading.dropped_chunks, reading.outage_s) == (0, 8, 2, 3, 0)
 
 
 def test_the_sidecar_process_reads_until_sigterm_with_the_password_in_no_argument(
-    memory: tuple[RedisReplay, str], redis_server: RedisServer, tmp_path: Path
+    memory: tuple[LogWriter, str], redis_server: RedisServer, tmp_path: Path
 ) -> None:
     replay, name = memory
     episode(replay, stream=0, agent=0, steps=16)

@@ -9,10 +9,9 @@ import pytest
 import redis
 
 from borg_operator.memory_fill import FillError, FillReader, fetch_fill, read_fill
-from borgdqn.memory.redis_replay import RedisReplay
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
-from tests.test_memory_monitor import config, episode
+from tests.test_memory_monitor import episode, open_log
 
 pytestmark = pytest.mark.integration
 
@@ -23,23 +22,22 @@ def test_fill_matches_the_memory_s_own_stats(redis_server: RedisServer) -> None:
     with pytest.raises(FillError, match="not created yet"):
         read_fill(client, name)
 
-    memory = RedisReplay.connect(redis_server.url, name, config())
+    memory = open_log(redis_server.url, name)
     try:
         assert read_fill(client, name) == 0.0
         episode(memory, stream=0, agent=0, steps=24)
-        memory.flush()
-        stats = memory.stats()
-        assert stats.size == 24
-        assert read_fill(client, name) == pytest.approx(stats.size / stats.capacity) == 24 / 64
+        held = sum(int(fields[b"t"]) for _, fields in client.xrange(f"borg:{{{name}}}:log"))
+        assert held == 24
+        assert read_fill(client, name) == pytest.approx(held / 64) == 24 / 64
         assert fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, 1.0) == 24 / 64
     finally:
-        memory.close()
+        memory._r.close()
         client.close()
 
 
 def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(redis_server: RedisServer) -> None:
     name = f"fill-{uuid.uuid4().hex[:8]}"
-    memory = RedisReplay.connect(redis_server.url, name, config())
+    memory = open_log(redis_server.url, name)
     now = [100.0]
     reader = FillReader(timeout_s=0.5, quiet_s=60.0, clock=lambda: now[0])
     try:
@@ -65,4 +63,4 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
         assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == (0.0, None)
     finally:
         reader.close()
-        memory.close()
+        memory._r.close()

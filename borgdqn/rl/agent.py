@@ -129,6 +129,7 @@ def run_agent(
     losses: list[float] = []
     mean_qs: list[float] = []
     sample_ages: list[float] = []  # each batch's mean age since the last report (equal batches: mean of means)
+    sources: dict[int, int] = {}  # rows sampled since the last report, by the agent that wrote them
     window_start, window_steps, window_updates = time.monotonic(), 0, 0
     next_checkpoint = state.env_steps + config.hive.checkpoint_every
     last_report = 0.0
@@ -170,6 +171,7 @@ def run_agent(
             loss=loss,
             mean_q=mean_q,
             replay_sample_age=sample_age,
+            sampled_by_agent={str(a): n for a, n in sorted(sources.items())},
             env_steps_per_s=rep.env_steps_per_s,
             updates_per_s=rep.updates_per_s,
             epsilon=rep.epsilon,
@@ -214,6 +216,7 @@ def run_agent(
         losses.clear()
         mean_qs.clear()
         sample_ages.clear()
+        sources.clear()
         window_start, window_steps, window_updates = now, 0, 0
         last_report = now
         if reports is not None:
@@ -304,7 +307,7 @@ def run_agent(
                     b = beta(state.env_steps * config.hive.agents)
                     while updates_due >= 1.0:
                         try:
-                            result_u, batch_age = _learn_once(learner, memory, config, stack, b)
+                            result_u, batch_age = _learn_once(learner, memory, config, stack, b, sources)
                         except MemoryNotReady:
                             updates_due = 0.0  # nothing to learn from this moment: act on, try at the next step
                             break
@@ -340,18 +343,21 @@ def run_agent(
 
 
 def _learn_once(
-    learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float
+    learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float, sources: dict[int, int]
 ) -> tuple[UpdateResult, float]:
-    """One update from one batch; returns its result and the batch's mean sample age."""
+    """One update from one batch; returns its result and the batch's mean sample age, and counts in ``sources``
+    the rows it drew by the agent that wrote them (the hive mind, measured: whose experience this learner uses)."""
     cfg = config.learner
     if learner.online.recurrent:
         seq = memory.sample_sequences(cfg.batch_size, cfg.sampled_length, stack, beta)
         out = learner.update_sequences(seq)
-        keys, ages = seq.keys, seq.ages
+        keys, ages, agent_ids = seq.keys, seq.ages, seq.agent_ids
     else:
         batch = memory.sample(cfg.batch_size, cfg.n_step, cfg.gamma, stack, beta)
         out = learner.update(batch)
-        keys, ages = batch.keys, batch.ages
+        keys, ages, agent_ids = batch.keys, batch.ages, batch.agent_ids
+    for agent_id, count in zip(*np.unique(agent_ids, return_counts=True), strict=True):
+        sources[int(agent_id)] = sources.get(int(agent_id), 0) + int(count)
     if config.replay.prioritized:
         memory.update_priorities(keys, out.priorities)
     return out, float(ages.mean())

@@ -68,6 +68,7 @@ class LinkCounters:
     outages: int = 0
     away_s: float = 0.0
     replica_chunks: int = 0  # chunks the tail added to the replica
+    sampled: int = 0  # transitions or sequences this learner drew from its replica
     bad_chunks: int = 0  # log entries that did not decode: skipped
     skipped_chunks: int = 0  # log entries trimmed before the tail read them
     cuts: int = 0
@@ -180,6 +181,7 @@ class RedisLink:
         c.replica_chunks, c.bad_chunks, c.skipped_chunks, c.cuts = t.chunks, t.bad_chunks, t.skipped_chunks, t.cuts
         c.lag_p50_ms, c.lag_p99_ms = self._tail.lag_ms(0.5), self._tail.lag_ms(0.99)
         c.caught_up = self.caught_up
+        c.sampled = self.replica.stats().sampled
         away = c.away_s
         since = self._outage.since
         if since is not None:
