@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import redis  # noqa: E402
+from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig  # noqa: E402
 from codec_throughput import ale_pong_frames, pong_frames  # noqa: E402
 
 from borgdqn.memory.protocol import TrajectoryChunk  # noqa: E402
-from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig  # noqa: E402
 from tests.harness.cache import Progress  # noqa: E402
 from tests.harness.redis import RedisInstall, ensure_redis, start_redis  # noqa: E402
 

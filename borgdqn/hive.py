@@ -25,6 +25,7 @@ import numpy as np
 
 from borgdqn.config import BorgConfig, ConfigError, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
+from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
 from borgdqn.memory.protocol import ReplayMemory
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, with_password
 from borgdqn.memory.redis.keys import LogShape
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 LOG_DIR = "logs"
 JOIN_TIMEOUT_S = 120.0
-# A replica links the streams of every agent of the collective (each agent: up to STREAMS_PER_AGENT envs).
-MAX_REPLICA_STREAMS = 1 << 16
 # A second interrupt aborts only when it comes this long after the first: tools deliver one stop twice at once.
 ABORT_AFTER_S = 1.0
 

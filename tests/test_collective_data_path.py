@@ -40,11 +40,11 @@ from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
 from borgdqn.config import BorgConfig
-from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
 from borgdqn.telemetry.documents import SHARES_INDEX
 from borgdqn.telemetry.events import INDICES
+from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
 from tests.conditions import eventually
 from tests.harness.kafka import KafkaServer
 from tests.harness.redis import RedisServer
@@ -68,7 +68,7 @@ SPEC: dict[str, Any] = {
         "epsilonLadder": LADDER,
     },
     # Room for both members' steps (partial chunks included): nothing is evicted, so the counts are exact.
-    "memory": {"capacity": 8192, "chunkLength": 16, "localCapacity": 1024, "cacheMb": 8, "persistence": False,
+    "memory": {"capacity": 8192, "chunkLength": 16, "outboxSteps": 1024, "persistence": False,
                "resources": {"cpu": "1", "memory": "1Gi"}},
     "kafka": {"mode": "managed"},
     "elastic": {"mode": "eck", "count": 1},

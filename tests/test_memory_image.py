@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from borgdqn.memory.redis_sizing import BASE_BYTES, PER_CHUNK_OVERHEAD, size_memory
+from borgdqn.memory.redis.sizing import BASE_BYTES, PER_CHUNK_OVERHEAD, size_memory
 from tests.harness.cache import Progress
 from tests.harness.errors import HarnessError
 from tests.harness.process import ServerProcess, free_port, make_workdir, start_server, wait_until
@@ -42,12 +42,11 @@ TRICKY_PASSWORD = 'pw with "quotes" \\ $HOME ünï-' + "x" * 16
 # ------------------------------------------------------------------------------------------------ sizing
 def test_sizing_follows_the_formula() -> None:
     pong = size_memory(250_000, 32, bytes_per_step=1024, headroom=0.5)
-    slots = 7813  # ceil(250000 / 32)
+    chunks = 7813  # ceil(250000 / 32)
     chunk = 32 * 1024 + PER_CHUNK_OVERHEAD
-    arrays = slots * (8 + 2 + 2 + 4) + slots * 32 * 4
-    assert (pong.slots, pong.chunk_bytes, pong.array_bytes) == (slots, chunk, arrays)
-    assert pong.data_bytes == slots * chunk + arrays
-    assert pong.maxmemory == -(-(slots * chunk + arrays) * 3 // 2) + BASE_BYTES
+    assert (pong.chunks, pong.chunk_bytes) == (chunks, chunk)
+    assert pong.data_bytes == chunks * chunk
+    assert pong.maxmemory == -(-(chunks * chunk) * 3 // 2) + BASE_BYTES
     # More steps, worse compression or more headroom never ask for less memory.
     assert size_memory(500_000).maxmemory > size_memory(250_000).maxmemory
     assert size_memory(250_000, bytes_per_step=2000).maxmemory > pong.maxmemory

@@ -23,6 +23,12 @@ import pytest
 import redis
 
 from borgdqn.cli import main
+from borgdqn.memory.codec import encode_chunk
+from borgdqn.memory.protocol import TrajectoryChunk
+from borgdqn.memory.redis.keys import LogShape
+from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.writer import LogWriter
+from borgdqn.memory.shared import SharedReplay
 from borgdqn.telemetry.memory_monitor import (
     MemoryMonitor,
     MemoryNotCreated,
@@ -31,12 +37,6 @@ from borgdqn.telemetry.memory_monitor import (
     connect,
     format_reading,
 )
-from borgdqn.memory.codec import encode_chunk
-from borgdqn.memory.protocol import TrajectoryChunk
-from borgdqn.memory.redis.keys import LogShape
-from borgdqn.memory.redis.link import LinkSettings, RedisLink
-from borgdqn.memory.redis.writer import LogWriter
-from borgdqn.memory.shared import SharedReplay
 from tests.conditions import eventually
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer

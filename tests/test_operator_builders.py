@@ -25,6 +25,7 @@ from borg_operator.builders.kafka import cluster_id
 from borg_operator.builders.memory import build_redis_secret, redis_maxmemory
 from borg_operator.spec import SpecError, kafka_bootstrap, parse_spec, to_borg_config
 from borgdqn.config import build_config
+from borgdqn.memory.redis.sizing import replica_bytes
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds, strimzi_crds
 from tests.kube_helpers import install_borg_crd, namespaces_deleted_after, new_namespace, wait_established
@@ -324,7 +325,7 @@ def test_the_memory_statefulset_runs_redis_and_the_monitor() -> None:
     assert sts["spec"]["serviceName"] == "pong-memory-headless"
     redis, monitor = pod_spec(sts)["containers"]
     assert redis["args"] == ["redis-server"]  # the image's config: AOF on
-    assert env_of(redis)["BORG_MEMORY_CAPACITY"] == "2000000"
+    assert env_of(redis)["BORG_MEMORY_CAPACITY"] == "1000000"
     assert env_of(redis)["BORG_MEMORY_CHUNK_LENGTH"] == "32"
     assert redis["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
     assert redis["readinessProbe"]["exec"]["command"][0] == "sh"
@@ -363,6 +364,28 @@ def test_a_memory_limit_below_redis_maxmemory_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match=r"memory\.resources\.memory 2Gi is not above Redis' maxmemory"):
         render("pong", spec)
     render("pong", {"memory": {"capacity": 2_000_000, "resources": {"memory": "6Gi"}}})
+
+
+def test_agent_pods_are_sized_for_their_replica_and_a_pod_too_small_for_it_is_refused() -> None:
+    def agent_memory(spec: dict[str, Any]) -> str:
+        container = pod_spec(by_kind(render("pong", spec), "Deployment", "pong-agents"))["containers"][0]
+        assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
+        return str(container["resources"]["limits"]["memory"])
+
+    # Sized from the capacity: the replica (~7.1 KB per 84x84 step, the embedded memory's own layout) plus 6Gi.
+    sizes = {capacity: agent_memory({"memory": {"capacity": capacity}})
+             for capacity in (100_000, 250_000, 1_000_000, 2_000_000)}
+    assert sizes == {100_000: "7Gi", 250_000: "8Gi", 1_000_000: "13Gi", 2_000_000: "20Gi"}
+    # Each figure holds the replica the agent will allocate, and no more than a GiB beyond it.
+    for capacity, size in sizes.items():
+        need = replica_bytes(capacity, (84, 84)) + 6 * 2**30
+        assert need <= int(size.removesuffix("Gi")) * 2**30 < need + 2**30
+    assert agent_memory({"memory": {"capacity": 1_000_000}, "agents": {"resources": {"memory": "24Gi"}}}) == "24Gi"
+    with pytest.raises(SpecError, match=r"^agents\.resources\.memory 8Gi cannot hold an agent's replica of the log: "
+                                        r"memory\.capacity 1000000 needs 13Gi per agent pod"):
+        render("pong", {"memory": {"capacity": 1_000_000}, "agents": {"resources": {"memory": "8Gi"}}})
+    with pytest.raises(SpecError, match="is not a quantity"):
+        render("pong", {"agents": {"resources": {"memory": "lots"}}})
 
 
 # --- Kafka ---------------------------------------------------------------------------------------------------

@@ -295,13 +295,13 @@ def test_an_edited_manifest_is_refused_by_kubectl_apply_and_a_dropped_immutable_
 def test_mutable_fields_change_in_place(cluster: KubeCluster, pong: tuple[str, str]) -> None:
     namespace, name = pong
     patch = {"spec": {"agents": {"learner": {"lr": 1e-4}, "network": {"lstmHidden": 256}, "gpus": 2},
-                      "memory": {"beta": {"steps": 20_000_000}, "cacheMb": 128},
+                      "memory": {"beta": {"steps": 20_000_000}, "outboxSteps": 4096},
                       "kafka": {"retentionHours": 24}, "elastic": {"count": 5, "version": "8.19.8"}}}
     cluster.kubectl("patch", "borgcollective", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
     stored = parse_spec(stored_spec(cluster, namespace, name))
     assert stored.agents.learner.lr == 1e-4
     assert stored.agents.network.lstm_hidden == 256  # free to change while the network is not recurrent
-    assert (stored.memory.cache_mb, stored.kafka.retention_hours, stored.elastic.count) == (128, 24, 5)
+    assert (stored.memory.outbox_steps, stored.kafka.retention_hours, stored.elastic.count) == (4096, 24, 5)
     assert stored.memory.beta == LinearSchedule(start=0.4, end=1.0, steps=20_000_000)
     # A merge patch merges a schedule too: another kind must null the old kind's fields, or be refused.
     refused = cluster.kubectl("patch", "borgcollective", name, "-n", namespace, "--type=merge",

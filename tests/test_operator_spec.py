@@ -75,7 +75,7 @@ SECTIONS: list[tuple[type[BaseModel], tuple[str, ...]]] = [
 # The memory's replay fields and their names in borgdqn's ReplayConfig.
 REPLAY_FIELDS = {"capacity": "capacity", "chunk_length": "chunk_length", "prioritized": "prioritized",
                  "alpha": "alpha", "beta": "beta", "priority_eps": "priority_eps",
-                 "local_capacity": "local_capacity", "cache_mb": "redis_cache_mb"}
+                 "outbox_steps": "outbox_steps"}
 
 
 def spec_schema() -> dict[str, Any]:
@@ -228,7 +228,7 @@ def test_the_default_spec_becomes_a_valid_config_with_the_clusters_addresses() -
     replay = config.replay
     assert (replay.backend, replay.redis_url, replay.redis_name) == ("redis", "redis://pong-memory.games.svc:6379/0",
                                                                      "pong")
-    assert (replay.capacity, replay.chunk_length, replay.redis_cache_mb) == (1_000_000, 32, 256)
+    assert (replay.capacity, replay.chunk_length, replay.outbox_steps) == (1_000_000, 32, 20_000)
     assert replay.beta == LinearSchedule(start=0.4, end=1.0, steps=10_000_000)
     assert (config.hive.agents, config.hive.steps, config.hive.threads_per_agent) == (1, 50_000_000, 4)
     assert config.hive.live == "off"
@@ -267,8 +267,8 @@ def full_spec() -> dict[str, Any]:
             "epsilonLadder": {"enabled": True, "base": 0.3, "alpha": 5.0},
         },
         "memory": {"capacity": 500_000, "chunkLength": 16, "prioritized": False, "alpha": 0.5,
-                   "beta": {"kind": "constant", "value": 1.0}, "priorityEps": 1e-5, "localCapacity": 4096,
-                   "cacheMb": 64, "persistence": False, "storage": {"size": "5Gi", "storageClassName": "fast"},
+                   "beta": {"kind": "constant", "value": 1.0}, "priorityEps": 1e-5, "outboxSteps": 4096,
+                   "persistence": False, "storage": {"size": "5Gi", "storageClassName": "fast"},
                    "image": "registry.example/memory:1", "resources": {"cpu": "1", "memory": "4Gi"}},
         "kafka": {"mode": "external", "bootstrapServers": "kafka-0.example:9092,kafka-1.example:9092", "replicas": 3,
                   "image": "registry.example/kafka:1", "version": "4.0.0",

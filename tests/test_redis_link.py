@@ -17,7 +17,6 @@ import pytest
 import redis
 
 from borgdqn.memory.codec import decode_chunk, encode_chunk
-from borgdqn.memory.layout import LAST
 from borgdqn.memory.protocol import MemoryNotReady
 from borgdqn.memory.redis.keys import LogShape, read_state
 from borgdqn.memory.redis.link import LinkSettings, RedisLink

@@ -892,3 +892,23 @@ def test_save_and_restore_keep_contents_and_links(memories: Any, tmp_path: Path)
         restored.restore(tmp_path / "replay.npz")
     with pytest.raises(ValueError, match="parameters"):
         memories(128).restore(tmp_path / "replay.npz")
+
+
+def test_a_private_memory_lives_in_this_process_only_and_can_cut_a_stream() -> None:
+    before = set(os.listdir("/dev/shm"))
+    memory = SharedReplay.create(256, F32.shape, np.dtype(F32.dtype), prioritized=False, alpha=0.6,
+                                 priority_eps=1e-6, private=True)
+    try:
+        assert set(os.listdir("/dev/shm")) == before, "nothing in /dev/shm, whose size a container caps"
+        with pytest.raises(TypeError, match="cannot be attached"):
+            memory.handle()
+        stream = Stream.from_episodes(3, 0, [40], [])
+        memory.add(stream.chunk(0, 20, F32))
+        memory.add(stream.chunk(20, 40, F32), continues=False)  # as a replica does after a gap in the log
+        starts = {t for _ in range(30) for _, t in check_transitions(memory.sample(16, 2, GAMMA, 2, 0.4),
+                                                                       {3: stream}, F32, 2, 2)}
+        # No transition's n steps reach across the cut, and no stack reaches back over it.
+        assert not starts & {18, 19, 20} and starts & set(range(18)) and starts & set(range(21, 38))
+    finally:
+        memory.close()
+        memory.unlink()

@@ -51,6 +51,7 @@ than copying the frames).
 from __future__ import annotations
 
 import _posixshmem
+import _thread
 import functools
 import logging
 import mmap
@@ -108,6 +109,7 @@ _LOCK_TIMEOUT_S = 60.0  # held this long, the lock's holder died holding it: fai
 _INT32 = np.iinfo(np.int32)
 
 _Rows = dict[str, np.ndarray]  # per-row arrays of a batch being assembled
+_ThreadLock = _thread.LockType  # a private memory's lock: its threads share it, no other process does
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class SharedReplayHandle:
 class _Held:
     """``with`` for the shared lock, with a timeout: a process killed inside it would otherwise hang the hive."""
 
-    def __init__(self, lock: ProcessLock) -> None:
+    def __init__(self, lock: ProcessLock | _ThreadLock) -> None:
         self._lock = lock
 
     def __enter__(self) -> None:
@@ -212,6 +214,11 @@ def _all_true(k: int, ahead: int) -> np.ndarray:
     return out
 
 
+def default_sequences(capacity: int) -> int:
+    """Sequence starts a memory keeps unless told: enough for chunks of 16 steps or more."""
+    return max(16, -(-capacity // 16))
+
+
 def _segment_name(name: str) -> str:
     return name if name.startswith("/") else "/" + name
 
@@ -255,7 +262,8 @@ class SharedReplay:
     """Replay memory in shared memory for the processes of one machine; implements ``ReplayMemory``."""
 
     def __init__(
-        self, mm: mmap.mmap, name: str, params: SegmentParams, lock: ProcessLock, *, owner: bool, seed: int
+        self, mm: mmap.mmap, name: str, params: SegmentParams, lock: ProcessLock | _ThreadLock, *, owner: bool,
+        seed: int
     ) -> None:
         self._mm = mm
         self._name = name
@@ -311,7 +319,7 @@ class SharedReplay:
             raise ValueError(f"recurrent_hidden must be >= 1, got {recurrent_hidden}")
         if max_streams < 1 or max_agents < 1:
             raise ValueError("max_streams and max_agents must be >= 1")
-        sequences = max(16, -(-capacity // 16)) if max_sequences is None else max_sequences
+        sequences = default_sequences(capacity) if max_sequences is None else max_sequences
         if sequences < 1:
             raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
         params = SegmentParams(
@@ -365,7 +373,7 @@ class SharedReplay:
 
     def handle(self) -> SharedReplayHandle:
         """A small picklable object for ``attach`` in a child process (pass it as a ``Process`` argument)."""
-        if not self._name:
+        if not self._name or isinstance(self._lock, _ThreadLock):
             raise TypeError("a private memory cannot be attached by another process")
         return SharedReplayHandle(self._name, self._params, self._lock)
 

@@ -84,6 +84,12 @@ class ResourcesSpec(CrdModel):
     memory: str = Field(default="16Gi", description="memory request and limit of each pod, e.g. 16Gi")
 
 
+class AgentResourcesSpec(CrdModel):
+    cpu: str = Field(default="4", description="CPU request and limit of each agent pod, e.g. 4 or 3500m")
+    memory: str = Field(default="", description="memory request and limit of each agent pod, e.g. 16Gi; empty: "
+                        "sized from memory.capacity (the agent's replica of the log, ~7.1 KB per Atari step) plus 6Gi")
+
+
 class StorageSpec(CrdModel):
     size: str = Field(default="20Gi", description="size of the persistent volume claim")
     storage_class_name: str | None = Field(default=None, description="storage class; empty: the cluster default")
@@ -95,7 +101,8 @@ class AgentsSpec(CrdModel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent",
                                                                         description="image pull policy")
     gpus: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per agent pod (0: CPU agents)")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="CPU and memory per agent pod")
+    resources: AgentResourcesSpec = Field(default_factory=AgentResourcesSpec,
+                                          description="CPU and memory per agent pod")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels an agent pod needs")
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list,

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -308,7 +309,7 @@ class RedisLink:
                 continue
             entries = [(encode_chunk(chunk, chunk_seq=number), int(chunk.agent_id), len(chunk))
                        for chunk, number in batch]
-            written = self._call("append", lambda: self._append(entries), self._writer_client, give_up)
+            written = self._call("append", partial(self._append, entries), self._writer_client, give_up)
             with self._cond:
                 self._in_flight = 0
                 if written is None:  # closing, and Redis stayed away: what is left is lost, and said so

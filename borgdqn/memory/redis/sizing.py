@@ -70,3 +70,31 @@ def size_memory(
         data_bytes=data,
         maxmemory=maxmemory,
     )
+
+
+# An agent pod's memory besides its replica: torch (with CUDA's host-side buffers), the envs, batches in flight and
+# the run's files. Measured agent processes stay under 3 GiB on CPU; CUDA adds its context on the host.
+AGENT_BASE_BYTES = 6 << 30
+
+
+def replica_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str = "|u1", *, prioritized: bool = True,
+                  recurrent_hidden: int | None = None) -> int:
+    """What an agent's replica of a log of ``capacity`` steps takes: the embedded memory's own layout (frames,
+    per-step metadata, sum tree, sequence starts)."""
+    from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
+    from borgdqn.memory.layout import Layout, SegmentParams
+    from borgdqn.memory.shared import MAX_CLIENTS, default_sequences
+
+    params = SegmentParams(
+        capacity=capacity, frame_shape=tuple(frame_shape), frame_dtype=frame_dtype, prioritized=prioritized,
+        alpha=0.6, priority_eps=1e-6, recurrent_hidden=recurrent_hidden, max_streams=MAX_REPLICA_STREAMS,
+        max_agents=1024, max_sequences=default_sequences(capacity), max_clients=MAX_CLIENTS)
+    return Layout.build(params).nbytes
+
+
+def agent_pod_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str = "|u1", *,
+                    prioritized: bool = True, recurrent_hidden: int | None = None) -> int:
+    """The memory an agent pod needs: its replica plus ``AGENT_BASE_BYTES``, rounded up to a whole GiB."""
+    need = replica_bytes(capacity, frame_shape, frame_dtype, prioritized=prioritized,
+                         recurrent_hidden=recurrent_hidden) + AGENT_BASE_BYTES
+    return -(-need // (1 << 30)) << 30

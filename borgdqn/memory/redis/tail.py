@@ -14,6 +14,7 @@ cursor) is read again from its start (``resets``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -148,7 +149,5 @@ class LogTail:
         self.replica.add(chunk, continues=continues)
         c.chunks += 1
         c.steps += len(chunk)
-        try:
+        with contextlib.suppress(ValueError):  # no writer time: no lag to tell
             self._lags_ms.append(time.time() * 1000 - float(fields.get(F_WRITTEN, b"")))
-        except ValueError:
-            pass  # no writer time: no lag to tell

@@ -55,7 +55,9 @@ while size > cap do
     trimmed = trimmed + 1
     last = entry[1]
   end
-  if last then redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', tonumber(string.match(last, '^(%d+)')) + 1)) end
+  if last then
+    redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', tonumber(string.match(last, '^(%d+)')) + 1))
+  end
 end
 if size < 0 then size = 0 end
 redis.call('HSET', KEYS[3], 'chunks', string.format('%d', g), 'size', string.format('%d', size))

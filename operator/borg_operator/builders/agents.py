@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
+
 from borg_operator import names
 from borg_operator.builders.common import (
     Manifest,
@@ -17,15 +19,43 @@ from borg_operator.builders.common import (
     pod_basics,
 )
 from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
-from borg_operator.spec import CONFIG_PATH, RUN_DIR, CollectiveSpec
+from borg_operator.spec import CONFIG_PATH, RUN_DIR, CollectiveSpec, SpecError
+from borgdqn.memory.redis.sizing import agent_pod_bytes
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # The NVIDIA GPU operator and the cloud GPU node pools taint GPU nodes so that only pods asking for GPUs land
 # there; tolerating the key with any value covers `present`, `true` and the rest.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # borgdqn.memory.redis_replay reads it
+REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # borgdqn.memory.redis.client reads it
 REDIS_PASSWORD_KEY = "password"
 POD_NAME_ENV = "BORG_POD_NAME"
+
+
+def replica_need(spec: CollectiveSpec) -> int:
+    """Bytes an agent pod needs: its replica of the log (Atari frames of env.screenSize assumed: vector
+    observations are smaller) and the agent itself."""
+    side = spec.env.screen_size
+    return agent_pod_bytes(spec.memory.capacity, (side, side), prioritized=spec.memory.prioritized,
+                           recurrent_hidden=spec.agents.network.lstm_hidden if spec.agents.network.lstm else None)
+
+
+def agent_memory(spec: CollectiveSpec) -> str:
+    """The agent pods' memory: ``agents.resources.memory``, or sized from the replica when empty; SpecError (one
+    line) when the given amount cannot hold the replica."""
+    need = replica_need(spec)
+    given = spec.agents.resources.memory
+    if not given:
+        return f"{need >> 30}Gi"
+    try:
+        amount = parse_quantity(given)
+    except ValueError:
+        raise SpecError(f"agents.resources.memory {given!r} is not a quantity (e.g. 16Gi)") from None
+    if amount < need:
+        raise SpecError(
+            f"agents.resources.memory {given} cannot hold an agent's replica of the log: memory.capacity "
+            f"{spec.memory.capacity} needs {need / 2**30:.0f}Gi per agent pod (leave it empty to size it, or lower "
+            "memory.capacity)")
+    return given
 
 
 def _tolerations(spec: CollectiveSpec) -> list[dict[str, Any]]:
@@ -57,7 +87,7 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             # The root filesystem is read-only: caches that go under $HOME (torch, matplotlib) land in /tmp.
             env("HOME", "/tmp"),
         ],
-        "resources": guaranteed(agents.resources.cpu, agents.resources.memory, gpus),
+        "resources": guaranteed(agents.resources.cpu, agent_memory(spec), gpus),
         "securityContext": container_security_context(),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
