@@ -1,25 +1,22 @@
-"""The Redis replay memory against the first seed's Redis replay, on one real redis-server, in the same run.
+"""The hive's Redis log and each agent's replica of it, measured on one real redis-server, in one run.
 
-Measured, with real Pong frames (ale-py, random play, the agents' preprocessing: 84x84 uint8), stack 4, n-step 3,
-batch 32, a 500k-step prioritized memory in chunks of 64 steps:
+With real Pong frames (ale-py, random play, the agents' preprocessing: 84x84 uint8), stack 4, n-step 3, batch 32:
 
-* **insert**: transitions (steps) per second that ``RedisReplay.add`` stores, 1 and 2 writer processes, each
-  adding pre-built chunks of 8 env streams as fast as it can (encoding and compression included);
-* **sample**: transitions per second that ``RedisReplay.sample`` returns (batch 32, frame stacks and n-step
-  returns built), 1 and 2 sampler processes, once with the default 64 MiB decoded-chunk cache and once with a
-  cache that holds the whole memory (``cache_bytes``; the time to warm it is printed), no writers running;
-* **memory**: Redis ``used_memory`` growth per stored step once the ring is full, against one 84x84 Pong frame
-  compressed alone with LZ4 (the block format our codec uses, ``lz4.block.compress(frame, store_size=False)``);
-* **bytes/s**: what the server received from our writers (``total_net_input_bytes``) and sent to our samplers
-  (``total_net_output_bytes``) per second, against ``redis-benchmark -t set`` / ``-t get`` with values of our mean
-  stored chunk size, as many connections as our processes and no pipelining (our clients wait for each reply),
-  on the same server; its 50-connection, 16-deep pipelined rate is printed as the server's ceiling.
-
-The baseline is the first seed's pattern: every transition is pickled as ``(state, next_state, action, reward,
-done)`` with 4x84x84 uint8 stacks (56 KB), inserted with LPUSH then LTRIM (two round trips) and sampled one at a
-time with LINDEX at a random index (no pipelining, as the seed did). 500k such items would need ~28 GB, more than
-the machine has, so its list is capped at ``--baseline-capacity`` (20k): a shorter list only flatters it (LINDEX
-walks the list, O(N)).
+* **bytes**: a stored step in a chunk of the log (own steps only) against a chunk that also carries the
+  ``stack - 1`` steps before it and the ``n`` after it, as the first Redis memory stored them;
+* **insert**: steps per second that writer processes append to the log (encoding and LZ4 included, batches of
+  ``--batch-chunks`` chunks per script call), 1 and 2 processes; against the slot ring the log replaced (one
+  script per chunk: SET the chunk's key, SETRANGE its slot's metadata), written the same way, in the same run;
+* **catch-up**: a fresh replica loading the whole full log (``--capacity`` steps): seconds and steps/s; against
+  reading the ring's slots (MGET in batches) into a replica the same way;
+* **tail cost**: redis-server CPU seconds per second and bytes per second sent while 1, 2 and 4 tail processes
+  follow the log as one writer appends ``--tail-rate`` steps/s, and the extrapolation to 64 and 1,000 agents;
+* **sampling**: transitions per second a learner samples from its replica (one agent process with a ``RedisLink``)
+  while 2 writer processes append to the log at full speed, against the embedded memory sampled by one process
+  while 2 writer processes add to it at full speed, in the same run; ends with
+  ``replica/embedded sampling ratio: X``;
+* **lag**: from one agent's ``add`` to the chunk's arrival in every replica, with 4 agent processes each adding
+  ``--agent-rate`` steps/s through their links: p50 and p99.
 
     python benchmarks/redis_replay_throughput.py [--capacity 500000] [--seconds 10]
 
@@ -30,59 +27,57 @@ redis-server on first use (``tests/harness``).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import multiprocessing as mp
 import os
-import pickle
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lz4.block
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import redis  # noqa: E402
-from borgdqn.memory.redis_replay import RedisReplay, RedisReplayConfig  # noqa: E402
 from codec_throughput import ale_pong_frames, pong_frames  # noqa: E402
 
+from borgdqn.memory.codec import encode_chunk  # noqa: E402
 from borgdqn.memory.protocol import TrajectoryChunk  # noqa: E402
+from borgdqn.memory.redis.keys import LogKeys, LogShape, read_state  # noqa: E402
+from borgdqn.memory.redis.link import LinkSettings, RedisLink  # noqa: E402
+from borgdqn.memory.redis.tail import LogTail  # noqa: E402
+from borgdqn.memory.redis.writer import LogWriter  # noqa: E402
+from borgdqn.memory.shared import SharedReplay, SharedReplayHandle  # noqa: E402
 from tests.harness.cache import Progress  # noqa: E402
-from tests.harness.redis import RedisInstall, ensure_redis, start_redis  # noqa: E402
+from tests.harness.redis import ensure_redis, start_redis  # noqa: E402
 
 FRAME = (84, 84)
 STACK, N_STEP, GAMMA, BATCH, BETA = 4, 3, 0.99, 32, 0.4
 STREAMS_PER_WRITER = 8
-NAME = "bench"
-BASELINE_KEY = "seed:replay"
-DEFAULT_CACHE = 64 << 20
+NAME, RING = "bench", "ring"
+
+# The slot ring the log replaced, reduced to what a write and a read of it cost: chunk g in key c:<g % slots>,
+# its g in a per-slot array, a counter. KEYS: head, gseq, chunk-key prefix. ARGV: slots, chunk bytes.
+_RING_WRITE = """
+local g = redis.call('INCR', KEYS[1]) - 1
+local slot = g % tonumber(ARGV[1])
+redis.call('SET', KEYS[3] .. slot, ARGV[2])
+redis.call('SETRANGE', KEYS[2], slot * 8, struct.pack('<i8', g))
+return g
+"""
 
 
-def memory_config(capacity: int, chunk_length: int) -> RedisReplayConfig:
-    return RedisReplayConfig(
-        capacity=capacity,
-        chunk_length=chunk_length,
-        frame_shape=FRAME,
-        frame_dtype="uint8",
-        prioritized=True,
-        alpha=0.6,
-        priority_eps=1e-6,
-        context=STACK - 1,
-        lookahead=N_STEP,
-    )
+def log_shape(capacity: int, chunk_length: int) -> LogShape:
+    return LogShape(capacity=capacity, chunk_length=chunk_length, frame_shape=FRAME, frame_dtype="|u1")
 
 
-def stream_chunks(
-    frames: np.ndarray, stream: int, agent: int, chunk_length: int, count: int, seed: int
-) -> list[TrajectoryChunk]:
+def stream_chunks(frames: np.ndarray, stream: int, agent: int, chunk_length: int, count: int,
+                  seed: int) -> list[TrajectoryChunk]:
     """``count`` consecutive chunks of one env stream: consecutive Pong frames, episodes of 800-1200 steps."""
     rng = np.random.default_rng(seed)
-    span = len(frames) - chunk_length
+    span = len(frames) - chunk_length - STACK - N_STEP
     at = int(rng.integers(0, span))
     left = 0
     out = []
@@ -96,429 +91,419 @@ def stream_chunks(
             left -= 1
             last[i] = left == 0
         if at > span:
-            at = 0
-        out.append(
-            TrajectoryChunk(
-                stream_id=stream,
-                agent_id=agent,
-                frames=frames[at : at + chunk_length],
-                actions=rng.integers(0, 6, chunk_length),
-                rewards=rng.choice(np.array([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32), chunk_length),
-                first=first,
-                last=last,
-                terminated=last.copy(),
-            )
-        )
+            at = STACK
+        out.append(TrajectoryChunk(
+            stream_id=stream, agent_id=agent, frames=frames[at : at + chunk_length],
+            actions=rng.integers(0, 6, chunk_length),
+            rewards=rng.choice(np.array([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32), chunk_length),
+            first=first, last=last, terminated=last.copy()))  # fmt: skip
         at += chunk_length
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- workers
-# Each worker is a process that waits for ("run", seconds) orders and answers (units done, seconds taken), so that
-# a sampler's cache stays warm from one measurement to the next. Orders go through a pipe; "stop" ends it.
+def agent_chunks(frames: np.ndarray, agent: int, chunk_length: int, per_stream: int = 64) -> list[TrajectoryChunk]:
+    """An agent's chunks as its adder writes them: its envs' streams interleaved."""
+    streams = [stream_chunks(frames, agent * 1024 + e, agent, chunk_length, per_stream, 100 * agent + e)
+               for e in range(STREAMS_PER_WRITER)]
+    return [s[i] for i in range(per_stream) for s in streams]
 
 
-def _serve(conn: Any, setup: Callable[[], Callable[[float], tuple[int, float]]]) -> None:
-    try:
-        run = setup()
-        conn.send(("ready", 0, 0.0))
-        while True:
-            order, arg = conn.recv()
-            if order == "stop":
-                break
-            done, took = run(arg)
-            conn.send(("done", done, took))
-    except BaseException as exc:  # report, so that the parent does not wait forever
-        conn.send(("error", f"{type(exc).__name__}: {exc}", 0.0))
-        raise
+def replica_for(capacity: int, seed: int) -> SharedReplay:
+    return SharedReplay.create(capacity, FRAME, np.uint8, prioritized=True, alpha=0.6, priority_eps=1e-6,
+                               max_streams=1 << 16, seed=seed, private=True)
 
 
-def _timed(step: Callable[[], int]) -> Callable[[float], tuple[int, float]]:
-    def run(seconds: float) -> tuple[int, float]:
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            done += step()
-        return done, time.perf_counter() - start
-
-    return run
+# ---------------------------------------------------------------------------------------------------- processes
+# Each runs for a given time (or until told to stop) and puts its result on a queue.
 
 
-def writer_worker(conn: Any, url: str, capacity: int, chunk_length: int, frames: np.ndarray, rank: int) -> None:
-    def setup() -> Callable[[float], tuple[int, float]]:
-        memory = RedisReplay.connect(url, NAME, memory_config(capacity, chunk_length), seed=rank)
-        streams = [
-            stream_chunks(frames, rank * 1024 + e, rank, chunk_length, 64, 100 * rank + e)
-            for e in range(STREAMS_PER_WRITER)
-        ]
-        order = [c for i in range(64) for c in (s[i] for s in streams)]  # the envs' chunks interleaved
-        i = 0
-
-        def step() -> int:
-            nonlocal i
-            memory.add(order[i % len(order)])
+def log_writer(url: str, shape: LogShape, frames: np.ndarray, rank: int, batch: int, seconds: float,
+               rate: float, out: Any) -> None:
+    """Appends chunks (encoded here, numbered per stream) for ``seconds``, at ``rate`` steps/s (0: full speed)."""
+    writer = LogWriter(redis.Redis.from_url(url), NAME, shape)
+    chunks = agent_chunks(frames, 10 + rank, shape.chunk_length)
+    numbers: dict[int, int] = {}
+    steps, i, start = 0, 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        if rate and steps > rate * elapsed:
+            time.sleep(min(0.005, steps / rate - elapsed))
+            continue
+        entries = []
+        for _ in range(batch):
+            chunk = chunks[i % len(chunks)]
+            number = numbers.get(chunk.stream_id, 0)
+            numbers[chunk.stream_id] = number + 1
+            entries.append((encode_chunk(chunk, chunk_seq=number), chunk.agent_id, len(chunk)))
             i += 1
-            return chunk_length
-
-        return _timed(step)
-
-    _serve(conn, setup)
+        writer.append(entries)
+        steps += batch * shape.chunk_length
+    out.put(("writer", steps, time.perf_counter() - start))
 
 
-def sampler_worker(conn: Any, url: str, capacity: int, chunk_length: int, cache_bytes: int, rank: int) -> None:
-    def setup() -> Callable[[float], tuple[int, float]]:
-        config = memory_config(capacity, chunk_length)
-        memory = RedisReplay(
-            redis.Redis.from_url(url, socket_timeout=60), NAME, config, seed=1000 + rank, cache_bytes=cache_bytes
-        )
-
-        def step() -> int:
-            memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA)
-            return BATCH
-
-        timed = _timed(step)
-
-        def run(seconds: float) -> tuple[int, float]:
-            if seconds >= 0:
-                return timed(seconds)
-            # Warm-up order: sample until the cache holds every slot's chunk (or -seconds pass); reports the slots
-            # cached. (Reads the memory's private cache: a benchmark may.)
-            start = time.perf_counter()
-            while len(memory._cache) < config.slots and time.perf_counter() - start < -seconds:
-                step()
-            return len(memory._cache), time.perf_counter() - start
-
-        return run
-
-    _serve(conn, setup)
+def ring_writer(url: str, slots: int, frames: np.ndarray, chunk_length: int, rank: int, seconds: float,
+                out: Any) -> None:
+    """The slot ring's writes: one script per chunk (encoding included), as the first Redis memory did."""
+    client = redis.Redis.from_url(url)
+    write = client.register_script(_RING_WRITE)
+    keys = [f"{RING}:head", f"{RING}:gseq", f"{RING}:c:"]
+    chunks = agent_chunks(frames, 10 + rank, chunk_length)
+    steps, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        write(keys=keys, args=[slots, encode_chunk(chunks[i % len(chunks)], chunk_seq=i)])
+        steps += chunk_length
+        i += 1
+    out.put(("ring", steps, time.perf_counter() - start))
 
 
-def seed_writer_worker(conn: Any, url: str, capacity: int, frames: np.ndarray, rank: int) -> None:
-    def setup() -> Callable[[float], tuple[int, float]]:
-        client = redis.Redis.from_url(url)
-        rng = np.random.default_rng(rank)
-        # Pre-built stacks of consecutive Pong frames (the seed's actors built them as they played).
-        starts = rng.integers(0, len(frames) - STACK - 1, 256)
-        pairs = [(frames[s : s + STACK].copy(), frames[s + 1 : s + 1 + STACK].copy()) for s in starts]
-        i = 0
-
-        def step() -> int:
-            nonlocal i
-            state, next_state = pairs[i % len(pairs)]
-            item = pickle.dumps((state, next_state, int(i % 6), float(i % 3 - 1), bool(i % 997 == 0)))
-            client.lpush(BASELINE_KEY, item)
-            client.ltrim(BASELINE_KEY, 0, capacity - 1)
-            i += 1
-            return 1
-
-        return _timed(step)
-
-    _serve(conn, setup)
+def tail_follower(url: str, shape: LogShape, stop: Any, out: Any) -> None:
+    """A tail following the log into a replica until ``stop``."""
+    tail = LogTail(redis.Redis.from_url(url), NAME, shape, replica_for(shape.capacity, 0))
+    tail.cursor = int(redis.Redis.from_url(url).hget(LogKeys.of(NAME).stats, "chunks") or 0)
+    while not stop.is_set():
+        tail.poll(100)
+    out.put(("tail", tail.counters.steps, 0.0))
 
 
-def seed_sampler_worker(conn: Any, url: str, rank: int) -> None:
-    def setup() -> Callable[[float], tuple[int, float]]:
-        client = redis.Redis.from_url(url, socket_timeout=60)
-        rng = np.random.default_rng(2000 + rank)
-        size = int(client.llen(BASELINE_KEY))
-
-        def step() -> int:
-            rows = [pickle.loads(client.lindex(BASELINE_KEY, int(k))) for k in rng.integers(0, size, BATCH)]
-            states, next_states, actions, rewards, dones = zip(*rows, strict=True)
-            np.stack(states), np.stack(next_states), np.array(actions), np.array(rewards), np.array(dones)
-            return BATCH
-
-        return _timed(step)
-
-    _serve(conn, setup)
-
-
-class Workers:
-    """Processes started with ``target(conn, *args, rank)``; ``run`` orders some of them to work for a time."""
-
-    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], count: int) -> None:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
-        for rank in range(count):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=target, args=(child, *args, rank), daemon=True)
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        for conn in self.conns:
-            self._answer(conn, timeout=600)
-
-    @staticmethod
-    def _answer(conn: Any, timeout: float) -> tuple[int, float]:
-        if not conn.poll(timeout):
-            raise RuntimeError(f"a worker did not answer within {timeout:.0f}s")
-        status, done, took = conn.recv()
-        if status == "error":
-            raise RuntimeError(f"a worker failed: {done}")
-        return done, took
-
-    def run(self, seconds: float, count: int | None = None, timeout: float = 600) -> list[tuple[int, float]]:
-        conns = self.conns[: count or len(self.conns)]
-        for conn in conns:
-            conn.send(("run", seconds))
-        return [self._answer(conn, timeout=abs(seconds) + timeout) for conn in conns]
-
-    def stop(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("stop", 0))
-        for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
-
-
-def rate(results: list[tuple[int, float]]) -> float:
-    """Units per second of processes that ran side by side: their counts add up over the longest one's time."""
-    return sum(done for done, _ in results) / max(took for _, took in results)
-
-
-@dataclass
-class Measured:
-    rate: float  # transitions per second, all processes together
-    bytes_in: float  # bytes per second the server received
-    bytes_out: float  # bytes per second the server sent
-    server_cpu: float  # redis-server's CPU seconds per second
-
-
-def server_counters(client: Any) -> tuple[int, int, float]:
-    stats, cpu = client.info("stats"), client.info("cpu")
-    busy = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"]), busy
-
-
-def measure(client: Any, workers: Workers, seconds: float, processes: int) -> Measured:
-    """``processes`` of the workers work for ``seconds``; with what the server saw meanwhile."""
-    in0, out0, cpu0 = server_counters(client)
+def embedded_writer(handle: SharedReplayHandle, frames: np.ndarray, chunk_length: int, rank: int, rate: float,
+                    stop: Any, out: Any) -> None:
+    memory = SharedReplay.attach(handle, seed=rank)
+    chunks = agent_chunks(frames, 10 + rank, chunk_length)
+    steps = i = 0
     start = time.perf_counter()
-    done = rate(workers.run(seconds, processes))
-    wall = time.perf_counter() - start
-    in1, out1, cpu1 = server_counters(client)
-    return Measured(done, (in1 - in0) / wall, (out1 - out0) / wall, (cpu1 - cpu0) / wall)
+    while not stop.is_set():
+        if rate and steps > rate * (time.perf_counter() - start):
+            time.sleep(0.002)
+            continue
+        memory.add(chunks[i % len(chunks)])
+        steps += chunk_length
+        i += 1
+    memory.close()
+    out.put(("writer", steps, 0.0))
+
+
+def embedded_sampler(handle: SharedReplayHandle, seconds: float, out: Any) -> None:
+    memory = SharedReplay.attach(handle, seed=99)
+    out.put(("sampler", *_sample_for(lambda: memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA), seconds)))
+    memory.close()
+
+
+def replica_sampler(url: str, shape: LogShape, ready: Any, go: Any, seconds: float, out: Any) -> None:
+    """One agent's link: loads the log into its replica, then samples it for ``seconds`` once told to."""
+    link = RedisLink(lambda: redis.Redis.from_url(url), NAME, shape, replica_for(shape.capacity, 7),
+                     label="sampler")
+    link.wait_caught_up(600)
+    ready.set()
+    go.wait()
+    sampled, took = _sample_for(lambda: link.sample(BATCH, N_STEP, GAMMA, STACK, BETA), seconds)
+    tail = link.snapshot()
+    link.close()
+    out.put(("sampler", sampled, took, tail.replica_chunks))
+
+
+def _sample_for(draw: Callable[[], Any], seconds: float) -> tuple[int, float]:
+    sampled, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = draw()
+        sampled += len(batch.keys)
+    return sampled, time.perf_counter() - start
+
+
+def lag_agent(url: str, shape: LogShape, frames: np.ndarray, rank: int, rate: float, seconds: float,
+              barrier: Any, out: Any) -> None:
+    """An agent that adds ``rate`` steps/s through its link for ``seconds``; reports its replica's lags."""
+    link = RedisLink(lambda: redis.Redis.from_url(url), NAME, shape, replica_for(shape.capacity, rank),
+                     label=f"agent-{rank}", settings=LinkSettings(poll_ms=100))
+    link.wait_caught_up(600)
+    chunks = agent_chunks(frames, 20 + rank, shape.chunk_length)
+    barrier.wait()
+    start = time.perf_counter()
+    link._tail._lags_ms.clear()  # this phase's chunks only (a benchmark may read a private figure)
+    i = 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        if i * shape.chunk_length > rate * elapsed:
+            time.sleep(0.002)
+            continue
+        link.add(chunks[i % len(chunks)])
+        i += 1
+    time.sleep(1.0)  # the last chunks' way through the log
+    lags = list(link._tail._lags_ms)
+    link.close()
+    out.put(("lag", lags))
+
+
+def spawn(target: Callable[..., None], *args: Any) -> Any:
+    proc = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def collect(out: Any, count: int, timeout: float = 900) -> list[tuple[Any, ...]]:
+    return [out.get(timeout=timeout) for _ in range(count)]
+
+
+def server_counters(client: Any) -> tuple[int, float]:
+    stats, cpu = client.info("stats"), client.info("cpu")
+    return int(stats["total_net_output_bytes"]), float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 # ---------------------------------------------------------------------------------------------------- phases
-def redis_benchmark(
-    install: RedisInstall, port: int, password: str, test: str, size: int, clients: int, pipeline: int, requests: int
-) -> float:
-    """Requests/s of ``redis-benchmark -t test`` (from its CSV output)."""
-    # The password is the throwaway one of this run's own loopback server: redis-benchmark takes it only on its
-    # command line.
-    cmd = [
-        install.root / "usr" / "bin" / "redis-benchmark",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-a",
-        password,
-        "-t",
-        test,
-        "-d",
-        str(size),
-        "-n",
-        str(requests),
-        "-c",
-        str(clients),
-        "-P",
-        str(pipeline),
-        "--csv",
-    ]
-    out = subprocess.run(
-        list(map(str, cmd)), env=install.env(), capture_output=True, text=True, check=True, timeout=600
-    ).stdout
-    for line in out.splitlines():
-        cells = [c.strip('"') for c in line.split(",")]
-        if cells[0] == test.upper():
-            return float(cells[1])
-    raise RuntimeError(f"redis-benchmark printed no {test.upper()} rate:\n{out}")
+def bytes_per_step(frames: np.ndarray, chunk_length: int) -> tuple[float, float]:
+    """Bytes per own step of a log chunk, and of the same chunk with the steps the first Redis memory borrowed."""
+    chunks = stream_chunks(frames, 1, 1, chunk_length + STACK - 1 + N_STEP, 64, 5)
+    own = [encode_chunk(TrajectoryChunk(
+        stream_id=1, agent_id=1, frames=c.frames[STACK - 1 : STACK - 1 + chunk_length],
+        actions=c.actions[:chunk_length], rewards=c.rewards[:chunk_length], first=c.first[:chunk_length],
+        last=c.last[:chunk_length], terminated=c.terminated[:chunk_length])) for c in chunks]  # fmt: skip
+    borrowed = [encode_chunk(c, context_steps=STACK - 1, lookahead_steps=N_STEP) for c in chunks]
+    per_step = [float(np.mean([len(b) for b in encoded])) / chunk_length for encoded in (own, borrowed)]
+    return per_step[0], per_step[1]
 
 
-def plural(p: int) -> str:
-    return f"{p} process{'es' if p > 1 else ''}"
+def insert_phase(url: str, shape: LogShape, frames: np.ndarray, batch: int, seconds: float,
+                 processes: int) -> float:
+    out = mp.get_context("spawn").Queue()
+    procs = [spawn(log_writer, url, shape, frames, rank, batch, seconds, 0.0, out) for rank in range(processes)]
+    results = collect(out, processes)
+    for p in procs:
+        p.join()
+    return sum(r[1] for r in results) / max(r[2] for r in results)
+
+
+def ring_phase(url: str, slots: int, frames: np.ndarray, chunk_length: int, seconds: float, processes: int) -> float:
+    out = mp.get_context("spawn").Queue()
+    procs = [spawn(ring_writer, url, slots, frames, chunk_length, rank, seconds, out) for rank in range(processes)]
+    results = collect(out, processes)
+    for p in procs:
+        p.join()
+    return sum(r[1] for r in results) / max(r[2] for r in results)
+
+
+def fill_log(url: str, shape: LogShape, frames: np.ndarray, batch: int) -> None:
+    client = redis.Redis.from_url(url)
+    while int(client.hget(LogKeys.of(NAME).stats, "trimmed") or 0) < STREAMS_PER_WRITER:
+        insert_phase(url, shape, frames, batch, 2.0, 2)
+
+
+def catch_up_log(url: str, shape: LogShape) -> tuple[float, int, float]:
+    """(seconds, steps, redis CPU s) for a fresh replica to load the whole log."""
+    client = redis.Redis.from_url(url)
+    tail = LogTail(redis.Redis.from_url(url), NAME, shape, replica_for(shape.capacity, 1), batch=256)
+    _, cpu0 = server_counters(client)
+    start = time.perf_counter()
+    tail.catch_up()
+    took = time.perf_counter() - start
+    _, cpu1 = server_counters(client)
+    tail.replica.close()
+    return took, tail.counters.steps, cpu1 - cpu0
+
+
+def catch_up_ring(url: str, slots: int, shape: LogShape) -> tuple[float, int, float]:
+    """The same for the ring: MGET the slots in batches, decode, add (linking streams by chunk order)."""
+    from borgdqn.memory.codec import decode_chunk
+
+    client = redis.Redis.from_url(url)
+    replica = replica_for(shape.capacity, 2)
+    _, cpu0 = server_counters(client)
+    start = time.perf_counter()
+    steps = 0
+    for lo in range(0, slots, 256):
+        for data in client.mget([f"{RING}:c:{s}" for s in range(lo, min(lo + 256, slots))]):
+            if data is not None:
+                chunk = decode_chunk(data, FRAME, np.dtype(np.uint8)).chunk
+                replica.add(chunk)
+                steps += len(chunk)
+    took = time.perf_counter() - start
+    _, cpu1 = server_counters(client)
+    replica.close()
+    return took, steps, cpu1 - cpu0
+
+
+def tail_cost_phase(url: str, shape: LogShape, frames: np.ndarray, tails: int, rate: float,
+                    seconds: float) -> tuple[float, float, float]:
+    """(redis CPU s/s, bytes/s sent, steps appended/s) while ``tails`` follow one writer at ``rate`` steps/s."""
+    client = redis.Redis.from_url(url)
+    ctx = mp.get_context("spawn")
+    out, stop = ctx.Queue(), ctx.Event()
+    followers = [spawn(tail_follower, url, shape, stop, out) for _ in range(tails)]
+    time.sleep(3.0)  # the followers' imports and first reads
+    out0, cpu0 = server_counters(client)
+    start = time.perf_counter()
+    writer = spawn(log_writer, url, shape, frames, 0, 8, seconds, rate, out)
+    (result,) = collect(out, 1)
+    writer.join()
+    wall = time.perf_counter() - start
+    out1, cpu1 = server_counters(client)
+    stop.set()
+    collect(out, tails)
+    for p in followers:
+        p.join()
+    return (cpu1 - cpu0) / wall, (out1 - out0) / wall, result[1] / wall
+
+
+def sampling_phase(url: str, shape: LogShape, frames: np.ndarray, batch: int, seconds: float,
+                   rate: float) -> tuple[float, int]:
+    """Transitions/s a learner samples its replica while 2 writers append, each at ``rate`` steps/s (0: full
+    speed); and the chunks its tail added meanwhile."""
+    ctx = mp.get_context("spawn")
+    out, ready, go = ctx.Queue(), ctx.Event(), ctx.Event()
+    sampler = spawn(replica_sampler, url, shape, ready, go, seconds, out)
+    ready.wait(900)
+    writers = [spawn(log_writer, url, shape, frames, rank, batch, seconds + 3.0, rate, out) for rank in range(2)]
+    time.sleep(2.0)  # the writers' imports: they write at full speed before the sampler starts
+    go.set()
+    results = collect(out, 3)
+    for p in (sampler, *writers):
+        p.join()
+    ((_, sampled, took, tail_chunks),) = [r for r in results if r[0] == "sampler"]
+    return sampled / took, tail_chunks
+
+
+def embedded_phase(capacity: int, frames: np.ndarray, chunk_length: int, seconds: float, rate: float) -> float:
+    """Transitions/s one process samples the embedded memory while 2 writer processes add, each at ``rate``
+    steps/s (0: full speed)."""
+    memory = SharedReplay.create(capacity, FRAME, np.uint8, prioritized=True, alpha=0.6, priority_eps=1e-6,
+                                 max_streams=1 << 16, seed=0)
+    try:
+        for chunk in agent_chunks(frames, 1, chunk_length, per_stream=-(-capacity // chunk_length) // 8 + 8):
+            memory.add(chunk)
+        ctx = mp.get_context("spawn")
+        out, stop = ctx.Queue(), ctx.Event()
+        writers = [spawn(embedded_writer, memory.handle(), frames, chunk_length, rank, rate, stop, out)
+                   for rank in range(2)]
+        time.sleep(2.0)
+        sampler = spawn(embedded_sampler, memory.handle(), seconds, out)
+        (result,) = collect(out, 1)
+        stop.set()
+        collect(out, 2)
+        for p in (sampler, *writers):
+            p.join()
+        return result[1] / result[2]
+    finally:
+        memory.close()
+        memory.unlink()
+
+
+def lag_phase(url: str, shape: LogShape, frames: np.ndarray, agents: int, rate: float,
+              seconds: float) -> tuple[float, float, int]:
+    ctx = mp.get_context("spawn")
+    out, barrier = ctx.Queue(), ctx.Barrier(agents)
+    procs = [spawn(lag_agent, url, shape, frames, rank, rate, seconds, barrier, out) for rank in range(agents)]
+    lags = np.concatenate([np.asarray(r[1]) for r in collect(out, agents)])
+    for p in procs:
+        p.join()
+    return float(np.quantile(lags, 0.5)), float(np.quantile(lags, 0.99)), int(lags.size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capacity", type=int, default=500_000, help="steps our memory holds")
-    parser.add_argument("--chunk-length", type=int, default=64, help="steps per chunk our writers add")
+    parser.add_argument("--capacity", type=int, default=500_000, help="steps the log (and each replica) holds")
+    parser.add_argument("--chunk-length", type=int, default=64, help="steps per chunk")
+    parser.add_argument("--batch-chunks", type=int, default=64, help="chunks per append (the link's batch)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per row")
-    parser.add_argument("--processes", type=int, default=2, help="most writer / sampler processes in a row")
     parser.add_argument("--frames", type=int, default=4096, help="distinct Pong frames to collect")
-    parser.add_argument("--baseline-capacity", type=int, default=20_000, help="items the seed's list keeps")
-    parser.add_argument(
-        "--cache-bytes",
-        type=int,
-        default=0,
-        help="decoded-chunk cache of the warm samplers (0: enough for the whole memory)",
-    )
-    parser.add_argument("--warmup", type=float, default=300.0, help="the longest a sampler may take to warm up")
-    parser.add_argument("--requests", type=int, default=100_000, help="requests per redis-benchmark test")
+    parser.add_argument("--tail-rate", type=float, default=20_000, help="steps/s the writer appends while tails follow")
+    parser.add_argument("--agent-rate", type=float, default=2_000, help="steps/s each agent adds in the lag row")
+    parser.add_argument("--hive-rate", type=float, default=32_000,
+                        help="steps/s the 2 writers append together in the second sampling row (32 GPU agents)")
     args = parser.parse_args()
-    procs = list(range(1, args.processes + 1))
     started, load_before = time.monotonic(), os.getloadavg()
 
     frames = ale_pong_frames(args.frames)
     source = "real Pong frames (ale-py, random play)"
     if frames is None:
         frames, source = pong_frames(args.frames), "synthetic Pong-like frames (ale-py is not installed)"
-    frame_lz4 = float(np.mean([len(lz4.block.compress(f.tobytes(), store_size=False)) for f in frames]))
+    shape = log_shape(args.capacity, args.chunk_length)
+    lag_shape = log_shape(min(args.capacity, 100_000), 32)  # the agents' default chunks
+    slots = -(-args.capacity // args.chunk_length)
 
+    say("bytes per step")
+    own_b, borrowed_b = bytes_per_step(frames, args.chunk_length)
     install = ensure_redis(Progress())
     server = start_redis(install)
-    ours: dict[str, Measured] = {}
-    seed: dict[str, Measured] = {}
-    bench: dict[tuple[str, int, int], float] = {}
     try:
         client = redis.Redis.from_url(server.url, socket_timeout=120)
         version = client.info("server")["redis_version"]
-        config = memory_config(args.capacity, args.chunk_length)
-        stored_length = config.chunk_length + STACK - 1 + N_STEP  # own steps and borrowed context / lookahead
-        cache_bytes = args.cache_bytes or int(1.1 * config.slots * stored_length * FRAME[0] * FRAME[1])
-
-        # ours: insert, then fill the ring, then its memory per step
-        empty = int(client.info("memory")["used_memory"])
-        RedisReplay(redis.Redis.from_url(server.url), NAME, config)  # declares the layout
-        say(f"ours: {args.processes} writer processes starting")
-        writers = Workers(writer_worker, (server.url, args.capacity, args.chunk_length, frames), args.processes)
-        try:
-            for p in procs:
-                ours[f"insert{p}"] = measure(client, writers, args.seconds, p)
-                say(f"ours: insert, {plural(p)}: {ours[f'insert{p}'].rate:,.0f} steps/s")
-            while int(client.get(f"borg:{{{NAME}}}:head") or 0) < config.slots + args.processes * STREAMS_PER_WRITER:
-                writers.run(2.0)
-        finally:
-            writers.stop()
-        stored = int(np.frombuffer(client.get(f"borg:{{{NAME}}}:steps") or b"", dtype="<u2").sum())
-        per_step = (int(client.info("memory")["used_memory"]) - empty) / stored
-        chunk_bytes = int(np.mean([client.strlen(f"borg:{{{NAME}}}:c:{s}") for s in range(0, config.slots, 7)]))
-        say(f"ours: {stored:,} steps stored, {per_step:.0f} B/step in Redis, chunks of {chunk_bytes:,} B")
-
-        # ours: sample, with the default cache and with one that holds the whole memory
-        warm_note = ""
-        for cache, label in ((DEFAULT_CACHE, "default"), (cache_bytes, "whole")):
-            count = 1 if label == "default" else args.processes
-            say(f"ours: {plural(count)} sampling with a {cache / 2**20:,.0f} MiB cache starting")
-            samplers = Workers(sampler_worker, (server.url, args.capacity, args.chunk_length, cache), count)
-            try:
-                if label == "whole":
-                    warm = samplers.run(-args.warmup)
-                    warm_note = (
-                        f"warming a sampler's cache ({min(d for d, _ in warm):,} of {config.slots:,} "
-                        f"chunks, {cache / 2**30:.1f} GiB) took {max(t for _, t in warm):.0f} s"
-                    )
-                    say(f"ours: {warm_note}")
-                else:
-                    samplers.run(2.0)
-                for p in procs[:count]:
-                    ours[f"{label}{p}"] = measure(client, samplers, args.seconds, p)
-                    say(f"ours: sample, {plural(p)}, {label} cache: {ours[f'{label}{p}'].rate:,.0f} transitions/s")
-            finally:
-                samplers.stop()
-
-        # the seed's list
-        say(f"seed: {args.processes} writer processes, list capped at {args.baseline_capacity:,}")
-        empty = int(client.info("memory")["used_memory"])
-        seeders = Workers(seed_writer_worker, (server.url, args.baseline_capacity, frames), args.processes)
-        try:
-            for p in procs:
-                seed[f"insert{p}"] = measure(client, seeders, args.seconds, p)
-                say(f"seed: insert, {plural(p)}: {seed[f'insert{p}'].rate:,.0f} transitions/s")
-            while client.llen(BASELINE_KEY) < args.baseline_capacity:
-                seeders.run(2.0)
-        finally:
-            seeders.stop()
-        seed_items = int(client.llen(BASELINE_KEY))
-        seed_per_item = (int(client.info("memory")["used_memory"]) - empty) / seed_items
-        seed_samplers = Workers(seed_sampler_worker, (server.url,), args.processes)
-        try:
-            for p in procs:
-                seed[f"sample{p}"] = measure(client, seed_samplers, args.seconds, p)
-                say(f"seed: sample, {plural(p)}: {seed[f'sample{p}'].rate:,.0f} transitions/s")
-        finally:
-            seed_samplers.stop()
-        client.delete(BASELINE_KEY)
-
-        # redis-benchmark, values of our chunks' size
-        say(f"redis-benchmark: SET and GET of {chunk_bytes:,} B values")
-        for test in ("set", "get"):
-            for clients, pipeline in [(p, 1) for p in procs] + [(50, 16)]:
-                rps = redis_benchmark(
-                    install, server.port, server.password, test, chunk_bytes, clients, pipeline, args.requests
-                )
-                bench[(test, clients, pipeline)] = rps * chunk_bytes
+        LogWriter(client, NAME, shape).declare()
+        inserts = {p: insert_phase(server.url, shape, frames, args.batch_chunks, args.seconds, p) for p in (1, 2)}
+        say(f"log inserts: {inserts}")
+        rings = {p: ring_phase(server.url, slots, frames, args.chunk_length, args.seconds, p) for p in (1, 2)}
+        say(f"ring inserts: {rings}")
+        while int(client.get(f"{RING}:head") or 0) < slots:
+            ring_phase(server.url, slots, frames, args.chunk_length, 2.0, 2)
+        fill_log(server.url, shape, frames, args.batch_chunks)
+        memory_per_step = int(client.info("memory")["used_memory"]) / read_state(client, NAME).size
+        log_catch = catch_up_log(server.url, shape)
+        ring_catch = catch_up_ring(server.url, slots, shape)
+        say(f"catch-up log {log_catch}, ring {ring_catch}")
+        client.delete(*[f"{RING}:c:{s}" for s in range(slots)], f"{RING}:head", f"{RING}:gseq")
+        costs = {n: tail_cost_phase(server.url, shape, frames, n, args.tail_rate, args.seconds) for n in (1, 2, 4)}
+        say(f"tail costs {costs}")
+        sampling = {rate: sampling_phase(server.url, shape, frames, args.batch_chunks, args.seconds, rate)
+                    for rate in (0.0, args.hive_rate / 2)}
+        say(f"replica sampling {sampling}")
+        client.delete(*LogKeys.of(NAME).all())
+        LogWriter(client, NAME, lag_shape).declare()
+        lag50, lag99, lag_n = lag_phase(server.url, lag_shape, frames, 4, args.agent_rate, args.seconds)
+        say(f"lag p50 {lag50:.1f} ms p99 {lag99:.1f} ms ({lag_n} chunks)")
     finally:
         server.stop()
+    embedded = {rate: embedded_phase(args.capacity, frames, args.chunk_length, args.seconds, rate)
+                for rate in (0.0, args.hive_rate / 2)}
+    say(f"embedded sampling {embedded}")
+    replica_rate, tail_chunks = sampling[0.0]
+    embedded_rate = embedded[0.0]
 
     # ------------------------------------------------------------------------------------------------ report
-    rows: list[tuple[str, float, float, str, bool]] = []  # measure, ours, baseline, target, met
-    for p in procs:
-        o, b = ours[f"insert{p}"].rate, seed[f"insert{p}"].rate
-        rows.append((f"insert transitions/s, {plural(p)}", o, b, ">= 60,000 and >= 30x", o >= 60_000 and o >= 30 * b))
-    for key, p, what in [("default1", 1, "default 64 MiB cache")] + [(f"whole{p}", p, "warm cache") for p in procs]:
-        o, b = ours[key].rate, seed[f"sample{p}"].rate
-        rows.append(
-            (f"sample transitions/s, {plural(p)}, {what}", o, b, ">= 200,000 and >= 30x", o >= 200_000 and o >= 30 * b)
-        )
-    for p in procs:
-        o, b = ours[f"insert{p}"].bytes_in, bench[("set", p, 1)]
-        rows.append((f"write bytes/s, {plural(p)} (vs SET -c {p} -P 1)", o, b, ">= 0.5x", o >= 0.5 * b))
-    for key, p, what in [("default1", 1, "default cache")] + [(f"whole{p}", p, "warm cache") for p in procs]:
-        o, b = ours[key].bytes_out, bench[("get", p, 1)]
-        rows.append((f"read bytes/s, {plural(p)}, {what} (vs GET -c {p} -P 1)", o, b, ">= 0.5x", o >= 0.5 * b))
-    rows.append(
-        ("Redis bytes per stored step (vs one LZ4 frame)", per_step, frame_lz4, "<= 1.2x", per_step <= 1.2 * frame_lz4)
-    )
-
     load_after = os.getloadavg()
     print()
-    print(
-        f"redis {version}; {source}; our memory: {args.capacity:,} steps in chunks of {args.chunk_length}, "
-        f"prioritized, stack {STACK}, n-step {N_STEP}, batch {BATCH}; {args.seconds:g} s per row"
-    )
-    print(
-        f"cores {os.cpu_count()}, load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
-        f"{time.monotonic() - started:.0f} s in all"
-    )
-    print(
-        f"seed baseline: pickled (s, s') 4x84x84 stacks, LPUSH + LTRIM, one LINDEX per transition; list of "
-        f"{seed_items:,} items, {seed_per_item:,.0f} B each in Redis"
-    )
-    print(
-        f"our stored chunk: {chunk_bytes:,} B on average ({chunk_bytes / args.chunk_length:.0f} B per own step); "
-        f"one 84x84 Pong frame LZ4-compressed alone: {frame_lz4:.0f} B"
-    )
-    print(warm_note)
-    header = f"{'measure':<58}{'ours':>14}{'baseline':>14}{'ratio':>8}  {'target':<22}{'met':>4}"
+    print(f"redis {version}; {source}; log of {args.capacity:,} steps in chunks of {args.chunk_length} "
+          f"({args.batch_chunks} per append); stack {STACK}, n-step {N_STEP}, batch {BATCH}; "
+          f"{args.seconds:g} s per row")
+    print(f"cores {os.cpu_count()}, load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+          f"{time.monotonic() - started:.0f} s in all")
+    header = f"{'measure':<66}{'ours':>14}{'baseline':>14}{'ratio':>8}  {'target':<16}{'met':>4}"
     print(header)
     print("-" * len(header))
-    for label, o, b, target, met in rows:
-        print(f"{label:<58}{o:>14,.0f}{b:>14,.0f}{o / b:>8.3g}  {target:<22}{'yes' if met else 'no':>4}")
-    print(
-        "baseline: the seed's pattern for transitions/s; redis-benchmark with values of our chunks' size for "
-        "bytes/s; one frame for bytes per step."
-    )
-    print(
-        f"redis-benchmark -c 50 -P 16 (the server's ceiling): SET {bench[('set', 50, 16)]:,.0f} B/s, "
-        f"GET {bench[('get', 50, 16)]:,.0f} B/s"
-    )
-    print(
-        "redis-server CPU (s per s) during each row: "
-        + ", ".join(f"ours {k} {m.server_cpu:.2f}" for k, m in ours.items())
-        + ", "
-        + ", ".join(f"seed {k} {m.server_cpu:.2f}" for k, m in seed.items())
-    )
-    print("seed bytes/s: " + ", ".join(f"{k} {max(m.bytes_in, m.bytes_out):,.0f}" for k, m in seed.items()))
 
+    def row(label: str, ours: float, base: float, target: str = "", met: bool | None = None) -> None:
+        verdict = "" if met is None else ("yes" if met else "no")
+        print(f"{label:<66}{ours:>14,.1f}{base:>14,.1f}{ours / base:>8.3g}  {target:<16}{verdict:>4}")
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
+    row("bytes per stored step: own steps only (vs + borrowed 3 before, 3 after)", own_b, borrowed_b)
+    for p in (1, 2):
+        row(f"insert steps/s, {p} writer process{'es' if p > 1 else ''} (vs the slot ring)", inserts[p], rings[p],
+            ">= 97,000/proc" if p == 1 else "", inserts[p] >= 97_000 if p == 1 else None)
+    row(f"catch-up steps/s, a fresh replica loads {log_catch[1]:,} steps (vs the ring)",
+        log_catch[1] / log_catch[0], ring_catch[1] / ring_catch[0])
+    row("catch-up seconds (vs the ring)", log_catch[0], ring_catch[0],
+        "<= 15 s / 500k", log_catch[0] * 500_000 / max(log_catch[1], 1) <= 15)
+    row("catch-up redis CPU s per 100k steps (vs the ring)", log_catch[2] * 1e5 / log_catch[1],
+        ring_catch[2] * 1e5 / ring_catch[1])
+    base_cpu, base_out, appended = costs[1]
+    for n, (cpu, egress, _) in costs.items():
+        row(f"tail cost, {n} tail{'s' if n > 1 else ''} following {appended:,.0f} steps/s: redis CPU s/s (vs 1)",
+            cpu, base_cpu)
+        row(f"tail cost, {n} tail{'s' if n > 1 else ''}: redis bytes/s sent (vs 1)", egress, base_out)
+    row("sampling transitions/s, replica while 2 writers append at full speed (vs embedded)", replica_rate,
+        embedded_rate, ">= 0.9x", replica_rate >= 0.9 * embedded_rate)
+    hive_replica, hive_embedded = sampling[args.hive_rate / 2][0], embedded[args.hive_rate / 2]
+    row(f"sampling transitions/s, replica while 2 writers append {args.hive_rate:,.0f} steps/s (vs embedded)",
+        hive_replica, hive_embedded, ">= 0.9x", hive_replica >= 0.9 * hive_embedded)
+    row(f"lag ms, add -> replicas, 4 agents x {args.agent_rate:,.0f} steps/s: p50 (vs 50 ms)", lag50, 50.0,
+        "<= 50 ms", lag50 <= 50)
+    row("lag ms, p99 (vs 250 ms)", lag99, 250.0, "<= 250 ms", lag99 <= 250)
+    # Per tail, the server's CPU and egress grow with the hive's insert rate; extrapolated linearly in tails.
+    per_tail_cpu = (costs[4][0] - costs[1][0]) / 3
+    per_tail_out = (costs[4][1] - costs[1][1]) / 3
+    for agents, rate in ((64, 1_000), (1_000, 1_000)):
+        inserts_per_s = agents * rate
+        cpu = base_cpu + per_tail_cpu * (agents - 1)
+        egress = (base_out + per_tail_out * (agents - 1)) * inserts_per_s / appended
+        print(f"extrapolated: {agents} agents x {rate:,} steps/s -> redis CPU {cpu * inserts_per_s / appended:,.1f} "
+              f"s/s, egress {egress / 1e9:,.2f} GB/s")
+    print(f"redis used_memory per stored step (full log): {memory_per_step:,.0f} B; chunks the replica ingested "
+          f"while its learner sampled (full-speed writers): {tail_chunks:,}")
+    print(f"replica/embedded sampling ratio: {replica_rate / embedded_rate:.2f}")
 
 
 def say(message: str) -> None:

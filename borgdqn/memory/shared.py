@@ -337,7 +337,12 @@ class SharedReplay:
         )
         layout = Layout.build(params)
         if private:
-            memory = cls(mmap.mmap(-1, layout.nbytes), "", params, threading.Lock(), owner=False, seed=seed)
+            mm = mmap.mmap(-1, layout.nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # Huge pages where the kernel allows them: a fresh replica takes its frames in 512x fewer page
+                # faults, and random draws over gigabytes of frames miss the TLB far less.
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            memory = cls(mm, "", params, threading.Lock(), owner=False, seed=seed)
             memory._initialise()
             return memory
         seg = _segment_name(name or f"borgdqn-replay-{os.getpid()}-{secrets.token_hex(4)}")

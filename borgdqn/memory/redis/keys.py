@@ -7,7 +7,7 @@ script may touch all of a log's keys:
                         the first client writes it, later ones must match it
     borg:{name}:log     a Redis stream: one entry per trajectory chunk, id ``<g>-1`` where g counts chunks from 1;
                         fields ``d`` (a ``borg.v1.TrajectoryChunk``), ``a`` (agent), ``t`` (steps), ``w`` (the
-                        writer's unix time in ms, for the replication lag)
+                        unix time in ms its agent added it, for the replication lag)
     borg:{name}:stats   hash: ``chunks`` (g of the newest entry), ``inserted`` (steps ever), ``size`` (steps held),
                         ``bytes`` (chunk bytes held), ``trimmed`` (chunks trimmed)
     borg:{name}:agents  hash: agent id -> steps held

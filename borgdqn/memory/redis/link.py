@@ -112,7 +112,7 @@ class RedisLink:
         self._caught_up = threading.Event()
         self._failure: BaseException | None = None
         self._cond = threading.Condition()
-        self._outbox: deque[tuple[TrajectoryChunk, int]] = deque()
+        self._outbox: deque[tuple[TrajectoryChunk, int, float]] = deque()  # chunk, its number, unix ms added
         self._in_flight = 0
         self._chunk_numbers: dict[int, int] = {}
         self._threads = [threading.Thread(target=self._guarded, args=(self._write_loop,), name="redis-writer",
@@ -135,7 +135,7 @@ class RedisLink:
                 if not self._outbox:
                     return
                 self._outbox.popleft()
-            self._outbox.append((chunk, number))
+            self._outbox.append((chunk, number, time.time() * 1000))
             self._cond.notify_all()
 
     def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
@@ -308,19 +308,20 @@ class RedisLink:
                     return
                 continue
             entries = [(encode_chunk(chunk, chunk_seq=number), int(chunk.agent_id), len(chunk))
-                       for chunk, number in batch]
-            written = self._call("append", partial(self._append, entries), self._writer_client, give_up)
+                       for chunk, number, _ in batch]
+            added = [at for _, _, at in batch]
+            written = self._call("append", partial(self._append, entries, added), self._writer_client, give_up)
             with self._cond:
                 self._in_flight = 0
                 if written is None:  # closing, and Redis stayed away: what is left is lost, and said so
                     self._outbox.extendleft(reversed(batch))
                     return
 
-    def _append(self, entries: list[tuple[bytes, int, int]]) -> bool:
+    def _append(self, entries: list[tuple[bytes, int, int]], added_ms: list[float]) -> bool:
         import redis
 
         try:
-            self._writer.append(entries)
+            self._writer.append(entries, added_ms)
             self.counters.written_chunks += len(entries)
         except redis.ResponseError as err:
             # A server-side refusal (e.g. OOM under maxmemory): count it, keep the agent running.

@@ -105,14 +105,15 @@ class LogWriter:
                                        f"agent's is {self.shape} (use another replay.redis_name, or the same config)")
         return created
 
-    def append(self, entries: list[tuple[bytes, int, int]]) -> int:
-        """Append ``(encoded chunk, agent id, steps)`` entries in order; returns the g of the last one."""
+    def append(self, entries: list[tuple[bytes, int, int]], added_ms: list[float] | None = None) -> int:
+        """Append ``(encoded chunk, agent id, steps)`` entries in order; returns the g of the last one.
+        ``added_ms``: when the agent added each chunk (unix ms; default now), from which tails measure the lag."""
         import redis
 
-        now_ms = str(int(time.time() * 1000))
+        now_ms = time.time() * 1000
         args: list[Any] = [self.shape.capacity]
-        for data, agent, steps in entries:
-            args += [data, agent, steps, now_ms]
+        for i, (data, agent, steps) in enumerate(entries):
+            args += [data, agent, steps, f"{added_ms[i] if added_ms else now_ms:.1f}"]
         keys = [self.keys.config, self.keys.log, self.keys.stats, self.keys.agents]
         try:
             return int(self._append(keys=keys, args=args))
