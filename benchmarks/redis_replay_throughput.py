@@ -431,11 +431,13 @@ def main() -> None:
         while int(client.get(f"{RING}:head") or 0) < slots:
             ring_phase(server.url, slots, frames, args.chunk_length, 2.0, 2)
         fill_log(server.url, shape, frames, args.batch_chunks)
-        memory_per_step = int(client.info("memory")["used_memory"]) / read_state(client, NAME).size
         log_catch = catch_up_log(server.url, shape)
         ring_catch = catch_up_ring(server.url, slots, shape)
         say(f"catch-up log {log_catch}, ring {ring_catch}")
         client.delete(*[f"{RING}:c:{s}" for s in range(slots)], f"{RING}:head", f"{RING}:gseq")
+        state = read_state(client, NAME)
+        memory_per_step = int(client.info("memory")["used_memory"]) / state.size
+        stored_per_step = state.bytes / state.size
         costs = {n: tail_cost_phase(server.url, shape, frames, n, args.tail_rate, args.seconds) for n in (1, 2, 4)}
         say(f"tail costs {costs}")
         sampling = {rate: sampling_phase(server.url, shape, frames, args.batch_chunks, args.seconds, rate)
@@ -477,12 +479,12 @@ def main() -> None:
         log_catch[1] / log_catch[0], ring_catch[1] / ring_catch[0])
     row("catch-up seconds (vs the ring)", log_catch[0], ring_catch[0],
         "<= 15 s / 500k", log_catch[0] * 500_000 / max(log_catch[1], 1) <= 15)
-    row("catch-up redis CPU s per 100k steps (vs the ring)", log_catch[2] * 1e5 / log_catch[1],
-        ring_catch[2] * 1e5 / ring_catch[1])
+    row("catch-up redis CPU ms per 100k steps (vs the ring)", log_catch[2] * 1e8 / log_catch[1],
+        ring_catch[2] * 1e8 / ring_catch[1])
     base_cpu, base_out, appended = costs[1]
     for n, (cpu, egress, _) in costs.items():
-        row(f"tail cost, {n} tail{'s' if n > 1 else ''} following {appended:,.0f} steps/s: redis CPU s/s (vs 1)",
-            cpu, base_cpu)
+        row(f"tail cost, {n} tail{'s' if n > 1 else ''} following {appended:,.0f} steps/s: redis CPU ms/s (vs 1)",
+            cpu * 1000, base_cpu * 1000)
         row(f"tail cost, {n} tail{'s' if n > 1 else ''}: redis bytes/s sent (vs 1)", egress, base_out)
     row("sampling transitions/s, replica while 2 writers append at full speed (vs embedded)", replica_rate,
         embedded_rate, ">= 0.9x", replica_rate >= 0.9 * embedded_rate)
@@ -501,8 +503,9 @@ def main() -> None:
         egress = (base_out + per_tail_out * (agents - 1)) * inserts_per_s / appended
         print(f"extrapolated: {agents} agents x {rate:,} steps/s -> redis CPU {cpu * inserts_per_s / appended:,.1f} "
               f"s/s, egress {egress / 1e9:,.2f} GB/s")
-    print(f"redis used_memory per stored step (full log): {memory_per_step:,.0f} B; chunks the replica ingested "
-          f"while its learner sampled (full-speed writers): {tail_chunks:,}")
+    print(f"full log: {stored_per_step:,.1f} B of chunk per stored step (the monitor's bytes_per_step), redis "
+          f"used_memory {memory_per_step:,.0f} B per stored step")
+    print(f"chunks the replica ingested while its learner sampled (full-speed writers): {tail_chunks:,}")
     print(f"replica/embedded sampling ratio: {replica_rate / embedded_rate:.2f}")
 
 

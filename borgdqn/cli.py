@@ -66,8 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "the Redis memory whose seeds, replay streams and epsilon-ladder place derive from "
                             "NAME; resumes the run in --out if there is one (docs/operator.md)")  # fmt: skip
     train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
-                       help="share the Redis replay memory there instead of an embedded one "
-                            "(password from BORG_REDIS_PASSWORD)")  # fmt: skip
+                       help="share the hive's experience through a Redis log there (each agent samples its "
+                            "own replica of it) instead of an embedded memory (password from BORG_REDIS_PASSWORD)")
     train.add_argument("--kafka", metavar="HOST:PORT",
                        help="stream telemetry events (episodes, training, memory) to this Kafka; never slows "
                             "training (telemetry.kafka; HOST:PORT[,HOST:PORT])")  # fmt: skip
@@ -109,8 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
     kib.add_argument("--file", type=Path, metavar="NDJSON",
                      help="import this saved-objects file instead of the built-in dashboard")
 
-    mon = sub.add_parser("memory-monitor", help="log the Redis replay memory's stats every few seconds",
-                         description="Read the Redis replay memory's size, rates, bytes and per-agent shares and "
+    mon = sub.add_parser("memory-monitor", help="log the Redis log's stats and its agents' link reports",
+                         description="Read the Redis log's size, rates, bytes, per-agent shares and what the "
+                         "agents' links report (samples, drops, skips, outages, lag) and "
                          "log them (one key=value line per reading). The password comes from BORG_REDIS_PASSWORD "
                          "or --password-file, never from the URL.")  # fmt: skip
     mon.add_argument("--memory", required=True, metavar="redis://HOST:PORT/DB", help="the memory's Redis")

@@ -227,14 +227,9 @@ def test_a_name_at_the_limit_is_accepted(cluster: KubeCluster) -> None:
 CHANGES: dict[str, Any] = {
     "env.id": "ALE/Breakout-v5",
     "env.screenSize": 64,
-    "env.frameStack": 2,
-    "agents.learner.nStep": 5,
     "agents.network.lstm": True,
     "memory.capacity": 3_000_000,
     "memory.chunkLength": 16,
-    "memory.prioritized": False,
-    "memory.alpha": 0.7,
-    "memory.priorityEps": 1e-5,
     "memory.persistence": False,
     "memory.storage": {"size": "200Gi", "storageClassName": "fast-ssd"},
     "kafka.storage": {"size": "60Gi", "storageClassName": "fast-ssd"},
@@ -284,22 +279,27 @@ def test_an_edited_manifest_is_refused_by_kubectl_apply_and_a_dropped_immutable_
     refused = kubectl_apply(cluster, manifest)
     assert refused.returncode != 0
     assert "spec.env.id: Invalid value" in refused.stderr and "is immutable" in refused.stderr
-    # Without the field the default (1,000,000) would apply: not the 2,000,000 steps the memory has.
+    # Without the field the default (20Gi, the cluster's class) would apply: not the 100Gi fast-ssd volume the
+    # memory has.
     manifest["spec"]["env"]["id"] = "ALE/Pong-v5"
-    del manifest["spec"]["memory"]["capacity"]
+    del manifest["spec"]["memory"]["storage"]
     refused = kubectl_apply(cluster, manifest)
     assert refused.returncode != 0
-    assert "spec.memory.capacity: Invalid value" in refused.stderr
+    assert "spec.memory.storage: Invalid value" in refused.stderr
 
 
 def test_mutable_fields_change_in_place(cluster: KubeCluster, pong: tuple[str, str]) -> None:
     namespace, name = pong
-    patch = {"spec": {"agents": {"learner": {"lr": 1e-4}, "network": {"lstmHidden": 256}, "gpus": 2},
-                      "memory": {"beta": {"steps": 20_000_000}, "outboxSteps": 4096},
+    # Sampling settings belong to each agent's replica, not to the log: they change in place too.
+    patch = {"spec": {"env": {"frameStack": 2},
+                      "agents": {"learner": {"lr": 1e-4, "nStep": 5}, "network": {"lstmHidden": 256}, "gpus": 2},
+                      "memory": {"beta": {"steps": 20_000_000}, "outboxSteps": 4096, "prioritized": False,
+                                 "alpha": 0.7, "priorityEps": 1e-5},
                       "kafka": {"retentionHours": 24}, "elastic": {"count": 5, "version": "8.19.8"}}}
     cluster.kubectl("patch", "borgcollective", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
     stored = parse_spec(stored_spec(cluster, namespace, name))
-    assert stored.agents.learner.lr == 1e-4
+    assert (stored.agents.learner.lr, stored.agents.learner.n_step, stored.env.frame_stack) == (1e-4, 5, 2)
+    assert (stored.memory.prioritized, stored.memory.alpha, stored.memory.priority_eps) == (False, 0.7, 1e-5)
     assert stored.agents.network.lstm_hidden == 256  # free to change while the network is not recurrent
     assert (stored.memory.outbox_steps, stored.kafka.retention_hours, stored.elastic.count) == (4096, 24, 5)
     assert stored.memory.beta == LinearSchedule(start=0.4, end=1.0, steps=20_000_000)
@@ -315,17 +315,20 @@ def test_mutable_fields_change_in_place(cluster: KubeCluster, pong: tuple[str, s
     assert parse_spec(stored_spec(cluster, namespace, name)).memory.beta == ConstantSchedule(value=1.0)
 
 
-def test_a_recurrent_collective_keeps_its_sequence_layout(cluster: KubeCluster) -> None:
+def test_a_recurrent_collective_keeps_its_state_size(cluster: KubeCluster) -> None:
     namespace = new_namespace(cluster, "recurrent")
     spec = {"env": {"frameStack": 1}, "agents": {"network": {"lstm": True, "lstmHidden": 256},
                                                  "learner": {"sequenceLength": 20}}}
     assert kubectl_apply(cluster, collective(namespace, "r2d2", spec)).returncode == 0
-    for path, value in (("agents.network.lstmHidden", 128), ("agents.learner.sequenceLength", 30)):
-        refused = cluster.kubectl("patch", "borgcollective", "r2d2", "-n", namespace, "--type=merge",
-                                  "-p", merge_patch(path, value), check=False)
-        assert refused.returncode != 0
-        assert f"spec.{path}: Invalid value" in refused.stderr, refused.stderr
-        assert "is immutable while network.lstm is on" in refused.stderr
+    refused = cluster.kubectl("patch", "borgcollective", "r2d2", "-n", namespace, "--type=merge",
+                              "-p", merge_patch("agents.network.lstmHidden", 128), check=False)
+    assert refused.returncode != 0
+    assert "spec.agents.network.lstmHidden: Invalid value" in refused.stderr, refused.stderr
+    assert "is immutable while network.lstm is on" in refused.stderr
+    # The sequence length is each replica's sampling setting: it changes in place.
+    cluster.kubectl("patch", "borgcollective", "r2d2", "-n", namespace, "--type=merge",
+                    "-p", merge_patch("agents.learner.sequenceLength", 30))
+    assert parse_spec(stored_spec(cluster, namespace, "r2d2")).agents.learner.sequence_length == 30
     bad = {"agents": {"network": {"lstm": True}, "learner": {"nStep": 5, "sequenceLength": 4}}}
     refused = kubectl_apply(cluster, collective(namespace, "short", bad))
     assert refused.returncode != 0

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import redis
 
-from borg_operator.memory_fill import FillError, FillReader, fetch_fill, read_fill
+from borg_operator.memory_fill import FillError, FillReader, MemoryFill, fetch_fill, read_fill
+from borgdqn.memory.redis.keys import LinkTotals
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
 from tests.test_memory_monitor import episode, open_log
@@ -24,12 +25,19 @@ def test_fill_matches_the_memory_s_own_stats(redis_server: RedisServer) -> None:
 
     memory = open_log(redis_server.url, name)
     try:
-        assert read_fill(client, name) == 0.0
+        assert read_fill(client, name) == MemoryFill(0.0, LinkTotals())
         episode(memory, stream=0, agent=0, steps=24)
         held = sum(int(fields[b"t"]) for _, fields in client.xrange(f"borg:{{{name}}}:log"))
         assert held == 24
-        assert read_fill(client, name) == pytest.approx(held / 64) == 24 / 64
-        assert fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, 1.0) == 24 / 64
+        assert read_fill(client, name).fill == pytest.approx(held / 64) == 24 / 64
+        # The agents' links report what they lost on the way: the status sums it up.
+        client.hset(f"borg:{{{name}}}:links", mapping={
+            "pong-agents-a": '{"dropped_chunks": 3, "skipped_chunks": 1, "away_s": 4.5, "caught_up": true}',
+            "pong-agents-b": '{"dropped_chunks": 2, "skipped_chunks": 0, "away_s": 2.0, "caught_up": false}'})
+        fill = fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, 1.0)
+        assert fill.fill == 24 / 64
+        assert (fill.links.links, fill.links.catching_up, fill.links.dropped_chunks, fill.links.skipped_chunks,
+                fill.links.outage_s) == (2, 1, 5, 1, 4.5)
     finally:
         memory._r.close()
         client.close()
@@ -41,7 +49,8 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
     now = [100.0]
     reader = FillReader(timeout_s=0.5, quiet_s=60.0, clock=lambda: now[0])
     try:
-        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == (0.0, None)
+        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == \
+            (MemoryFill(0.0, LinkTotals()), None)
 
         fill, why = reader.read("127.0.0.1", redis_server.port, "wrong-password", name)
         assert fill is None and why is not None and "password" in why.lower()
@@ -60,7 +69,8 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
         now[0] += 61
         fill, why = reader.read("127.0.0.1", closed, None, name)
         assert fill is None and why is not None and not why.startswith("not retried yet")
-        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == (0.0, None)
+        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == \
+            (MemoryFill(0.0, LinkTotals()), None)
     finally:
         reader.close()
         memory._r.close()

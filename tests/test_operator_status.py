@@ -16,6 +16,7 @@ from borg_operator.status import (
     selector_string,
     status_patch,
 )
+from borgdqn.memory.redis.keys import LinkTotals
 
 T0 = datetime.datetime(2025, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(minutes=5)
@@ -64,6 +65,17 @@ def healthy(**overrides: Any) -> Observed:
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {c["type"]: c for c in status["conditions"]}
+
+
+def test_what_the_agents_lost_on_the_way_to_the_log_is_in_the_status_and_the_memory_condition() -> None:
+    links = LinkTotals(links=2, dropped_chunks=7, skipped_chunks=3, outage_s=12.34)
+    status = compute_status(Collective.from_body(body()), healthy(memory_fill=0.5, memory_links=links), T0)
+    assert status["memory"] == {"fill": "50%", "droppedChunks": 7, "skippedChunks": 3, "outageSeconds": 12.3}
+    assert conditions(status)["MemoryReady"]["message"].endswith(
+        "50% full; agents dropped 7 chunks, tails skipped 3")
+    quiet = compute_status(Collective.from_body(body()), healthy(memory_fill=0.5, memory_links=LinkTotals()), T0)
+    assert quiet["memory"] == {"fill": "50%", "droppedChunks": 0, "skippedChunks": 0, "outageSeconds": 0.0}
+    assert conditions(quiet)["MemoryReady"]["message"].endswith("50% full")
 
 
 def test_all_children_ready_make_a_running_collective_with_every_declared_field() -> None:

@@ -247,27 +247,21 @@ class MemoryMonitor:
         except ValueError as err:
             raise MonitorError(str(err)) from None
         at = self._clock()
-        links = state.links.values()
-        sampled = sum(_count(link.get("sampled")) for link in links)
-        inserted, size, capacity = state.inserted, state.size, state.shape.capacity
-        lags = [float(link["lag_p99_ms"]) for link in links if isinstance(link.get("lag_p99_ms"), int | float)]
+        links = state.link_totals()
+        inserted, size, capacity, sampled = state.inserted, state.size, state.shape.capacity, links.sampled
         previous = self._previous
         self._previous = _Previous(at=at, inserted=inserted, sampled=sampled)
         return MemoryReading(
             name=self.name, time=time.time(), size=size, capacity=capacity, fill=size / capacity,
-            chunks=state.held_chunks, inserted=inserted, sampled=sampled,
-            rejected=max((_count(link.get("bad_chunks")) for link in links), default=0),
+            chunks=state.held_chunks, inserted=inserted, sampled=sampled, rejected=links.bad_chunks,
             insert_rate=None if previous is None else _rate(inserted, previous.inserted, at - previous.at),
             sample_rate=None if previous is None else _rate(sampled, previous.sampled, at - previous.at),
             used_memory=int(info.get("used_memory", 0)), maxmemory=int(info.get("maxmemory", 0)),
             chunk_bytes=state.bytes, bytes_per_step=state.bytes / size if size else 0.0,
             per_agent=state.per_agent,
             per_agent_share={a: n / size for a, n in state.per_agent.items()} if size else {},
-            links=len(state.links), catching_up=sum(1 for link in links if link.get("caught_up") is False),
-            dropped_chunks=sum(_count(link.get("dropped_chunks")) for link in links),
-            skipped_chunks=sum(_count(link.get("skipped_chunks")) for link in links),
-            outage_s=max((float(_count(link.get("away_s"), float)) for link in links), default=0.0),
-            lag_p99_ms=max(lags) if lags else None,
+            links=links.links, catching_up=links.catching_up, dropped_chunks=links.dropped_chunks,
+            skipped_chunks=links.skipped_chunks, outage_s=links.outage_s, lag_p99_ms=links.lag_p99_ms,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -315,13 +309,6 @@ class MemoryMonitor:
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
-
-
-def _count(value: Any, kind: type = int) -> Any:
-    """A counter from an agent's link report (JSON written by each agent): anything else counts as 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        return kind(0)
-    return kind(value)
 
 
 # ---------------------------------------------------------------------------------------------- command line

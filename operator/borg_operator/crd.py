@@ -482,7 +482,14 @@ def status_schema() -> Schema:
             "memory": {
                 "description": "the replay memory as its monitor reports it",
                 "type": "object",
-                "properties": {"fill": string("how full the memory is, e.g. 37%")},
+                "properties": {
+                    "fill": string("how full the memory is, e.g. 37%"),
+                    "droppedChunks": integer("own chunks the agents dropped while Redis was away (their outboxes "
+                                             "were full)"),
+                    "skippedChunks": integer("log entries the agents' tails skipped (trimmed before they read them)"),
+                    "outageSeconds": {"type": "number",
+                                      "description": "the longest time any agent has spent without Redis"},
+                },
             },
         },
     }

@@ -17,22 +17,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from borgdqn.memory.redis.keys import LogNotCreated, read_state
+from borgdqn.memory.redis.keys import LinkTotals, LogNotCreated, read_state
 
 
 class FillError(Exception):
     """The memory's keys are not what the log's writers write (or not there yet)."""
 
 
-def read_fill(client: object, name: str) -> float:
-    """Steps stored / capacity of memory `name`, through a `redis.Redis` client; FillError if not created."""
+@dataclass(frozen=True)
+class MemoryFill:
+    fill: float  # steps the log holds / its capacity
+    links: LinkTotals  # what the agents' links report: drops, skips, outages
+
+
+def read_fill(client: object, name: str) -> MemoryFill:
+    """How full memory `name` is and what its agents' links report, through a `redis.Redis` client; FillError if
+    the memory is not created."""
     try:
-        return read_state(client, name).fill
+        state = read_state(client, name)
     except (LogNotCreated, ValueError) as err:
         raise FillError(str(err)) from None
+    return MemoryFill(state.fill, state.link_totals())
 
 
-def fetch_fill(host: str, port: int, password: str | None, name: str, timeout_s: float) -> float:
+def fetch_fill(host: str, port: int, password: str | None, name: str, timeout_s: float) -> MemoryFill:
     """Connects, reads the fill, disconnects (raises on any failure)."""
     import redis
     from redis.backoff import NoBackoff
@@ -56,7 +64,7 @@ class FillReader:
     """Reads fills with a deadline; after a failure, the same memory is left alone for `quiet_s`."""
 
     def __init__(self, timeout_s: float = 1.0, quiet_s: float = 60.0,
-                 fetch: Callable[[str, int, str | None, str, float], float] = fetch_fill,
+                 fetch: Callable[[str, int, str | None, str, float], MemoryFill] = fetch_fill,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.quiet_s = quiet_s
@@ -67,7 +75,7 @@ class FillReader:
         self._failures: dict[tuple[str, int, str], _Failure] = {}
         self._lock = threading.Lock()
 
-    def read(self, host: str, port: int, password: str | None, name: str) -> tuple[float | None, str | None]:
+    def read(self, host: str, port: int, password: str | None, name: str) -> tuple[MemoryFill | None, str | None]:
         """(fill, None), or (None, why not) when unknown (failed now, or recently)."""
         where = (host, port, name)
         now = self._clock()

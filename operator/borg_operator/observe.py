@@ -85,7 +85,8 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             parts["indexer"] = applier.get(APPS, "Deployment", namespace, names.indexer(cr))
         if fills is not None and _ready_replicas(parts["memory"]) > 0:
             fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, read_password(applier, namespace, cr), cr)
-            parts["memory_fill"] = fill
+            if fill is not None:
+                parts["memory_fill"], parts["memory_links"] = fill.fill, fill.links
             if why is not None:
                 log.debug("memory fill of %s/%s unknown: %s", namespace, cr, why)
     return Observed(agents=agents, unschedulable=unschedulable, missing=tuple(missing), error=error,

@@ -6,7 +6,7 @@ Deployment, memory StatefulSet, Kafka, ECK's Elasticsearch and Kibana, the index
 could not place, APIs the spec needs that the cluster does not serve) into the status the CRD declares:
 
     observedGeneration, phase, conditions[Ready, AgentsReady, MemoryReady, KafkaReady, ElasticReady],
-    agents{replicas, ready, selector}, gpus, memory{fill}
+    agents{replicas, ready, selector}, gpus, memory{fill, droppedChunks, skippedChunks, outageSeconds}
 
 Conditions follow the Kubernetes convention (type/status/reason/message/lastTransitionTime, as Strimzi and ECK
 write them): `lastTransitionTime` moves only when a condition's status does. `status_patch` says what to write,
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
+from borgdqn.memory.redis.keys import LinkTotals
 
 PAUSED_ANNOTATION = "borg.dev/paused"
 CONDITION_TYPES = ("Ready", "AgentsReady", "MemoryReady", "KafkaReady", "ElasticReady")
@@ -106,6 +107,7 @@ class Observed:
     unschedulable: Sequence[str] = ()  # one scheduler message per agent pod it could not place
     missing: Sequence[MissingApi] = ()
     memory_fill: float | None = None  # None: not known (memory not ready, not reachable)
+    memory_links: LinkTotals | None = None  # what the agents' links to the log report (known with the fill)
     error: str | None = None  # the last reconcile failed with this (one line)
     observed_generation: int | None = None  # the generation the children were last reconciled to
     selector: str = ""  # the agents' label selector (label selector syntax), for the scale subresource
@@ -189,12 +191,17 @@ def _statefulset_condition(type_: str, what: str, obj: Mapping[str, Any] | None,
     return _false(type_, "Progressing", counts)
 
 
-def memory_condition(memory: Mapping[str, Any] | None, fill: float | None) -> Condition:
+def memory_condition(memory: Mapping[str, Any] | None, fill: float | None,
+                     links: LinkTotals | None = None) -> Condition:
     condition = _statefulset_condition("MemoryReady", "memory pods", memory,
                                        "the memory StatefulSet does not exist yet")
     if fill is None:
         return condition
-    return Condition(condition.type, condition.status, condition.reason, f"{condition.message}, {fill:.0%} full")
+    message = f"{condition.message}, {fill:.0%} full"
+    if links is not None and (links.dropped_chunks or links.skipped_chunks):
+        # Experience lost on the way (agents' outboxes overflowed while Redis was away, tails fell behind the log).
+        message += f"; agents dropped {links.dropped_chunks} chunks, tails skipped {links.skipped_chunks}"
+    return Condition(condition.type, condition.status, condition.reason, message)
 
 
 def _missing_for(missing: Sequence[MissingApi], reason: str) -> MissingApi | None:
@@ -307,7 +314,7 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
     else:
         parts = [
             agents_condition(spec, observed.agents, observed.unschedulable),
-            memory_condition(observed.memory, observed.memory_fill),
+            memory_condition(observed.memory, observed.memory_fill, observed.memory_links),
             kafka_condition(spec, observed.kafka, observed.missing),
             elastic_condition(spec, observed),
         ]
@@ -339,6 +346,10 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
         status["gpus"] = _int(collective.status["gpus"])
     if observed.memory_fill is not None:
         status["memory"] = {"fill": f"{observed.memory_fill:.0%}"}
+        if observed.memory_links is not None:
+            links = observed.memory_links
+            status["memory"].update(droppedChunks=links.dropped_chunks, skippedChunks=links.skipped_chunks,
+                                    outageSeconds=round(links.outage_s, 1))
     return status
 
 

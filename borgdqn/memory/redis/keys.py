@@ -18,6 +18,7 @@ script may touch all of a log's keys:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,6 +97,46 @@ class LogState:
     @property
     def fill(self) -> float:
         return self.size / self.shape.capacity
+
+    def link_totals(self) -> LinkTotals:
+        return LinkTotals.of(self.links)
+
+
+@dataclass(frozen=True)
+class LinkTotals:
+    """What the agents' links last reported, over the hive (hostile or malformed values count as nothing)."""
+
+    links: int = 0  # agents whose link reported
+    catching_up: int = 0  # of them, replicas still loading the log
+    sampled: int = 0  # transitions or sequences sampled from the replicas (sum)
+    bad_chunks: int = 0  # log entries that did not decode (the most any tail counted: each tail sees them all)
+    dropped_chunks: int = 0  # own chunks dropped while Redis was away (sum)
+    skipped_chunks: int = 0  # entries trimmed before a tail read them (sum over tails)
+    outage_s: float = 0.0  # the longest time any agent spent without Redis
+    lag_p99_ms: float | None = None  # the worst agent's write-to-replica lag, 99th percentile
+
+    @classmethod
+    def of(cls, links: dict[str, dict[str, Any]]) -> LinkTotals:
+        reports = list(links.values())
+
+        def total(name: str) -> int:
+            return sum(int(_amount(r.get(name))) for r in reports)
+
+        def most(name: str) -> float:
+            return max((_amount(r.get(name)) for r in reports), default=0.0)
+
+        lags = [_amount(r.get("lag_p99_ms")) for r in reports if r.get("lag_p99_ms") is not None]
+        return cls(links=len(reports), catching_up=sum(1 for r in reports if r.get("caught_up") is False),
+                   sampled=total("sampled"), bad_chunks=int(most("bad_chunks")), dropped_chunks=total("dropped_chunks"),
+                   skipped_chunks=total("skipped_chunks"), outage_s=most("away_s"),
+                   lag_p99_ms=max(lags) if lags else None)
+
+
+def _amount(value: Any) -> float:
+    """A counter from an agent's link report (JSON written by each agent): anything else counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
 
 
 class LogNotCreated(LookupError):
