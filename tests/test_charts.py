@@ -229,8 +229,8 @@ def test_helm_install_both_charts_then_scale_overcommit_and_uninstall_on_the_ful
     # No container runtime: the operator runs here, as the chart's ServiceAccount (a TokenRequest token).
     kubeconfig = token_kubeconfig(kube, home, "op-borg-operator", tmp_path / "operator.kubeconfig")
     operator = Operator(kube, tmp_path, "--namespace", namespace, kubeconfig=kubeconfig).start()
-    values = {"agents": {"replicas": 2, "resources": {"cpu": "1", "memory": "1Gi"}},
-              "memory": {"persistence": False}}
+    values = {"agents": {"replicas": 2, "resources": {"cpu": "1", "memory": "8Gi"}},
+              "memory": {"persistence": False, "capacity": 100_000}}
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     try:
         notes = kube.helm("install", "pong", str(COLLECTIVE_CHART), "--namespace", namespace,

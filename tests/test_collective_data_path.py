@@ -59,7 +59,7 @@ SPEC: dict[str, Any] = {
     "env": {"id": "CartPole-v1", "numEnvs": NUM_ENVS, "frameStack": 1},
     "agents": {
         "replicas": 2, "gpus": 0, "threads": 1, "steps": STEPS, "seed": 3,
-        "resources": {"cpu": "1", "memory": "2Gi"},
+        "resources": {"cpu": "1", "memory": "3Gi"},  # a replica of 8192 steps and a CPU agent
         "learner": {"learningStarts": 200, "batchSize": 32, "updateEvery": 4, "targetUpdatePeriod": 100,
                     "lr": 1e-3, "device": "cpu"},
         "network": {"mlpHidden": [32, 32]},

@@ -87,7 +87,8 @@ class ResourcesSpec(CrdModel):
 class AgentResourcesSpec(CrdModel):
     cpu: str = Field(default="4", description="CPU request and limit of each agent pod, e.g. 4 or 3500m")
     memory: str = Field(default="", description="memory request and limit of each agent pod, e.g. 16Gi; empty: "
-                        "sized from memory.capacity (the agent's replica of the log, ~7.1 KB per Atari step) plus 6Gi")
+                        "sized from memory.capacity (the agent's replica of the log, ~7.1 KB per Atari step) plus "
+                        "6Gi (2Gi without a GPU)")
 
 
 class StorageSpec(CrdModel):

@@ -72,9 +72,10 @@ def size_memory(
     )
 
 
-# An agent pod's memory besides its replica: torch (with CUDA's host-side buffers), the envs, batches in flight and
-# the run's files. Measured agent processes stay under 3 GiB on CPU; CUDA adds its context on the host.
-AGENT_BASE_BYTES = 6 << 30
+# An agent pod's memory besides its replica: torch, the envs, batches in flight and the run's files (agent processes
+# on CPU stay under 2 GiB); with a GPU, CUDA's context and pinned buffers on the host besides.
+AGENT_BASE_BYTES = 2 << 30
+AGENT_BASE_BYTES_GPU = 6 << 30
 
 
 def replica_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str = "|u1", *, prioritized: bool = True,
@@ -93,8 +94,9 @@ def replica_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str 
 
 
 def agent_pod_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str = "|u1", *,
-                    prioritized: bool = True, recurrent_hidden: int | None = None) -> int:
-    """The memory an agent pod needs: its replica plus ``AGENT_BASE_BYTES``, rounded up to a whole GiB."""
+                    prioritized: bool = True, recurrent_hidden: int | None = None, gpu: bool = True) -> int:
+    """The memory an agent pod needs: its replica plus the agent's own (``AGENT_BASE_BYTES[_GPU]``), rounded up to
+    a whole GiB."""
     need = replica_bytes(capacity, frame_shape, frame_dtype, prioritized=prioritized,
-                         recurrent_hidden=recurrent_hidden) + AGENT_BASE_BYTES
+                         recurrent_hidden=recurrent_hidden) + (AGENT_BASE_BYTES_GPU if gpu else AGENT_BASE_BYTES)
     return -(-need // (1 << 30)) << 30

@@ -36,7 +36,8 @@ def replica_need(spec: CollectiveSpec) -> int:
     observations are smaller) and the agent itself."""
     side = spec.env.screen_size
     return agent_pod_bytes(spec.memory.capacity, (side, side), prioritized=spec.memory.prioritized,
-                           recurrent_hidden=spec.agents.network.lstm_hidden if spec.agents.network.lstm else None)
+                           recurrent_hidden=spec.agents.network.lstm_hidden if spec.agents.network.lstm else None,
+                           gpu=spec.agents.gpus > 0)
 
 
 def agent_memory(spec: CollectiveSpec) -> str:
