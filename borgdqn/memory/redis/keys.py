@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -102,11 +103,14 @@ class LogState:
         return LinkTotals.of(self.links)
 
 
+LIVE_S = 60.0  # a link that has not reported for this long belongs to an agent that is gone (links report every 5 s)
+
+
 @dataclass(frozen=True)
 class LinkTotals:
     """What the agents' links last reported, over the hive (hostile or malformed values count as nothing)."""
 
-    links: int = 0  # agents whose link reported
+    links: int = 0  # agents whose link reported within the last ``LIVE_S`` (live agents)
     catching_up: int = 0  # of them, replicas still loading the log
     sampled: int = 0  # transitions or sequences sampled from the replicas (sum)
     bad_chunks: int = 0  # log entries that did not decode (the most any tail counted: each tail sees them all)
@@ -116,8 +120,12 @@ class LinkTotals:
     lag_p99_ms: float | None = None  # the worst agent's write-to-replica lag, 99th percentile
 
     @classmethod
-    def of(cls, links: dict[str, dict[str, Any]]) -> LinkTotals:
+    def of(cls, links: dict[str, dict[str, Any]], now: float | None = None) -> LinkTotals:
+        """Totals over every report (counters are cumulative: a pod that is gone still lost what it lost), while
+        ``links``, ``catching_up`` and the lag count only live agents (a report younger than ``LIVE_S``)."""
         reports = list(links.values())
+        now = time.time() if now is None else now
+        live = [r for r in reports if now - _amount(r.get("time")) < LIVE_S]
 
         def total(name: str) -> int:
             return sum(int(_amount(r.get(name))) for r in reports)
@@ -125,8 +133,8 @@ class LinkTotals:
         def most(name: str) -> float:
             return max((_amount(r.get(name)) for r in reports), default=0.0)
 
-        lags = [_amount(r.get("lag_p99_ms")) for r in reports if r.get("lag_p99_ms") is not None]
-        return cls(links=len(reports), catching_up=sum(1 for r in reports if r.get("caught_up") is False),
+        lags = [_amount(r.get("lag_p99_ms")) for r in live if r.get("lag_p99_ms") is not None]
+        return cls(links=len(live), catching_up=sum(1 for r in live if r.get("caught_up") is False),
                    sampled=total("sampled"), bad_chunks=int(most("bad_chunks")), dropped_chunks=total("dropped_chunks"),
                    skipped_chunks=total("skipped_chunks"), outage_s=most("away_s"),
                    lag_p99_ms=max(lags) if lags else None)

@@ -104,8 +104,12 @@ class RedisLink:
         self._keys = LogKeys.of(name)
         self._writer_client = connect()
         self._writer = LogWriter(self._writer_client, name, shape)
-        self._writer.declare()  # a log of another shape is refused here, in the caller's thread
-        self._tail_client = connect()
+        try:
+            self._writer.declare()  # a log of another shape is refused here, in the caller's thread
+            self._tail_client = connect()
+        except BaseException:
+            self._writer_client.close()
+            raise
         self._tail = LogTail(self._tail_client, name, shape, replica)
         self._outage = _Outage()
         self._closing = threading.Event()
