@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from borgdqn.memory.protocol import ReplayMemory, SequenceBatch, TrajectoryChunk, TransitionBatch
-from borgdqn.memory.shared import SEQUENCE_KEY, SharedReplay, SharedReplayHandle
+from borgdqn.memory.sampling_rules import SEQUENCE_KEY
+from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 
 GAMMA = 0.9
 

@@ -37,10 +37,7 @@ F_FIELDS = 8
 EMPTY = -1
 WRITING = -2
 
-# Bits of the per-step `flags` byte.
-FIRST = 1
-LAST = 2
-TERMINATED = 4
+# The per-step `flags` byte holds the bits of borgdqn.memory.sampling_rules (FIRST, LAST, TERMINATED).
 
 
 @dataclass(frozen=True)
