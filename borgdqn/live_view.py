@@ -107,7 +107,7 @@ class RichHiveView:
                 _fmt(r.epsilon, 3),
                 _fmt(r.loss, 4),
                 _fmt(r.env_steps_per_s, 0),
-                _fmt(r.updates_per_s, 0),
+                f"loading log {r.loading:.0%}" if r.loading is not None else _fmt(r.updates_per_s, 0),
             )
         size, capacity = b.memory()
         elapsed = time.monotonic() - b.started
@@ -156,7 +156,8 @@ class LogHiveView:
         for agent in sorted(b.latest):
             r = b.latest[agent]
             log.info(
-                "agent=%d steps=%d episodes=%d mean_return=%s epsilon=%s loss=%s steps_per_s=%s",
+                "agent=%d steps=%d episodes=%d mean_return=%s epsilon=%s loss=%s steps_per_s=%s%s",
                 agent, r.env_steps, r.episodes, _fmt(r.mean_return), _fmt(r.epsilon, 3),
                 _fmt(r.loss, 4), _fmt(r.env_steps_per_s, 0),
+                "" if r.loading is None else f" loading_log={r.loading:.0%}",
             )  # fmt: skip

@@ -308,7 +308,10 @@ def test_the_learner_waits_for_its_replica_to_load_the_log(redis_server: RedisSe
             assert joiner.caught_up, "a batch before the catch-up ended"
         except MemoryNotReady:
             pass
+        loading = joiner.loading
+        assert loading is None or 0.0 <= loading <= 1.0  # what the live view shows while it loads
         assert joiner.wait_caught_up(30)
+        assert joiner.loading is None
         assert joiner.stats().size == 4000 and joiner.snapshot().catch_up_s > 0
         check_transitions(joiner.sample(32, N, GAMMA, STACK, 0.5), {50: stream}, U8_SMALL, N, STACK)
     finally:

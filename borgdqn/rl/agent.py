@@ -55,6 +55,7 @@ class AgentReport:
     memory_size: int
     memory_capacity: int
     done: bool = False
+    loading: float | None = None  # a Redis replica loading the hive's log: the part loaded so far
 
 
 def run_agent(
@@ -159,6 +160,7 @@ def run_agent(
             memory_size=stats.size,
             memory_capacity=stats.capacity,
             done=done,
+            loading=memory.loading if isinstance(memory, RedisLink) else None,
         )
         loss = float(np.mean(losses)) if losses else None
         mean_q = float(np.mean(mean_qs)) if mean_qs else None

@@ -119,6 +119,7 @@ class RedisLink:
         self._outbox: deque[tuple[TrajectoryChunk, int, float]] = deque()  # chunk, its number, unix ms added
         self._in_flight = 0
         self._chunk_numbers: dict[int, int] = {}
+        self._loaded = (0, 0)  # catch-up: (chunks loaded, chunks to load)
         self._threads = [threading.Thread(target=self._guarded, args=(self._write_loop,), name="redis-writer",
                                           daemon=True),
                          threading.Thread(target=self._guarded, args=(self._tail_loop,), name="redis-tail",
@@ -165,6 +166,14 @@ class RedisLink:
     def wait_caught_up(self, timeout_s: float) -> bool:
         """Block until the replica holds the whole log as of the link's start (True), or ``timeout_s`` passed."""
         return self._caught_up.wait(timeout_s)
+
+    @property
+    def loading(self) -> float | None:
+        """While the replica loads the log: the part loaded (0..1); None once it has caught up."""
+        if self._caught_up.is_set():
+            return None
+        done, target = self._loaded
+        return done / target if target else 0.0
 
     @property
     def cursor(self) -> int:
@@ -348,6 +357,7 @@ class RedisLink:
         shown = [started]
 
         def progress(done: int, target: int) -> None:
+            self._loaded = (done, target)
             if time.monotonic() - shown[0] >= s.progress_every_s:
                 shown[0] = time.monotonic()
                 log.info("redis log catch-up chunks=%d/%d steps=%d", done, target, tail.counters.steps)
