@@ -44,7 +44,7 @@ import redis  # noqa: E402
 from codec_throughput import ale_pong_frames, pong_frames  # noqa: E402
 
 from borgdqn.memory.codec import encode_chunk  # noqa: E402
-from borgdqn.memory.protocol import TrajectoryChunk  # noqa: E402
+from borgdqn.memory.protocol import SamplingSpec, TrajectoryChunk  # noqa: E402
 from borgdqn.memory.redis.keys import LogKeys, LogShape, read_state  # noqa: E402
 from borgdqn.memory.redis.link import LinkSettings, RedisLink  # noqa: E402
 from borgdqn.memory.redis.tail import LogTail  # noqa: E402
@@ -108,9 +108,12 @@ def agent_chunks(frames: np.ndarray, agent: int, chunk_length: int, per_stream: 
     return [s[i] for i in range(per_stream) for s in streams]
 
 
+SPEC = SamplingSpec(n_step=N_STEP, gamma=GAMMA, stack=STACK)
+
+
 def replica_for(capacity: int, seed: int) -> SharedReplay:
     return SharedReplay.create(capacity, FRAME, np.uint8, prioritized=True, alpha=0.6, priority_eps=1e-6,
-                               max_streams=1 << 16, seed=seed, private=True)
+                               max_streams=1 << 16, seed=seed, private=True, spec=SPEC)
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -182,8 +185,8 @@ def embedded_writer(handle: SharedReplayHandle, frames: np.ndarray, chunk_length
 
 
 def embedded_sampler(handle: SharedReplayHandle, seconds: float, out: Any) -> None:
-    memory = SharedReplay.attach(handle, seed=99)
-    out.put(("sampler", *_sample_for(lambda: memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA), seconds)))
+    memory = SharedReplay.attach(handle, seed=99, spec=SPEC)
+    out.put(("sampler", *_sample_for(lambda: memory.sample(BATCH, BETA), seconds)))
     memory.close()
 
 
@@ -194,7 +197,7 @@ def replica_sampler(url: str, shape: LogShape, ready: Any, go: Any, seconds: flo
     link.wait_caught_up(600)
     ready.set()
     go.wait()
-    sampled, took = _sample_for(lambda: link.sample(BATCH, N_STEP, GAMMA, STACK, BETA), seconds)
+    sampled, took = _sample_for(lambda: link.sample(BATCH, BETA), seconds)
     tail = link.snapshot()
     link.close()
     out.put(("sampler", sampled, took, tail.replica_chunks))

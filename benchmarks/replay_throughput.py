@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from borgdqn.memory.protocol import TrajectoryChunk
+from borgdqn.memory.protocol import SamplingSpec, TrajectoryChunk
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.memory.sumtree import SumTree, tree_buffer_size
 
@@ -29,6 +29,7 @@ FRAME = (84, 84)
 FRAME_BYTES = FRAME[0] * FRAME[1]
 STACK, N_STEP, GAMMA, BATCH, CHUNK = 4, 3, 0.99, 32, 32
 ALPHA, BETA = 0.6, 0.4
+SPEC = SamplingSpec(n_step=N_STEP, gamma=GAMMA, stack=STACK)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def run_loop(memory: Any, maker: StreamMaker, seconds: float) -> Rates:
             break
         memory.add(chunks[i % len(chunks)])
         t1 = time.perf_counter()
-        memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA)
+        memory.sample(BATCH, BETA)
         t2 = time.perf_counter()
         add_s += t1 - t0
         sample_s += t2 - t1
@@ -105,7 +106,7 @@ def run_loop(memory: Any, maker: StreamMaker, seconds: float) -> Rates:
 def update_cost(memory: Any, rounds: int = 300) -> float:
     """Microseconds per update_priorities of one batch's keys."""
     rng = np.random.default_rng(0)
-    batches = [memory.sample(BATCH, N_STEP, GAMMA, STACK, BETA).keys for _ in range(16)]
+    batches = [memory.sample(BATCH, BETA).keys for _ in range(16)]
     start = time.perf_counter()
     for i in range(rounds):
         memory.update_priorities(batches[i % len(batches)], rng.random(BATCH))
@@ -119,7 +120,7 @@ def prefill(memory: Any, capacity: int, streams: int = 8) -> None:
 
 
 def _worker(handle: SharedReplayHandle, rank: int, seconds: float, barrier: Any, results: Any) -> None:
-    memory = SharedReplay.attach(handle, seed=rank)
+    memory = SharedReplay.attach(handle, seed=rank, spec=SPEC)
     try:
         maker = StreamMaker(rank, rank, 1000 + rank)
         barrier.wait()
@@ -130,7 +131,7 @@ def _worker(handle: SharedReplayHandle, rank: int, seconds: float, barrier: Any,
 
 def measure_shared(capacity: int, seconds: float, processes: int) -> tuple[Rates, float, float]:
     memory = SharedReplay.create(
-        capacity, FRAME, np.uint8, prioritized=True, alpha=ALPHA, priority_eps=1e-6, max_streams=2048
+        capacity, FRAME, np.uint8, prioritized=True, alpha=ALPHA, priority_eps=1e-6, max_streams=2048, spec=SPEC
     )
     try:
         prefill(memory, capacity)

@@ -34,7 +34,7 @@ from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
-from borgdqn.rl.agent import AgentReport
+from borgdqn.rl.agent import AgentReport, sampling_spec
 from borgdqn.rl.checkpoint import CHECKPOINT_DIR
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.identity import collective_member, hive_agent
@@ -106,7 +106,7 @@ def _agent_main(
     if handle is None:
         memory = open_redis_link(config, probe_env(config), identity.seed, identity.label)
     else:
-        memory = SharedReplay.attach(handle, seed=identity.seed)
+        memory = SharedReplay.attach(handle, seed=identity.seed, spec=sampling_spec(config))
     try:
         run_agent(identity, config, memory, run_dir, stop=stop, reports=reports, resume=resume,
                   clock_offset=clock_offset)
@@ -150,7 +150,7 @@ def open_redis_link(config: BorgConfig, spec: EnvSpec, seed: int, label: str) ->
         replay.capacity, spec.frame_shape, spec.frame_dtype, prioritized=replay.prioritized, alpha=replay.alpha,
         priority_eps=replay.priority_eps,
         recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
-        max_streams=MAX_REPLICA_STREAMS, seed=seed, private=True,
+        max_streams=MAX_REPLICA_STREAMS, seed=seed, private=True, spec=sampling_spec(config),
     )  # fmt: skip
     settings = LinkSettings(outbox_chunks=max(16, replay.outbox_steps // replay.chunk_length))
     try:

@@ -40,6 +40,7 @@ from borgdqn.telemetry.memory_monitor import (
 from tests.conditions import eventually
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
+from tests.test_replay_shared import draw
 
 pytestmark = pytest.mark.integration
 
@@ -174,7 +175,7 @@ def test_a_reading_matches_the_memory_and_what_the_links_report(
         for link in links:
             link.wait_caught_up(10)
             eventually(lambda link=link: link.stats().size == 45, "the log replicated")
-            link.sample(16, 1, 0.99, 1, 0.5)
+            draw(link, 16, 1, 0.99, 1, 0.5)
         eventually(lambda: MemoryMonitor(client, name, Collect()).read().sampled == 32, "both links reporting")
         clock.now += 2.0
         second = monitor.read()

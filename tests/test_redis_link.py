@@ -24,7 +24,16 @@ from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay
 from tests.conditions import eventually
 from tests.harness.redis import RedisServer
-from tests.test_replay_shared import GAMMA, U8_SMALL, Codec, Stream, check_sequences, check_transitions
+from tests.test_replay_shared import (
+    GAMMA,
+    U8_SMALL,
+    Codec,
+    Stream,
+    check_sequences,
+    check_transitions,
+    draw,
+    draw_sequences,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +129,7 @@ def test_every_replica_holds_exactly_the_log_after_writes_stop_even_once_it_has_
             # What the learner samples is right (frames, returns, stacks, episode cuts) and from both agents.
             agents: set[int] = set()
             for _ in range(20):
-                batch = link.sample(32, N, GAMMA, STACK, 0.5)
+                batch = draw(link, 32, N, GAMMA, STACK, 0.5)
                 check_transitions(batch, streams, U8_SMALL, N, STACK)
                 link.update_priorities(batch.keys, np.arange(32, dtype=np.float64))
                 agents |= set(batch.agent_ids.tolist())
@@ -151,7 +160,7 @@ def test_hostile_bytes_in_the_log_are_counted_skipped_and_cut_their_stream(redis
         assert kept == set(range(400)) - set(range(11 * CHUNK, 13 * CHUNK)), "only the good chunks, all of them"
         starts: set[int] = set()
         for _ in range(60):
-            starts |= {t for _, t in check_transitions(link.sample(64, N, GAMMA, STACK, 0.5), {30: stream},
+            starts |= {t for _, t in check_transitions(draw(link, 64, N, GAMMA, STACK, 0.5), {30: stream},
                                                        U8_SMALL, N, STACK)}
         # The stream was cut at the gap: no transition's n steps or stack reach across it.
         assert not {t for t in starts if 11 * CHUNK - N <= t < 13 * CHUNK + STACK - 1}
@@ -180,7 +189,7 @@ def test_learning_goes_on_while_redis_is_away_and_the_log_survives_a_crash(redis
         for chunk in chunks[half:]:
             link.add(chunk)
         for _ in range(10):
-            batch = link.sample(32, N, GAMMA, STACK, 0.5)
+            batch = draw(link, 32, N, GAMMA, STACK, 0.5)
             check_transitions(batch, streams, U8_SMALL, N, STACK)
             link.update_priorities(batch.keys, np.ones(32))
         assert link.stats().sampled == sampled_before + 320
@@ -228,7 +237,7 @@ def test_a_full_outbox_drops_the_oldest_chunks_and_no_transition_spans_the_gap(
         gaps = [(c * CHUNK, (c + 1) * CHUNK) for c in lost_chunks]
         starts: set[int] = set()
         for _ in range(60):
-            starts |= {t for _, t in check_transitions(link.sample(64, N, GAMMA, STACK, 0.5), {30: stream},
+            starts |= {t for _, t in check_transitions(draw(link, 64, N, GAMMA, STACK, 0.5), {30: stream},
                                                        U8_SMALL, N, STACK)}
         assert not {t for t in starts for lo, hi in gaps if lo - N <= t < hi + STACK - 1}
         assert {t for t in starts if t < gaps[0][0] - N} and {t for t in starts if t >= gaps[-1][1] + STACK - 1}
@@ -273,7 +282,7 @@ def test_lstm_sequences_sample_through_a_replica(redis_server: RedisServer) -> N
         eventually(lambda: replicated(link, redis_server.url, name), "the log replicated")
         seen: set[tuple[int, int]] = set()
         for _ in range(20):
-            batch = link.sample_sequences(16, 8, 1, 0.5)
+            batch = draw_sequences(link, 16, 8, 1, 0.5)
             seen |= set(check_sequences(batch, streams, U8_SMALL, 8, 1, {7: (118, 118), 8: (118, 118)}))
             link.update_priorities(batch.keys, np.ones(16))
         assert all(t % 5 == 0 for _, t in seen) and len(seen) >= 0.8 * 2 * 24
@@ -304,7 +313,7 @@ def test_the_learner_waits_for_its_replica_to_load_the_log(redis_server: RedisSe
     try:
         # Until its replica holds the whole log, a joining learner gets MemoryNotReady (and acts on meanwhile).
         try:
-            joiner.sample(32, N, GAMMA, STACK, 0.5)
+            draw(joiner, 32, N, GAMMA, STACK, 0.5)
             assert joiner.caught_up, "a batch before the catch-up ended"
         except MemoryNotReady:
             pass
@@ -313,7 +322,7 @@ def test_the_learner_waits_for_its_replica_to_load_the_log(redis_server: RedisSe
         assert joiner.wait_caught_up(30)
         assert joiner.loading is None
         assert joiner.stats().size == 4000 and joiner.snapshot().catch_up_s > 0
-        check_transitions(joiner.sample(32, N, GAMMA, STACK, 0.5), {50: stream}, U8_SMALL, N, STACK)
+        check_transitions(draw(joiner, 32, N, GAMMA, STACK, 0.5), {50: stream}, U8_SMALL, N, STACK)
     finally:
         joiner.close()
 
@@ -340,7 +349,7 @@ def _agent(url: str, name: str, agent: int, agents: int, start: Any, out: Any) -
             if i % 4 != 3 or i < 64:
                 continue
             try:
-                batch = link.sample(32, N, GAMMA, STACK, 0.4)
+                batch = draw(link, 32, N, GAMMA, STACK, 0.4)
             except MemoryNotReady:
                 continue
             checked += len(check_transitions(batch, known, U8_SMALL, N, STACK))
@@ -350,7 +359,7 @@ def _agent(url: str, name: str, agent: int, agents: int, start: Any, out: Any) -
         eventually(lambda: replicated(link, url, name), "the log replicated", 120)
         held = replica_steps(link)
         for _ in range(50):  # after warm-up, what this learner draws, by agent
-            drawn += np.bincount(link.sample(64, N, GAMMA, STACK, 0.4).agent_ids, minlength=agents)
+            drawn += np.bincount(draw(link, 64, N, GAMMA, STACK, 0.4).agent_ids, minlength=agents)
     except Exception as err:
         error = f"{err.__class__.__name__}: {err}"
     finally:

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from borgdqn.memory.protocol import ReplayMemory, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.protocol import ReplayMemory, SamplingSpec, SequenceBatch, TrajectoryChunk, TransitionBatch
 from borgdqn.memory.sampling_rules import SEQUENCE_KEY
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 
@@ -162,6 +162,18 @@ class Stream:
         return self.stack(t, stack), m, ret, disc, self.stack(t + m, stack)
 
 
+def draw(memory: Any, batch_size: int, n: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
+    """A batch drawn with this sampling spec: a learner gives its memory one spec, these tests vary it."""
+    getattr(memory, "replica", memory).spec = SamplingSpec(n_step=n, gamma=gamma, stack=stack)
+    return memory.sample(batch_size, beta)
+
+
+def draw_sequences(memory: Any, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
+    """Sequences of ``length`` steps (stacks of ``stack``) drawn with that sampling spec."""
+    getattr(memory, "replica", memory).spec = SamplingSpec(stack=stack, sequence_length=length)
+    return memory.sample_sequences(batch_size, beta)
+
+
 def check_transitions(
     batch: TransitionBatch,
     streams: dict[int, Stream],
@@ -275,7 +287,7 @@ def memories() -> Any:
 
 
 def sample_many(memory: SharedReplay, batches: int, batch_size: int, n: int, stack: int) -> list[TransitionBatch]:
-    return [memory.sample(batch_size, n, GAMMA, stack, 0.5) for _ in range(batches)]
+    return [draw(memory, batch_size, n, GAMMA, stack, 0.5) for _ in range(batches)]
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -322,13 +334,13 @@ def test_sample_ages_count_the_steps_added_after_the_start(memories: Any) -> Non
     order = insertion_order(adds)
     assert len(order) == memory.stats().inserted == 300
     for _ in range(10):
-        batch = memory.sample(16, 3, GAMMA, 2, 0.5)
+        batch = draw(memory, 16, 3, GAMMA, 2, 0.5)
         starts = check_transitions(batch, streams, F32, 3, 2, {sid: 100 for sid in streams})
         assert batch.ages.tolist() == [299 - order[start] for start in starts]
         # The steps of a start's n-step window came after it; only the newest 64 steps are stored.
         windows = [streams[sid].transition(t, 3, 2, GAMMA)[1] for sid, t in starts]
         assert (batch.ages >= windows).all() and (batch.ages < 64).all()
-        sequences = memory.sample_sequences(8, 6, 1, 0.5)
+        sequences = draw_sequences(memory, 8, 6, 1, 0.5)
         starts = check_sequences(sequences, streams, F32, 6, 1, {sid: (100, 100) for sid in streams})
         assert sequences.ages.tolist() == [299 - order[start] for start in starts]
     # One more chunk: every stored step is 5 steps older, whichever stream it belongs to.
@@ -336,7 +348,7 @@ def test_sample_ages_count_the_steps_added_after_the_start(memories: Any) -> Non
     memory.add(streams[0].chunk(100, 105, F32))
     order = insertion_order(adds)
     for _ in range(4):
-        batch = memory.sample(32, 1, GAMMA, 1, 0.5)
+        batch = draw(memory, 32, 1, GAMMA, 1, 0.5)
         assert batch.ages.tolist() == [304 - order[start] for start in check_transitions(batch, streams, F32, 1, 1)]
 
 
@@ -471,11 +483,11 @@ def test_no_transition_crosses_an_episode_end(
         written = {sid: len(s) for sid, s in streams.items()}
         if not allowed:
             with pytest.raises(RuntimeError, match="could not draw"):
-                memory.sample(8, n, GAMMA, stack, 0.5)
+                draw(memory, 8, n, GAMMA, stack, 0.5)
             return
         order = insertion_order(adds)
         for _ in range(4):
-            batch = memory.sample(8, n, GAMMA, stack, 0.5)
+            batch = draw(memory, 8, n, GAMMA, stack, 0.5)
             starts = check_transitions(batch, streams, F32, n, stack, written)
             assert set(starts) <= allowed, f"sampled {set(starts) - allowed}, which cannot start a transition"
             # Ages are exact after any interleaving and wrap-around: the steps stored after the start.
@@ -519,7 +531,7 @@ def _sampler(
         start.wait(timeout=120)
         while not stop.is_set() or checked < 32 * 32:
             writing = not stop.is_set()
-            batch = memory.sample(32, 3, GAMMA, 4, 0.4)
+            batch = draw(memory, 32, 3, GAMMA, 4, 0.4)
             checked += len(check_transitions(batch, streams, U8_SMALL, 3, 4))
             overlapping += writing
             memory.update_priorities(batch.keys, rng.random(32) * 3)
@@ -626,8 +638,8 @@ def test_samples_stay_intact_while_a_writer_laps_a_tiny_ring(memories: Any) -> N
     drawn: list[tuple[TransitionBatch, SequenceBatch, int, int]] = []
     while writer.is_alive() and len(drawn) < 400:
         before = memory.stats().inserted - 510
-        transitions = memory.sample(32, 3, GAMMA, 4, 0.4)
-        sequences = memory.sample_sequences(8, 10, 1, 0.4)
+        transitions = draw(memory, 32, 3, GAMMA, 4, 0.4)
+        sequences = draw_sequences(memory, 8, 10, 1, 0.4)
         drawn.append((transitions, sequences, before, memory.stats().inserted - 510))
     writer.join()
     assert writer.exitcode == 0
@@ -666,16 +678,16 @@ def test_returned_batches_are_never_overwritten_by_later_samples(memories: Any) 
     memory = memories(256, U8_SMALL, prioritized=True)
     s = Stream.random(1, 0, 200)
     memory.add(s.chunk(0, 200, U8_SMALL))
-    kept = memory.sample(16, 2, GAMMA, 4, 0.0)
-    view = memory.sample(16, 2, GAMMA, 4, 0.0).next_obs[3:5]  # a view keeps its whole batch array alive
+    kept = draw(memory, 16, 2, GAMMA, 4, 0.0)
+    view = draw(memory, 16, 2, GAMMA, 4, 0.0).next_obs[3:5]  # a view keeps its whole batch array alive
     copies = kept.obs.copy(), kept.next_obs.copy(), view.copy()
     for _ in range(30):
-        memory.sample(16, 2, GAMMA, 4, 0.0)
+        draw(memory, 16, 2, GAMMA, 4, 0.0)
     np.testing.assert_array_equal(kept.obs, copies[0])
     np.testing.assert_array_equal(kept.next_obs, copies[1])
     np.testing.assert_array_equal(view, copies[2])
     # Dropped batches do give their buffers back.
-    ids = {id(memory.sample(16, 2, GAMMA, 4, 0.0).obs) for _ in range(30)}
+    ids = {id(draw(memory, 16, 2, GAMMA, 4, 0.0).obs) for _ in range(30)}
     assert len(ids) <= 3
 
 
@@ -703,7 +715,7 @@ def test_sequences_return_stored_states_and_mask_after_the_episode(memories: Any
     length = 8
     seen: set[tuple[int, int]] = set()
     for _ in range(40):
-        batch = memory.sample_sequences(16, length, stack, 0.5)
+        batch = draw_sequences(memory, 16, length, stack, 0.5)
         starts = check_sequences(batch, streams, F32, length, stack, {7: (118, 118), 8: (118, 118)})
         assert all(t % 5 == 0 for _, t in starts)
         seen.update(starts)
@@ -718,17 +730,17 @@ def test_sequence_priorities_use_their_own_keys(memories: Any) -> None:
     s = Stream.random(5, 0, 200)
     for start in range(0, 200, 10):
         memory.add(s.chunk(start, start + 10, F32, state=True))
-    batch = memory.sample_sequences(20, 6, 1, 0.0)
+    batch = draw_sequences(memory, 20, 6, 1, 0.0)
     favourite = batch.keys[0]
     others = np.setdiff1d(batch.keys, [favourite])
     memory.update_priorities(np.array([favourite, *others]), np.array([1000.0, *np.full(others.size, 1e-3)]))
-    again = memory.sample_sequences(64, 6, 1, 1.0)
+    again = draw_sequences(memory, 64, 6, 1, 1.0)
     assert (again.keys == favourite).mean() > 0.5
     # The favourite's weight is the smallest, and weights are max-normalised.
     assert math.isclose(float(again.weights.max()), 1.0)
     assert again.weights[again.keys == favourite].max() == again.weights.min()
     with pytest.raises(RuntimeError, match="recurrent_hidden"):
-        memories(64).sample_sequences(4, 4, 1, 0.0)
+        draw_sequences(memories(64), 4, 4, 1, 0.0)
 
 
 # ----------------------------------------------------------------------------------------- priorities
@@ -746,7 +758,7 @@ def test_prioritized_frequencies_follow_priorities(memories: Any) -> None:
     memory.update_priorities(np.arange(99), priorities)  # keys are seqs: here the step indexes
     counts = np.zeros(99)
     for _ in range(300):
-        batch = memory.sample(64, 1, GAMMA, 1, 0.0)
+        batch = draw(memory, 64, 1, GAMMA, 1, 0.0)
         np.add.at(counts, batch.keys, 1)
     expected = (priorities + eps) ** alpha
     expected *= counts.sum() / expected.sum()
@@ -763,14 +775,14 @@ def test_importance_weights_formula(memories: Any) -> None:
     memory.add(s.chunk(0, 100, F32))
     priorities = np.linspace(0.1, 4.0, 99)
     memory.update_priorities(np.arange(99), priorities)
-    batch = memory.sample(32, 1, GAMMA, 1, beta)
+    batch = draw(memory, 32, 1, GAMMA, 1, beta)
     leaves = np.append((priorities + eps) ** alpha, 1.0)  # step 99 kept the initial max priority 1
     p = leaves[batch.keys] / leaves.sum()
     w = (100 * p) ** -beta  # N = steps stored
     np.testing.assert_allclose(batch.weights, w / w.max(), rtol=1e-5)
     uniform = memories(256, prioritized=False)
     uniform.add(s.chunk(0, 100, F32))
-    np.testing.assert_array_equal(uniform.sample(32, 1, GAMMA, 1, beta).weights, np.ones(32, np.float32))
+    np.testing.assert_array_equal(draw(uniform, 32, 1, GAMMA, 1, beta).weights, np.ones(32, np.float32))
 
 
 def test_new_steps_get_the_max_priority_and_last_steps_none(memories: Any) -> None:
@@ -790,7 +802,7 @@ def test_stale_keys_are_ignored(memories: Any) -> None:
     memory = memories(64, prioritized=True, alpha=1.0)
     s = Stream.from_episodes(1, 0, [300], [])
     memory.add(s.chunk(0, 64, F32))
-    old_keys = memory.sample(32, 1, GAMMA, 1, 0.0).keys
+    old_keys = draw(memory, 32, 1, GAMMA, 1, 0.0).keys
     memory.add(s.chunk(64, 128, F32))  # overwrites every slot
     tree = memory._x.tree
     before = tree.total()
@@ -860,11 +872,15 @@ def test_hostile_chunks_are_counted_and_skipped(memories: Any, caplog: pytest.Lo
 def test_bad_sample_arguments_and_an_empty_memory(memories: Any) -> None:
     memory = memories(64, prioritized=True)
     with pytest.raises(RuntimeError, match="could not draw"):
-        memory.sample(4, 1, GAMMA, 1, 0.0)
-    with pytest.raises(ValueError):
-        memory.sample(4, 0, GAMMA, 1, 0.0)
-    with pytest.raises(ValueError):
-        memory.sample(4, 1, 1.5, 1, 0.0)
+        draw(memory, 4, 1, GAMMA, 1, 0.0)
+    with pytest.raises(ValueError, match="need n_step, stack >= 1"):
+        draw(memory, 4, 0, GAMMA, 1, 0.0)
+    with pytest.raises(ValueError, match="0 < gamma <= 1"):
+        draw(memory, 4, 1, 1.5, 1, 0.0)
+    with pytest.raises(ValueError, match="need batch_size >= 1 and beta >= 0"):
+        draw(memory, 0, 1, GAMMA, 1, 0.0)
+    with pytest.raises(RuntimeError, match="no sequence_length"):  # a spec for transitions draws no sequences
+        memories(64, recurrent_hidden=3).sample_sequences(4, 0.0)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -906,7 +922,7 @@ def test_a_private_memory_lives_in_this_process_only_and_can_cut_a_stream() -> N
         stream = Stream.from_episodes(3, 0, [40], [])
         memory.add(stream.chunk(0, 20, F32))
         memory.add(stream.chunk(20, 40, F32), continues=False)  # as a replica does after a gap in the log
-        starts = {t for _ in range(30) for _, t in check_transitions(memory.sample(16, 2, GAMMA, 2, 0.4),
+        starts = {t for _ in range(30) for _, t in check_transitions(draw(memory, 16, 2, GAMMA, 2, 0.4),
                                                                        {3: stream}, F32, 2, 2)}
         # No transition's n steps reach across the cut, and no stack reaches back over it.
         assert not starts & {18, 19, 20} and starts & set(range(18)) and starts & set(range(21, 38))

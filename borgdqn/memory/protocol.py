@@ -76,6 +76,24 @@ class TrajectoryChunk:
             raise ValueError("non-finite reward")
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How a learner samples: given to its memory once (its settings do not change from batch to batch).
+
+    ``n_step`` and ``gamma`` make n-step returns, ``stack`` frame stacks (1: single frames),
+    ``sequence_length`` the steps of a sampled LSTM sequence (burn-in + learned steps + n; 0: no sequences).
+    """
+
+    n_step: int = 1
+    gamma: float = 0.99
+    stack: int = 1
+    sequence_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_step < 1 or self.stack < 1 or not 0.0 < self.gamma <= 1.0 or self.sequence_length < 0:
+            raise ValueError(f"need n_step, stack >= 1, 0 < gamma <= 1 and sequence_length >= 0; got {self}")
+
+
 @dataclass
 class TransitionBatch:
     """n-step transitions: obs_t, a_t, R = sum_k gamma^k r_{t+k}, discount = gamma^m (0 if terminal), obs_{t+m}.
@@ -134,17 +152,18 @@ class MemoryStats:
 
 @runtime_checkable
 class ReplayMemory(Protocol):
-    """What agents and learners need from a replay memory; every backend implements exactly this."""
+    """What agents and learners need from a replay memory; every backend implements exactly this. The memory
+    samples by the ``SamplingSpec`` its owner gave it when it opened the memory."""
 
     def add(self, chunk: TrajectoryChunk) -> None:
         """Store a chunk (oldest steps are evicted first). A malformed chunk is counted in ``rejected``."""
 
-    def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
+    def sample(self, batch_size: int, beta: float) -> TransitionBatch:
         """Draw n-step transitions (prioritized when the memory is), never across an episode end."""
         ...
 
-    def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
-        """Draw sequences of ``length`` steps that start where a recurrent state was stored."""
+    def sample_sequences(self, batch_size: int, beta: float) -> SequenceBatch:
+        """Draw sequences of the spec's ``sequence_length`` steps that start where a recurrent state was stored."""
         ...
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:

@@ -19,12 +19,9 @@ TERMINATED = 4
 SEQUENCE_KEY = 1 << 62
 
 
-def check_transition_args(batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> None:
-    if batch_size < 1 or n_step < 1 or stack < 1 or not 0.0 < gamma <= 1.0 or beta < 0.0:
-        raise ValueError(
-            f"need batch_size, n_step, stack >= 1, 0 < gamma <= 1, beta >= 0; got {batch_size}, {n_step}, "
-            f"{stack}, {gamma}, {beta}"
-        )
+def check_batch_args(batch_size: int, beta: float) -> None:
+    if batch_size < 1 or beta < 0.0:
+        raise ValueError(f"need batch_size >= 1 and beta >= 0; got {batch_size}, {beta}")
 
 
 def importance_weights(probs: np.ndarray, beta: float, population: int, prioritized: bool) -> np.ndarray:

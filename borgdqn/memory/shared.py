@@ -90,13 +90,20 @@ from borgdqn.memory.layout import (
     Layout,
     SegmentParams,
 )
-from borgdqn.memory.protocol import MemoryNotReady, MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
+from borgdqn.memory.protocol import (
+    MemoryNotReady,
+    MemoryStats,
+    SamplingSpec,
+    SequenceBatch,
+    TrajectoryChunk,
+    TransitionBatch,
+)
 from borgdqn.memory.sampling_rules import (
     FIRST,
     LAST,
     SEQUENCE_KEY,
     TERMINATED,
-    check_transition_args,
+    check_batch_args,
     gamma_tables,
     importance_weights,
     window,
@@ -255,6 +262,8 @@ class SharedReplay:
         self._pool: list[np.ndarray] = []
         self._pool_lock = threading.Lock()  # threads of one process may sample through one instance
         self._finalizer = weakref.finalize(self, _unlink_segment, name, os.getpid()) if owner else None
+        # How this process's learner samples (its own: each process that attaches gives its spec).
+        self.spec = SamplingSpec()
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
@@ -274,6 +283,7 @@ class SharedReplay:
         max_agents: int = 1024,
         max_sequences: int | None = None,
         private: bool = False,
+        spec: SamplingSpec | None = None,
     ) -> SharedReplay:
         """Allocate a memory of ``capacity`` steps (the caller owns it and unlinks it at the end).
 
@@ -281,7 +291,7 @@ class SharedReplay:
         ``max_agents``: agent ids must lie in ``[0, max_agents)``; ``max_sequences``: sequence starts kept
         (default capacity // 16, enough for chunks of 16 steps or more). ``private``: anonymous memory of this
         process alone (an agent's replica of the Redis log, whose threads share it): nothing in ``/dev/shm``,
-        whose size a container caps, and no ``handle``.
+        whose size a container caps, and no ``handle``. ``spec``: how this process samples.
         """
         shape = tuple(int(d) for d in frame_shape)
         if capacity < 1 or not shape or min(shape) < 1:
@@ -317,6 +327,7 @@ class SharedReplay:
                 mm.madvise(mmap.MADV_HUGEPAGE)
             memory = cls(mm, "", params, threading.Lock(), owner=False, seed=seed)
             memory._initialise()
+            memory.spec = spec or memory.spec
             return memory
         seg = _segment_name(name or f"borgdqn-replay-{os.getpid()}-{secrets.token_hex(4)}")
         fd = _posixshmem.shm_open(seg, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
@@ -332,6 +343,7 @@ class SharedReplay:
         resource_tracker.register(seg, "shared_memory")
         memory = cls(mm, seg, params, mp.get_context("spawn").Lock(), owner=True, seed=seed)
         memory._initialise()
+        memory.spec = spec or memory.spec
         log.debug("replay created name=%s bytes=%d capacity=%d", seg, layout.nbytes, capacity)
         return memory
 
@@ -356,8 +368,9 @@ class SharedReplay:
         return SharedReplayHandle(self._name, self._params, self._lock)
 
     @classmethod
-    def attach(cls, handle: SharedReplayHandle, seed: int) -> SharedReplay:
-        """Map the memory described by ``handle`` (made by ``create`` in another process)."""
+    def attach(cls, handle: SharedReplayHandle, seed: int, spec: SamplingSpec | None = None) -> SharedReplay:
+        """Map the memory described by ``handle`` (made by ``create`` in another process); ``spec``: how this
+        process samples."""
         layout = Layout.build(handle.params)
         try:
             fd = _posixshmem.shm_open(handle.name, os.O_RDWR, mode=0o600)
@@ -370,6 +383,7 @@ class SharedReplay:
         finally:
             os.close(fd)
         memory = cls(mm, handle.name, handle.params, handle.lock, owner=False, seed=seed)
+        memory.spec = spec or memory.spec
         header = memory._x.header
         if header[H_MAGIC] != MAGIC or header[H_VERSION] != VERSION:
             memory.close()
@@ -726,9 +740,11 @@ class SharedReplay:
             fresh[bad] = fresh_more
         raise RuntimeError(f"could not read {batch_size} untorn {what}: writers overwrite the memory too fast")
 
-    def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
+    def sample(self, batch_size: int, beta: float) -> TransitionBatch:
         self._check_open()
-        check_transition_args(batch_size, n_step, gamma, stack, beta)
+        check_batch_args(batch_size, beta)
+        spec = self.spec
+        n_step, gamma, stack = spec.n_step, spec.gamma, spec.stack
         out = self._sample_rows(
             batch_size,
             lambda k, stratified: self._transition_candidates(k, stratified, n_step, stack),
@@ -816,8 +832,8 @@ class SharedReplay:
         ok = (values > 0.0) & (entries >= 0) & (starts >= lo)
         return entries[ok], starts[ok], values[ok] / total
 
-    def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
-        """Sequences of ``length`` steps from stored sequence starts.
+    def sample_sequences(self, batch_size: int, beta: float) -> SequenceBatch:
+        """Sequences of the spec's ``sequence_length`` steps from stored sequence starts.
 
         Positions after the episode's last step, or beyond what the stream has written so far, are padding:
         mask False, zero frames, actions, rewards and flags.
@@ -825,8 +841,10 @@ class SharedReplay:
         self._check_open()
         if self._params.recurrent_hidden is None:
             raise RuntimeError("this memory was created without recurrent_hidden: it stores no sequences")
-        if batch_size < 1 or length < 1 or stack < 1 or beta < 0.0:
-            raise ValueError(f"need batch_size, length, stack >= 1 and beta >= 0; got {batch_size}, {length}, {stack}")
+        check_batch_args(batch_size, beta)
+        length, stack = self.spec.sequence_length, self.spec.stack
+        if length < 1:
+            raise RuntimeError(f"the sampling spec has no sequence_length: {self.spec}")
         out = self._sample_rows(
             batch_size,
             lambda k, stratified: self._sequence_candidates(k, stratified, length, stack),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from borgdqn.config import BorgConfig
-from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory
+from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory, SamplingSpec
 from borgdqn.memory.redis.link import RedisLink
 from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
@@ -309,7 +309,7 @@ def run_agent(
                     b = beta(state.env_steps * config.hive.agents)
                     while updates_due >= 1.0:
                         try:
-                            result_u, batch_age = _learn_once(learner, memory, config, stack, b, sources)
+                            result_u, batch_age = _learn_once(learner, memory, config, b, sources)
                         except MemoryNotReady:
                             updates_due = 0.0  # nothing to learn from this moment: act on, try at the next step
                             break
@@ -344,18 +344,25 @@ def run_agent(
         env.close()
 
 
+def sampling_spec(config: BorgConfig) -> SamplingSpec:
+    """How an agent's learner samples its memory: given to the memory once, when the agent opens it."""
+    learner = config.learner
+    return SamplingSpec(n_step=learner.n_step, gamma=learner.gamma, stack=config.env.frame_stack,
+                        sequence_length=learner.sampled_length if config.network.lstm else 0)
+
+
 def _learn_once(
-    learner: Learner, memory: ReplayMemory, config: BorgConfig, stack: int, beta: float, sources: dict[int, int]
+    learner: Learner, memory: ReplayMemory, config: BorgConfig, beta: float, sources: dict[int, int]
 ) -> tuple[UpdateResult, float]:
     """One update from one batch; returns its result and the batch's mean sample age, and counts in ``sources``
     the rows it drew by the agent that wrote them (the hive mind, measured: whose experience this learner uses)."""
     cfg = config.learner
     if learner.online.recurrent:
-        seq = memory.sample_sequences(cfg.batch_size, cfg.sampled_length, stack, beta)
+        seq = memory.sample_sequences(cfg.batch_size, beta)
         out = learner.update_sequences(seq)
         keys, ages, agent_ids = seq.keys, seq.ages, seq.agent_ids
     else:
-        batch = memory.sample(cfg.batch_size, cfg.n_step, cfg.gamma, stack, beta)
+        batch = memory.sample(cfg.batch_size, beta)
         out = learner.update(batch)
         keys, ages, agent_ids = batch.keys, batch.ages, batch.agent_ids
     for agent_id, count in zip(*np.unique(agent_ids, return_counts=True), strict=True):

@@ -91,7 +91,8 @@ class RedisLink:
     """Implements ``ReplayMemory`` over log ``name`` (see the module docstring).
 
     ``connect()`` returns a new ``redis.Redis`` client; the link makes two (the tail blocks in XREAD on its own
-    connection). ``replica`` is this agent's private embedded memory; the link owns and closes it.
+    connection). ``replica`` is this agent's private embedded memory, made with the learner's sampling spec; the
+    link owns and closes it.
     """
 
     def __init__(self, connect: Callable[[], Any], name: str, shape: LogShape, replica: SharedReplay, *,
@@ -143,13 +144,13 @@ class RedisLink:
             self._outbox.append((chunk, number, time.time() * 1000))
             self._cond.notify_all()
 
-    def sample(self, batch_size: int, n_step: int, gamma: float, stack: int, beta: float) -> TransitionBatch:
+    def sample(self, batch_size: int, beta: float) -> TransitionBatch:
         self._ready()
-        return self.replica.sample(batch_size, n_step, gamma, stack, beta)
+        return self.replica.sample(batch_size, beta)
 
-    def sample_sequences(self, batch_size: int, length: int, stack: int, beta: float) -> SequenceBatch:
+    def sample_sequences(self, batch_size: int, beta: float) -> SequenceBatch:
         self._ready()
-        return self.replica.sample_sequences(batch_size, length, stack, beta)
+        return self.replica.sample_sequences(batch_size, beta)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         self.replica.update_priorities(keys, priorities)
