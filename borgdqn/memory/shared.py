@@ -38,7 +38,10 @@ sequence runs ``length`` steps along the links; steps after the episode's last s
 not written yet, are padding (mask False, zeros).
 
 Sharing: the owner calls ``create`` and sends ``handle()`` to child processes as a ``Process`` argument (the
-lock inside pickles only while a process is being started), where ``attach(handle, seed)`` maps the segment.
+lock inside pickles only while a process is being started), where ``attach(handle, seed, spec)`` maps the segment.
+A private memory (``create(..., private=True)``: an agent's replica of the Redis log, shared by its threads only)
+lives in anonymous memory instead, with huge pages where the kernel allows. Each process gives its learner's
+``SamplingSpec`` (n-step, gamma, stack, sequence length) once, at ``create`` or ``attach``.
 The owner unlinks the segment with ``unlink()``, at normal interpreter exit, or - after a crash - through
 multiprocessing's resource tracker. The lock is held only for bookkeeping (tens of microseconds, never for a
 copy); a lock not released within a minute means its holder died, and raises instead of hanging the hive.
