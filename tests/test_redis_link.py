@@ -17,9 +17,10 @@ import pytest
 import redis
 
 from borgdqn.memory.codec import decode_chunk, encode_chunk
-from borgdqn.memory.protocol import MemoryNotReady
+from borgdqn.memory.protocol import MemoryNotReady, SamplingSpec
 from borgdqn.memory.redis.keys import LogShape, read_state
 from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.tail import LogTail
 from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay
 from tests.conditions import eventually
@@ -93,7 +94,11 @@ def log_steps(url: str, name: str, codec: Codec, streams: dict[int, Stream]) -> 
 
 def replica_steps(link: RedisLink) -> list[tuple[int, int]]:
     """The (stream, step) of every step the link's replica holds, in the order the replica took them in."""
-    x = link.replica._x  # the test reads the replica's arrays directly: no sampling luck involved
+    return replica_steps_of(link.replica)
+
+
+def replica_steps_of(replica: SharedReplay) -> list[tuple[int, int]]:
+    x = replica._x  # the test reads the replica's arrays directly: no sampling luck involved
     live = np.flatnonzero(x.seq >= 0)
     order = live[np.argsort(x.seq[live])]
     sids, idx = U8_SMALL.decode(x.frames[order])
@@ -168,6 +173,36 @@ def test_hostile_bytes_in_the_log_are_counted_skipped_and_cut_their_stream(redis
         assert link.stats().rejected == 0, "nothing hostile reached the replica"
     finally:
         link.close()
+        client.close()
+
+
+def test_a_tail_that_falls_behind_the_log_counts_exactly_what_it_skipped(redis_server: RedisServer) -> None:
+    name, log_shape = uuid.uuid4().hex, shape(capacity=8 * CHUNK)
+    stream = Stream.from_episodes(60, 6, [24 * CHUNK], [])
+    chunks = [stream.chunk(a, a + CHUNK, U8_SMALL) for a in range(0, 24 * CHUNK, CHUNK)]
+    client = redis.Redis.from_url(redis_server.url)
+    writer = LogWriter(client, name, log_shape)
+    writer.declare()
+    # A replica larger than the log here, so that it still holds the steps before the gap.
+    replica = SharedReplay.create(4 * log_shape.capacity, U8_SMALL.shape, np.dtype(U8_SMALL.dtype),
+                                  prioritized=False, alpha=0.6, priority_eps=1e-6, private=True,
+                                  spec=SamplingSpec(n_step=N, gamma=GAMMA, stack=STACK))
+    tail = LogTail(redis.Redis.from_url(redis_server.url), name, log_shape, replica)
+    try:
+        writer.append([(encode_chunk(c, chunk_seq=i), 6, CHUNK) for i, c in enumerate(chunks[:4])])
+        assert tail.catch_up() == 4 and tail.cursor == 4
+        # 20 more chunks while the tail does not read: the log keeps the newest 8 (chunks 16..23, g 17..24).
+        writer.append([(encode_chunk(c, chunk_seq=i + 4), 6, CHUNK) for i, c in enumerate(chunks[4:])])
+        assert tail.poll(100) == 8
+        assert tail.counters.skipped_chunks == 12 and tail.counters.cuts == 1 and tail.counters.bad_chunks == 0
+        # The stream was cut at the gap: no transition reaches back from chunk 16 into chunk 3.
+        held = sorted(t for _, t in replica_steps_of(replica))
+        assert held == list(range(4 * CHUNK)) + list(range(16 * CHUNK, 24 * CHUNK))
+        starts = {t for _ in range(40) for _, t in check_transitions(replica.sample(32, 0.4), {60: stream},
+                                                                       U8_SMALL, N, STACK)}
+        assert not {t for t in starts if 4 * CHUNK - N <= t < 16 * CHUNK + STACK - 1}
+    finally:
+        replica.close()
         client.close()
 
 

@@ -62,12 +62,6 @@ class LogTail:
         self._lags_ms: deque[float] = deque(maxlen=lag_window)
         self._epoch: bytes | None = None  # the log's epoch (new each time the log is created) as last seen
 
-    def head(self) -> int:
-        """The g of the newest entry in the log now (0: empty or not created)."""
-        head, epoch = self._r.hmget(self.keys.stats, ["chunks", "epoch"])
-        self._check_epoch(int(head or 0), epoch)
-        return int(head or 0)
-
     def _check_epoch(self, head: int, epoch: bytes | None) -> None:
         """Start over when the log was recreated under the tail: a new epoch, or fewer chunks than were read."""
         recreated = (epoch is not None and self._epoch is not None and epoch != self._epoch) or head < self.cursor
@@ -80,10 +74,14 @@ class LogTail:
             self.cursor = 0
 
     def catch_up(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Load every entry up to the log's head as of now; returns the entries read. ``progress(done, target)``
-        is called after each batch, with ``done`` and ``target`` in chunk numbers from the cursor's start."""
-        start = self.cursor
-        target = self.head()
+        """Load every entry up to the log's head as of now; returns the entries read. ``progress(read, held)`` is
+        called after each batch: entries read so far, of the ``held`` entries the log held at the start."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self.keys.stats, ["chunks", "epoch"])
+        pipe.xlen(self.keys.log)
+        (head, epoch), held = pipe.execute()
+        target = int(head or 0)
+        self._check_epoch(target, epoch)
         read = 0
         while self.cursor < target:
             entries = self._r.xrange(self.keys.log, min=f"{self.cursor + 1}-0", max="+", count=self.batch)
@@ -92,7 +90,7 @@ class LogTail:
             self._take(entries)
             read += len(entries)
             if progress is not None:
-                progress(min(self.cursor, target) - start, target - start)
+                progress(min(read, int(held)), max(int(held), 1))
         return read
 
     def poll(self, block_ms: int) -> int:
