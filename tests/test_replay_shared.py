@@ -879,8 +879,10 @@ def test_bad_sample_arguments_and_an_empty_memory(memories: Any) -> None:
         draw(memory, 4, 1, 1.5, 1, 0.0)
     with pytest.raises(ValueError, match="need batch_size >= 1 and beta >= 0"):
         draw(memory, 0, 1, GAMMA, 1, 0.0)
+    with pytest.raises(RuntimeError, match="opened without a SamplingSpec"):  # no silent default settings
+        memories(64).sample(4, 0.0)
     with pytest.raises(RuntimeError, match="no sequence_length"):  # a spec for transitions draws no sequences
-        memories(64, recurrent_hidden=3).sample_sequences(4, 0.0)
+        memories(64, recurrent_hidden=3, spec=SamplingSpec()).sample_sequences(4, 0.0)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

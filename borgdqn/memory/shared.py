@@ -266,7 +266,7 @@ class SharedReplay:
         self._pool_lock = threading.Lock()  # threads of one process may sample through one instance
         self._finalizer = weakref.finalize(self, _unlink_segment, name, os.getpid()) if owner else None
         # How this process's learner samples (its own: each process that attaches gives its spec).
-        self.spec = SamplingSpec()
+        self.spec: SamplingSpec | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
@@ -330,7 +330,7 @@ class SharedReplay:
                 mm.madvise(mmap.MADV_HUGEPAGE)
             memory = cls(mm, "", params, threading.Lock(), owner=False, seed=seed)
             memory._initialise()
-            memory.spec = spec or memory.spec
+            memory.spec = spec
             return memory
         seg = _segment_name(name or f"borgdqn-replay-{os.getpid()}-{secrets.token_hex(4)}")
         fd = _posixshmem.shm_open(seg, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
@@ -346,7 +346,7 @@ class SharedReplay:
         resource_tracker.register(seg, "shared_memory")
         memory = cls(mm, seg, params, mp.get_context("spawn").Lock(), owner=True, seed=seed)
         memory._initialise()
-        memory.spec = spec or memory.spec
+        memory.spec = spec
         log.debug("replay created name=%s bytes=%d capacity=%d", seg, layout.nbytes, capacity)
         return memory
 
@@ -386,7 +386,7 @@ class SharedReplay:
         finally:
             os.close(fd)
         memory = cls(mm, handle.name, handle.params, handle.lock, owner=False, seed=seed)
-        memory.spec = spec or memory.spec
+        memory.spec = spec
         header = memory._x.header
         if header[H_MAGIC] != MAGIC or header[H_VERSION] != VERSION:
             memory.close()
@@ -746,7 +746,7 @@ class SharedReplay:
     def sample(self, batch_size: int, beta: float) -> TransitionBatch:
         self._check_open()
         check_batch_args(batch_size, beta)
-        spec = self.spec
+        spec = self._sampling_spec()
         n_step, gamma, stack = spec.n_step, spec.gamma, spec.stack
         out = self._sample_rows(
             batch_size,
@@ -845,9 +845,10 @@ class SharedReplay:
         if self._params.recurrent_hidden is None:
             raise RuntimeError("this memory was created without recurrent_hidden: it stores no sequences")
         check_batch_args(batch_size, beta)
-        length, stack = self.spec.sequence_length, self.spec.stack
+        spec = self._sampling_spec()
+        length, stack = spec.sequence_length, spec.stack
         if length < 1:
-            raise RuntimeError(f"the sampling spec has no sequence_length: {self.spec}")
+            raise RuntimeError(f"the sampling spec has no sequence_length: {spec}")
         out = self._sample_rows(
             batch_size,
             lambda k, stratified: self._sequence_candidates(k, stratified, length, stack),
@@ -907,6 +908,11 @@ class SharedReplay:
             "probs": rows["probs"],
         }
         return out, fresh
+
+    def _sampling_spec(self) -> SamplingSpec:
+        if self.spec is None:
+            raise RuntimeError("this memory was opened without a SamplingSpec: give one to create or attach")
+        return self.spec
 
     def _frames_at(self, slots: np.ndarray) -> np.ndarray:
         """``frames[slots % capacity]`` (seqs will do) into a recycled buffer: fresh ~1 MB arrays cost more in page

@@ -145,7 +145,8 @@ def run_agent(
         now = time.monotonic()
         span = max(now - window_start, 1e-9)
         stats = memory.stats()
-        link = memory.snapshot() if isinstance(memory, RedisLink) else None
+        redis_link = memory if isinstance(memory, RedisLink) else None
+        link = redis_link.snapshot() if redis_link is not None else None
         rep = AgentReport(
             agent=agent,
             env_steps=state.env_steps,
@@ -160,7 +161,7 @@ def run_agent(
             memory_size=stats.size,
             memory_capacity=stats.capacity,
             done=done,
-            loading=memory.loading if isinstance(memory, RedisLink) else None,
+            loading=redis_link.loading if redis_link is not None else None,
         )
         loss = float(np.mean(losses)) if losses else None
         mean_q = float(np.mean(mean_qs)) if mean_qs else None

@@ -237,15 +237,13 @@ class MemoryMonitor:
     # ------------------------------------------------------------------------------------------ one reading
     def read(self) -> MemoryReading:
         """One reading. Raises MemoryNotCreated, MonitorError (a config that is not ours) or redis's errors."""
-        pipe = self._r.pipeline(transaction=False)
-        pipe.info("memory")
-        (info,) = pipe.execute()
         try:
             state = read_state(self._r, self.name)
         except LogNotCreated as err:
             raise MemoryNotCreated(f"{err} on {self.where}") from None
         except ValueError as err:
             raise MonitorError(str(err)) from None
+        info = self._r.info("memory")
         at = self._clock()
         links = state.link_totals()
         inserted, size, capacity, sampled = state.inserted, state.size, state.shape.capacity, links.sampled

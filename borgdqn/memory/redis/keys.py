@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 # Fields of a log entry.
 F_DATA, F_AGENT, F_STEPS, F_WRITTEN = b"d", b"a", b"t", b"w"
 
@@ -75,10 +73,6 @@ class LogShape:
                        recurrent_hidden=int(data.get("recurrent_hidden", 0)))
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"{where} is not a borgdqn log shape ({type(err).__name__}: {err})") from None
-
-    @property
-    def frame_bytes(self) -> int:
-        return int(np.prod(self.frame_shape)) * np.dtype(self.frame_dtype).itemsize
 
 
 @dataclass(frozen=True)
