@@ -83,8 +83,8 @@ def replica_bytes(capacity: int, frame_shape: tuple[int, ...], frame_dtype: str 
     """What an agent's replica of a log of ``capacity`` steps takes: the embedded memory's own layout (frames,
     per-step metadata, sum tree, sequence starts)."""
     from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
-    from borgdqn.memory.layout import Layout, SegmentParams
-    from borgdqn.memory.shared import MAX_CLIENTS, default_sequences
+    from borgdqn.memory.shared.layout import Layout, SegmentParams
+    from borgdqn.memory.shared.segment import MAX_CLIENTS, default_sequences
 
     params = SegmentParams(
         capacity=capacity, frame_shape=tuple(frame_shape), frame_dtype=frame_dtype, prioritized=prioritized,

@@ -1,0 +1,7 @@
+"""The embedded replay backend: a shared-memory ring for the agent processes of one machine, and each agent's
+private replica of the Redis log (``replay.py`` says how the parts fit)."""
+
+from borgdqn.memory.shared.replay import SharedReplay
+from borgdqn.memory.shared.segment import SharedReplayHandle, default_sequences
+
+__all__ = ["SharedReplay", "SharedReplayHandle", "default_sequences"]
