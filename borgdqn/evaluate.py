@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from borgdqn.rl.checkpoint import read_checkpoint
+from borgdqn.rl.checkpoint import check_learner_state, read_checkpoint
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
 from borgdqn.rl.learner import Learner
@@ -34,6 +34,7 @@ def evaluate(
     env_cfg = config.env.model_copy(update={"num_envs": envs, "terminal_on_life_loss": False})
     env = make_vector_env(env_cfg, seed=seed)
     learner = Learner(config.network, config.learner, env.spec, env_cfg.frame_stack, seed=seed, threads=None)
+    check_learner_state(state.learner, learner.online, checkpoint)
     learner.load_state_dict(state.learner)
     rng = np.random.default_rng(seed)
     stacker = FrameStacker(envs, env_cfg.frame_stack, env.spec.frame_shape, env.spec.frame_dtype)

@@ -35,7 +35,7 @@ from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.agent import AgentReport, sampling_spec
-from borgdqn.rl.checkpoint import CHECKPOINT_DIR
+from borgdqn.rl.checkpoint import CHECKPOINT_DIR, check_resumable
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.identity import collective_member, hive_agent
 
@@ -219,6 +219,8 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     if config.replay.backend == "redis":
         check_redis_log(config, spec)
     run_dir = prepare_run_dir(config, resume)
+    if resume:
+        check_resumable(run_dir, config, spec)
     offset = _resume_offset(run_dir) if resume else 0.0
     shared: SharedReplay | None = None
     if config.replay.backend != "redis":

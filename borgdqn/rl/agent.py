@@ -26,7 +26,13 @@ from borgdqn.memory.redis.link import RedisLink
 from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.adder import ChunkAdder
-from borgdqn.rl.checkpoint import AgentCheckpoint, load_agent_checkpoint, save_agent_checkpoint
+from borgdqn.rl.checkpoint import (
+    AgentCheckpoint,
+    agent_checkpoint_path,
+    check_learner_state,
+    load_agent_checkpoint,
+    save_agent_checkpoint,
+)
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
 from borgdqn.rl.identity import AgentIdentity
@@ -104,6 +110,7 @@ def run_agent(
         loaded = load_agent_checkpoint(run_dir, agent)
         if loaded is not None:
             state = loaded
+            check_learner_state(loaded.learner, learner.online, agent_checkpoint_path(run_dir, agent))
             learner.load_state_dict(loaded.learner)
             policy.load_state_dict(loaded.policy)
             log.info("agent=%d resumed env_steps=%d updates=%d", agent, state.env_steps, learner.updates)

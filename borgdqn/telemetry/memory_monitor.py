@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV
 from borgdqn.memory.redis.keys import LogNotCreated, read_state
+from borgdqn.one_line import one_line
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +183,14 @@ class FanOutPublisher:
             try:
                 publisher.publish(reading)
             except Exception as err:
-                log.warning("memory monitor: publishing to %s failed: %s", type(publisher).__name__, _one_line(err))
+                log.warning("memory monitor: publishing to %s failed: %s", type(publisher).__name__, one_line(err))
 
     def close(self) -> None:
         for publisher in self.publishers:
             try:
                 publisher.close()
             except Exception as err:
-                log.warning("memory monitor: closing %s failed: %s", type(publisher).__name__, _one_line(err))
+                log.warning("memory monitor: closing %s failed: %s", type(publisher).__name__, one_line(err))
 
 
 @dataclass
@@ -286,7 +287,7 @@ class MemoryMonitor:
                         "memory monitor: reading %r from %s failed (%s); retrying with backoff up to %.0fs",
                         self.name,
                         self.where,
-                        _one_line(err),
+                        one_line(err),
                         self.max_backoff_s,
                     )
                     backoff = min(0.5, self.max_backoff_s)
@@ -300,13 +301,8 @@ class MemoryMonitor:
                 try:
                     self.publisher.publish(reading)
                 except Exception as err:  # a publisher's trouble must not end the monitor
-                    log.warning("memory monitor: publishing failed: %s", _one_line(err))
+                    log.warning("memory monitor: publishing failed: %s", one_line(err))
             stop.wait(wait)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -400,9 +396,9 @@ def serve(
             try:
                 publisher.publish(monitor.read())
             except redis.AuthenticationError as err:
-                raise MonitorError(f"redis at {where} refused the password ({_one_line(err)})") from None
+                raise MonitorError(f"redis at {where} refused the password ({one_line(err)})") from None
             except redis.RedisError as err:
-                raise MonitorError(f"redis at {where} unreachable ({_one_line(err)})") from None
+                raise MonitorError(f"redis at {where} unreachable ({one_line(err)})") from None
             return 0
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():

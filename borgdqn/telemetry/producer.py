@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from borgdqn.config import parse_kafka_bootstrap as parse_bootstrap
+from borgdqn.one_line import one_line
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.telemetry.events import KINDS, TOPICS, Kind, Source, encode_event, header
 
@@ -490,7 +491,7 @@ class TelemetryProducer:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("telemetry: sending to kafka=%s failed (%s); buffering up to %d events, retrying "
-                        "source=%s", self.bootstrap, _one_line(err), self.max_buffered,
+                        "source=%s", self.bootstrap, one_line(err), self.max_buffered,
                         self.source.source_id)  # fmt: skip
 
     async def _start_client(self) -> Any:
@@ -548,7 +549,7 @@ class TelemetryProducer:
             self._topics_ready = True
         except Exception as err:
             log.warning("telemetry: creating topics on kafka=%s failed (%s); sending anyway, retrying in %.0fs",
-                        self.bootstrap, _one_line(err), _TOPIC_RETRY_S)  # fmt: skip
+                        self.bootstrap, one_line(err), _TOPIC_RETRY_S)  # fmt: skip
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(admin.close(), timeout=2.0)
@@ -578,11 +579,6 @@ def _fatal(err: BaseException) -> bool:
     if isinstance(err, asyncio.TimeoutError) or err.__class__.__name__ == "KafkaTimeoutError":
         return False
     return not getattr(err, "retriable", False)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{err.__class__.__name__}: {text}" if text else err.__class__.__name__
 
 
 def producer_for(config: BorgConfig, role: str, index: int, name: str = "") -> TelemetryProducer | None:
