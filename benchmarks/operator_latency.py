@@ -6,19 +6,19 @@ runs it) and measures, over `--runs` fresh collectives (the default spec: 16 chi
 
 * **apply -> all children**: from starting `kubectl apply -f` of a collective to every child the builders render
   existing (polled through one keep-alive client, about every 30 ms); kubectl's own start-up is included;
-* **scale -> Deployment**: from starting `kubectl scale borgcollective/NAME --replicas=5` to the agents
-  Deployment's spec saying 5;
+* **scale -> StatefulSet**: from starting `kubectl scale borgcollective/NAME --replicas=5` to the agents
+  StatefulSet's spec saying 5;
 * **reconcile**: the operator's own figure for one reconcile (its Prometheus histogram), first and repeated;
 * **operator RSS**: resident memory of the operator process after the runs (and its peak, VmHWM).
 
 The baseline, measured in the same run against the same apiserver: the same 16 children rendered up front and
 sent with one `kubectl apply --server-side` (no operator in the loop; ownerReferences left out), and
-`kubectl scale deployment/NAME-agents --replicas=5` on that Deployment directly. The ratio is ours / baseline:
+`kubectl scale statefulset/NAME-agents --replicas=5` on that StatefulSet directly. The ratio is ours / baseline:
 what the operator adds on top of the apiserver's own work.
 
     python benchmarks/operator_latency.py [--runs 5]
 
-Targets (issue 6): apply -> children < 2 s, scale -> Deployment < 1 s, RSS < 150 MB.
+Targets (issue 6): apply -> children < 2 s, scale -> agents < 1 s, RSS < 150 MB.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def vm_hwm(operator: Operator) -> int:
 
 
 def one_run(kube: KubeCluster, operator: Operator, applier: Applier, name: str) -> tuple[float, float, float | None]:
-    """(apply -> children, scale -> Deployment, the creating reconcile's own time) for a fresh collective."""
+    """(apply -> children, scale -> agents, the creating reconcile's own time) for a fresh collective."""
     namespace = new_namespace(kube, "bench")
     want = expected_children(name, namespace)
     before = reconcile_seconds(operator)
@@ -112,11 +112,11 @@ def one_run(kube: KubeCluster, operator: Operator, applier: Applier, name: str) 
 
 
 def time_scale_to_5(kube: KubeCluster, applier: Applier, namespace: str, name: str, target: str) -> float:
-    """Seconds from starting `kubectl scale TARGET --replicas=5` to the agents Deployment's spec saying 5."""
+    """Seconds from starting `kubectl scale TARGET --replicas=5` to the agents StatefulSet's spec saying 5."""
 
     def scaled_to_5() -> bool:
-        deployment = applier.get("apps/v1", "Deployment", namespace, names.agents(name)) or {}
-        return bool(deployment.get("spec", {}).get("replicas") == 5)
+        agents = applier.get("apps/v1", "StatefulSet", namespace, names.agents(name)) or {}
+        return bool(agents.get("spec", {}).get("replicas") == 5)
 
     started = time.monotonic()
     proc = kubectl_async(kube, "scale", target, "--replicas=5", "-n", namespace)
@@ -127,7 +127,7 @@ def time_scale_to_5(kube: KubeCluster, applier: Applier, namespace: str, name: s
 
 
 def baseline_run(kube: KubeCluster, applier: Applier, name: str) -> tuple[float, float]:
-    """(apply -> children, scale -> Deployment) without the operator: pre-rendered children, one server-side apply."""
+    """(apply -> children, scale -> agents) without the operator: pre-rendered children, one server-side apply."""
     namespace = new_namespace(kube, "base")
     rendered = build_children(name, namespace, parse_spec({}), redis_password=secrets.token_urlsafe(32))
     want = {(child["kind"], child["metadata"]["name"]) for child in rendered}
@@ -138,7 +138,7 @@ def baseline_run(kube: KubeCluster, applier: Applier, name: str) -> tuple[float,
     took = time.monotonic() - started
     status_of(proc, "kubectl apply (baseline)")
 
-    return took, time_scale_to_5(kube, applier, namespace, name, f"deployment/{names.agents(name)}")
+    return took, time_scale_to_5(kube, applier, namespace, name, f"statefulset/{names.agents(name)}")
 
 
 def main() -> None:
@@ -164,7 +164,7 @@ def main() -> None:
             took, scaled, reconcile = one_run(kube, operator, applier, f"b{run}")
             base_took, base_scaled = baseline_run(kube, applier, f"d{run}")
             if run == 0:
-                print(f"warm-up: apply -> children {took:.2f}s (baseline {base_took:.2f}s), scale -> Deployment "
+                print(f"warm-up: apply -> children {took:.2f}s (baseline {base_took:.2f}s), scale -> StatefulSet "
                       f"{scaled:.2f}s (baseline {base_scaled:.2f}s)", flush=True)
                 continue
             apply_s.append(took)
@@ -189,7 +189,7 @@ def main() -> None:
         print("| measure | median | worst | baseline (median) | ratio | target |")
         print("| --- | --- | --- | --- | --- | --- |")
         print(row("`kubectl apply` -> all children exist", apply_s, base_apply_s, "< 2 s"))
-        print(row("`kubectl scale --replicas=5` -> agents Deployment at 5", scale_s, base_scale_s, "< 1 s"))
+        print(row("`kubectl scale --replicas=5` -> agents StatefulSet at 5", scale_s, base_scale_s, "< 1 s"))
         print(row("one reconcile (operator's histogram, creating)", reconciles, None, "-"))
         print(f"| mean reconcile over all {count:.0f} (incl. no-op resyncs and scales) | {total / count:.2f} s | - "
               "| - | - | - |")

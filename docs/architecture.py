@@ -102,7 +102,7 @@ def children(cr: str = CR) -> list[tuple[str, str]]:
     """(kind, name) of every child the picture shows, in drawing order."""
     n = child_names(cr)
     return [
-        ("Deployment", n["agents"]),
+        ("StatefulSet", n["agents"]),
         ("ConfigMap", n["config"]),
         ("StatefulSet", n["memory"]),
         ("Service", n["memory"]),
@@ -282,8 +282,8 @@ def draw(cr: str = CR) -> str:
     # GPU agents.
     c.group(32, 232, 224, 382, "gpu", "GPU nodes")
     c.text(46, 270, "one nvidia.com/gpu per agent pod", "sub")
-    c.box(44, 282, 200, 320, "Deployment", n["agents"], ["N = spec.agents.replicas"])
-    for top, title in [(352, "agent pod 1"), (418, "agent pod 2"), (532, "agent pod N")]:
+    c.box(44, 282, 200, 320, "StatefulSet", n["agents"], ["N = spec.agents.replicas"])
+    for top, title in [(352, "agent pod 0"), (418, "agent pod 1"), (532, "agent pod N-1")]:
         c.rect(56, top, 176, 54, "#ffffff", "#4ac26b", radius=6)
         c.text(66, top + 20, title, "kind")
         c.text(66, top + 40, "borgdqn train", "code")

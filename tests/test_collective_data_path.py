@@ -3,7 +3,7 @@ the pods run them against the harness's real Redis, Kafka and Elasticsearch.
 
 The operator's builders render a small CartPole collective. Its ConfigMap's ``borgdqn.yaml`` is written to a file
 verbatim, and two agents run the agent container's command and args, ``$(BORG_POD_NAME)`` expanded from the
-container's env (two pod names, as a Deployment gives them). What a cluster provides and this machine cannot is
+container's env (the first two pod names of the agents StatefulSet). What a cluster provides and this machine cannot is
 replaced, and nothing else: the Service addresses (Redis, Kafka, Elasticsearch) and the run dir and /tmp
 emptyDirs go in through borgdqn's documented ``BORG_SECTION__FIELD`` overrides (or, for the sidecar and the
 indexer, by replacing just those argument values); the Redis password comes from the rendered Secret, as its
@@ -144,17 +144,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def pick_members(config: BorgConfig, deployment: str) -> list[tuple[str, AgentIdentity]]:
-    """Two pod names as a Deployment gives them (``<deployment>-<template hash>-<5 chars>``) whose members differ
-    in agent id and, clearly, in ladder epsilon (almost any two do; the collective's name is random)."""
-    pods = [f"{deployment}-5d8f7b9c4-{suffix}" for suffix in ("x2x4z", "q7k9m", "b4nlw", "t8vjr", "h2c6p")]
-    for i, first in enumerate(pods):
-        for second in pods[i + 1 :]:
-            a, b = collective_member(config, first), collective_member(config, second)
-            assert a.ladder_epsilon is not None and b.ladder_epsilon is not None
-            if a.agent_id != b.agent_id and abs(a.ladder_epsilon - b.ladder_epsilon) > 0.01:
-                return [(first, a), (second, b)]
-    raise AssertionError("no two of the pod names give members with distinct agent ids and epsilons")
+def pick_members(config: BorgConfig, statefulset: str) -> list[tuple[str, AgentIdentity]]:
+    """The first two pods of the StatefulSet, ``<statefulset>-0`` and ``-1``: agents 0 and 1, at the top of the
+    epsilon ladder and at its middle."""
+    members = [(f"{statefulset}-{k}", collective_member(config, f"{statefulset}-{k}")) for k in (0, 1)]
+    assert [identity.agent_id for _, identity in members] == [0, 1]
+    return members
 
 
 class Processes:
@@ -257,8 +252,8 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     indexer_args = drop_flag(indexer_args, "--ca-file")
     processes.start("indexer", indexer_args, process_env(indexer_env))
 
-    # Two agent pods of the Deployment.
-    agent = container(children, "Deployment", f"{cr}-agents", "agent")
+    # Two agent pods of the StatefulSet.
+    agent = container(children, "StatefulSet", f"{cr}-agents", "agent")
     assert agent["args"] == ["train", "--config", CONFIG_PATH, "--member", "$(BORG_POD_NAME)"]
     members = pick_members(config, f"{cr}-agents")
     runs: dict[str, tuple[list[str], dict[str, str], Path]] = {}

@@ -1,4 +1,4 @@
-"""Agent identities: a hive's numbered agents and a collective's pods named by Kubernetes."""
+"""Agent identities: a hive's numbered agents and a collective's StatefulSet pods, agent k for ordinal k."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from borgdqn.config import BorgConfig, EpsilonLadder, HiveConfig, ReplayConfig
 from borgdqn.rl.adder import STREAMS_PER_AGENT
-from borgdqn.rl.identity import MAX_AGENT_IDS, agent_seed, collective_member, hive_agent
+from borgdqn.rl.identity import MAX_AGENT_IDS, agent_seed, collective_member, hive_agent, ladder_position
 from borgdqn.rl.schedules import epsilon_ladder
 
 LADDER = EpsilonLadder(enabled=True, base=0.4, alpha=7.0)
@@ -21,10 +21,9 @@ def _config(agents: int = 1, steps: int = 1000) -> BorgConfig:
                       replay=ReplayConfig(backend="redis", redis_url="redis://memory:6379/0"))
 
 
-def _pod_names(n: int) -> list[str]:
-    # What a Deployment's ReplicaSet names its pods: NAME-agents-<template hash>-<5 random characters>.
-    alphabet = "bcdfghjklmnpqrstvwxz2456789"
-    return [f"pong-agents-7d9f8c6b5-{''.join(alphabet[(i // 27**k) % 27] for k in range(5))}" for i in range(n)]
+def _pod_names(n: int, statefulset: str = "pong-agents") -> list[str]:
+    # What a StatefulSet names its pods: NAME-agents-<ordinal>.
+    return [f"{statefulset}-{k}" for k in range(n)]
 
 
 def test_a_hive_numbers_its_agents_as_before() -> None:
@@ -39,40 +38,55 @@ def test_a_hive_numbers_its_agents_as_before() -> None:
     assert identities[2].label == "agent-2"
 
 
-def test_a_member_is_the_same_agent_every_time_its_pod_restarts() -> None:
+def test_a_member_is_agent_k_of_its_pod_name_every_time_its_pod_comes_back() -> None:
     config = _config()
-    assert collective_member(config, "pong-agents-abc-x2x4z") == collective_member(config, "pong-agents-abc-x2x4z")
+    member = collective_member(config, "pong-agents-3")
+    assert member == collective_member(config, "pong-agents-3")  # a restart, a replacement, a roll: the same
+    assert (member.agent_id, member.label) == (3, "pong-agents-3")
+    # The collective's name is not part of the identity: agent 3 of any collective has agent 3's numbers.
+    assert collective_member(config, "breakout-agents-3").seed == member.seed
 
 
-def test_members_never_share_streams_or_seeds_and_never_meet_hive_agents() -> None:
+def test_members_never_share_ids_streams_or_seeds_and_never_meet_hive_agents() -> None:
     config = _config(steps=5000)
-    members = [collective_member(config, name) for name in _pod_names(2000)]
-    bases = sorted(m.stream_base for m in members)
+    members = [collective_member(config, name) for name in _pod_names(MAX_AGENT_IDS)]
+    assert [m.agent_id for m in members] == list(range(MAX_AGENT_IDS))
+    bases = [m.stream_base for m in members]
     # Each member owns STREAMS_PER_AGENT stream ids from its base: no two ranges overlap.
     assert all(b - a >= STREAMS_PER_AGENT for a, b in itertools.pairwise(bases))
     assert bases[0] >= 256 * STREAMS_PER_AGENT  # above a hive's largest (256 agents)
-    assert bases[-1] < 1 << 62  # the memory's stream ids
-    seeds = sorted(m.seed for m in members)
+    seeds = [m.seed for m in members]
     assert all(b - a >= 1024 for a, b in itertools.pairwise(seeds))  # envs use seed + e, e < 1024
     assert seeds[0] > agent_seed(7, 255)
-    assert all(0 <= m.agent_id < MAX_AGENT_IDS and m.steps == 5000 and not m.reports_memory for m in members)
-    assert len({m.agent_id for m in members}) > 800  # spread over the id space (2000 names into 1024 ids)
+    assert all(m.steps == 5000 and not m.reports_memory for m in members)
 
 
-def test_members_spread_over_the_whole_epsilon_ladder() -> None:
-    members = [collective_member(_config(), name) for name in _pod_names(2000)]
+@pytest.mark.parametrize("replicas", [1, 2, 3, 5, 8, 13, 64, 1000])
+def test_any_number_of_members_spreads_over_the_whole_epsilon_ladder(replicas: int) -> None:
+    members = [collective_member(_config(), name) for name in _pod_names(replicas)]
     low, high = 0.4 ** (1 + 7.0), 0.4
     epsilons = [m.ladder_epsilon for m in members]
     assert all(e is not None and low <= e <= high for e in epsilons)
-    # The position is uniform on [0, 1): about half the members are above the ladder's midpoint 0.4 ** 4.5.
-    above = sum(e is not None and e > 0.4**4.5 for e in epsilons) / len(epsilons)
-    assert 0.45 < above < 0.55
-    assert collective_member(_config().model_copy(update={"epsilon_ladder": EpsilonLadder()}),
-                             "pod-a").ladder_epsilon is None
+    assert epsilons[0] == high  # agent 0 explores most, as in Ape-X
+    # Their positions on the ladder leave no gap wider than 2/N: a scaled hive still covers it.
+    positions = sorted(ladder_position(k) for k in range(replicas))
+    assert len(set(positions)) == replicas
+    assert max(b - a for a, b in itertools.pairwise([*positions, 1.0])) <= 2 / replicas
 
 
-@pytest.mark.parametrize("name", ["", "-leading-dash", "has/slash", "x" * 64, "spaces in it"])
-def test_a_member_name_must_be_a_pod_name(name: str) -> None:
+def test_scaling_moves_nobody_on_the_ladder() -> None:
+    config = _config()
+    three = [collective_member(config, name).ladder_epsilon for name in _pod_names(3)]
+    eight = [collective_member(config, name).ladder_epsilon for name in _pod_names(8)]
+    assert eight[:3] == three
+    assert collective_member(config.model_copy(update={"epsilon_ladder": EpsilonLadder()}),
+                             "pod-0").ladder_epsilon is None
+
+
+@pytest.mark.parametrize("name", ["", "-leading-dash", "has/slash", "x" * 62 + "-1", "spaces in-1",
+                                  "pong-agents-7d9f8c6b5-x2x4z", "pong-agents", "pong-agents-01",
+                                  f"pong-agents-{MAX_AGENT_IDS}"])
+def test_a_member_name_must_be_an_agent_pods_name(name: str) -> None:
     with pytest.raises(ValueError, match="member name"):
         collective_member(_config(), name)
 
@@ -90,7 +104,7 @@ def test_train_member_refuses_what_a_member_cannot_be(flags: list[str], message:
     args = [sys.executable, "-m", "borgdqn", "train", "--env", "CartPole-v1", "--no-live", "--out", str(tmp_path),
             *flags]
     if "--member" not in flags:
-        args += ["--member", "pod-a"]
+        args += ["--member", "pod-0"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

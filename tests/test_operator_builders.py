@@ -138,7 +138,7 @@ def test_children_come_in_the_documented_order() -> None:
         ("Service", "pong-minimal-kafka"),
         ("Elasticsearch", "pong-minimal-es"), ("Kibana", "pong-minimal-kibana"),
         ("Deployment", "pong-minimal-indexer"), ("Job", "pong-minimal-kibana-setup"),
-        ("Deployment", "pong-minimal-agents"),
+        ("StatefulSet", "pong-minimal-agents"),
         ("NetworkPolicy", "pong-minimal-memory"), ("NetworkPolicy", "pong-minimal-kafka"),
     ]
     full = [(c["kind"], c["metadata"]["name"]) for c in render(*example("full"))]
@@ -169,7 +169,7 @@ def test_every_child_is_an_owned_kind_in_the_namespace_and_labelled() -> None:
 
 
 def test_the_selector_string_selects_the_agent_pods() -> None:
-    agents = by_kind(render(*example("full")), "Deployment", "pong-agents")
+    agents = by_kind(render(*example("full")), "StatefulSet", "pong-agents")
     selector = dict(part.split("=") for part in names.selector_string("pong").split(","))
     assert selector == agents["spec"]["selector"]["matchLabels"]
     assert selector == {"app.kubernetes.io/component": "agent", "app.kubernetes.io/instance": "pong",
@@ -182,7 +182,7 @@ def test_the_selector_string_selects_the_agent_pods() -> None:
 
 def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
     name, spec = example("full")
-    agents = by_kind(render(name, spec), "Deployment", "pong-agents")
+    agents = by_kind(render(name, spec), "StatefulSet", "pong-agents")
     assert agents["spec"]["replicas"] == 8
     pod = pod_spec(agents)
     (container,) = pod["containers"]
@@ -192,17 +192,19 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
                                                    "effect": "NoSchedule"}]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["priorityClassName"] == "borg-training"
-    # A surge pod would wait for a GPU that is not there: one at a time goes down, none comes up extra.
-    assert agents["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # Agent k is pod pong-agents-<k>, and a config rolls one pod at a time, none extra (no spare GPU needed).
+    assert agents["kind"] == "StatefulSet" and agents["metadata"]["name"] == "pong-agents"
+    assert agents["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert agents["spec"]["podManagementPolicy"] == "Parallel"  # scaling starts every new ordinal at once
 
     two = render(name, {**spec, "agents": {**spec["agents"], "gpus": 2, "tolerations": [GPU_TOLERATION]}})
-    pod = pod_spec(by_kind(two, "Deployment", "pong-agents"))
+    pod = pod_spec(by_kind(two, "StatefulSet", "pong-agents"))
     assert pod["containers"][0]["resources"]["limits"][GPU_RESOURCE] == "2"
     assert pod["tolerations"] == [GPU_TOLERATION]  # the user's own GPU toleration is not doubled
 
 
 def test_cpu_agents_neither_ask_for_nor_tolerate_gpus() -> None:
-    pod = pod_spec(by_kind(render("cpu-external", VARIANTS["cpu-external"]), "Deployment", "cpu-external-agents"))
+    pod = pod_spec(by_kind(render("cpu-external", VARIANTS["cpu-external"]), "StatefulSet", "cpu-external-agents"))
     resources = pod["containers"][0]["resources"]
     assert GPU_RESOURCE not in resources["limits"] and GPU_RESOURCE not in resources["requests"]
     assert pod["tolerations"] == [{"key": "spot", "operator": "Exists"}]
@@ -211,7 +213,7 @@ def test_cpu_agents_neither_ask_for_nor_tolerate_gpus() -> None:
 
 def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() -> None:
     children = render(*example("minimal"))
-    pod = pod_spec(by_kind(children, "Deployment", "pong-minimal-agents"))
+    pod = pod_spec(by_kind(children, "StatefulSet", "pong-minimal-agents"))
     (container,) = pod["containers"]
     # Kubernetes expands $(BORG_POD_NAME) in args: each pod is its own member of the collective.
     assert container["command"] + container["args"] == ["borgdqn", "train", "--config", "/etc/borgdqn/borgdqn.yaml",
@@ -238,14 +240,14 @@ def test_the_config_map_is_what_borgdqn_reads_and_its_checksum_rolls_the_agents(
     # What `borgdqn train --config` builds from it (no BORG_* variables in the way) is the spec's config.
     assert build_config(yaml_path=tmp_path / CONFIG_KEY, environ={}) == to_borg_config(name, NAMESPACE,
                                                                                        parse_spec(spec))
-    annotations = by_kind(children, "Deployment", "pong-agents")["spec"]["template"]["metadata"]["annotations"]
+    annotations = by_kind(children, "StatefulSet", "pong-agents")["spec"]["template"]["metadata"]["annotations"]
     checksum = annotations[names.CONFIG_CHECKSUM_ANNOTATION]
     assert checksum == config_checksum(name, NAMESPACE, parse_spec(spec))
     assert len(checksum) == 64 and int(checksum, 16) >= 0
 
     def agents_checksum(agents: dict[str, Any]) -> str:
         changed = render(name, {**spec, "agents": {**spec["agents"], **agents}})
-        template = by_kind(changed, "Deployment", "pong-agents")["spec"]["template"]
+        template = by_kind(changed, "StatefulSet", "pong-agents")["spec"]["template"]
         return str(template["metadata"]["annotations"][names.CONFIG_CHECKSUM_ANNOTATION])
 
     learner = spec["agents"]["learner"]
@@ -368,7 +370,7 @@ def test_a_memory_limit_below_redis_maxmemory_is_a_spec_error() -> None:
 
 def test_agent_pods_are_sized_for_their_replica_and_a_pod_too_small_for_it_is_refused() -> None:
     def agent_memory(spec: dict[str, Any]) -> str:
-        container = pod_spec(by_kind(render("pong", spec), "Deployment", "pong-agents"))["containers"][0]
+        container = pod_spec(by_kind(render("pong", spec), "StatefulSet", "pong-agents"))["containers"][0]
         assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
         return str(container["resources"]["limits"]["memory"])
 
@@ -445,8 +447,8 @@ def test_external_kafka_and_disabled_elastic_render_neither() -> None:
     children = render("cpu-external", VARIANTS["cpu-external"])
     kinds = [c["kind"] for c in children]
     assert kinds == ["ConfigMap", "Secret", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
-                     "Deployment", "NetworkPolicy"]
-    monitor = pod_spec(by_kind(children, "StatefulSet"))["containers"][1]
+                     "StatefulSet", "NetworkPolicy"]
+    monitor = pod_spec(by_kind(children, "StatefulSet", "cpu-external-memory"))["containers"][1]
     assert monitor["args"][monitor["args"].index("--kafka") + 1] == "kafka-0.shared:9092,kafka-1.shared:9092"
 
 

@@ -101,7 +101,7 @@ def test_a_collective_becomes_its_children_owned_labelled_with_gpus_and_config(
         managers = {entry["manager"] for entry in obj["metadata"]["managedFields"]}
         assert "borg-operator" in managers, (kind, name, managers)
 
-    agents = found[("Deployment", "pong-agents")]
+    agents = found[("StatefulSet", "pong-agents")]
     assert agents["spec"]["replicas"] == 2
     pod = agents["spec"]["template"]
     container = pod["spec"]["containers"][0]
@@ -149,14 +149,14 @@ def test_a_collective_becomes_its_children_owned_labelled_with_gpus_and_config(
 def test_a_hyper_parameter_change_rolls_the_agents(cluster: KubeCluster, namespace: str, operator: Operator) -> None:
     apply(cluster, collective("hp", namespace, {"agents": {"learner": {"lr": 0.0001}}}))
     before = settled(cluster, namespace, "hp", {"agents": {"learner": {"lr": 0.0001}}})
-    checksum = before[("Deployment", "hp-agents")]["spec"]["template"]["metadata"]["annotations"][
+    checksum = before[("StatefulSet", "hp-agents")]["spec"]["template"]["metadata"]["annotations"][
         "borg.dev/config-checksum"]
 
     cluster.kubectl("patch", "borgcollective", "hp", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"spec": {"agents": {"learner": {"lr": 0.0005}}}}))
 
     def rolled() -> str | None:
-        agents = cluster.get_json("deployment", "hp-agents", "-n", namespace)
+        agents = cluster.get_json("statefulset", "hp-agents", "-n", namespace)
         new = agents["spec"]["template"]["metadata"]["annotations"]["borg.dev/config-checksum"]
         return new if new != checksum else None
 
@@ -166,7 +166,7 @@ def test_a_hyper_parameter_change_rolls_the_agents(cluster: KubeCluster, namespa
     assert new == hashlib.sha256(data.encode()).hexdigest()
     poll(lambda: status(cluster, namespace, "hp").get("observedGeneration") == 2, "observedGeneration 2")
     changed = [e["message"] for e in events(cluster, namespace, "hp") if e["reason"] == "Applied"]
-    assert any("~ConfigMap/hp-config" in m and "~Deployment/hp-agents" in m for m in changed), changed
+    assert any("~ConfigMap/hp-config" in m and "~StatefulSet/hp-agents" in m for m in changed), changed
 
 
 def test_kubectl_scale_changes_the_agents_and_kubectl_get_borg_shows_it(
@@ -177,9 +177,9 @@ def test_kubectl_scale_changes_the_agents_and_kubectl_get_borg_shows_it(
 
     started = time.monotonic()
     cluster.kubectl("scale", "borgcollective/sc", "--replicas=5", "-n", namespace)
-    poll(lambda: cluster.get_json("deployment", "sc-agents", "-n", namespace)["spec"]["replicas"] == 5,
-         "the agents Deployment at 5 replicas", timeout_s=30, interval_s=0.05)
-    print(f"\nkubectl scale -> Deployment at 5: {time.monotonic() - started:.2f}s (kubectl included)")
+    poll(lambda: cluster.get_json("statefulset", "sc-agents", "-n", namespace)["spec"]["replicas"] == 5,
+         "the agents StatefulSet at 5 replicas", timeout_s=30, interval_s=0.05)
+    print(f"\nkubectl scale -> StatefulSet at 5: {time.monotonic() - started:.2f}s (kubectl included)")
 
     poll(lambda: status(cluster, namespace, "sc").get("gpus") == 10, "status.gpus 10")
     row = cluster.kubectl("get", "borg", "sc", "-n", namespace, "--no-headers").stdout.split()
@@ -212,6 +212,26 @@ def test_what_the_spec_drops_is_pruned_and_only_that(cluster: KubeCluster, names
     assert cluster.get_json("configmap", "pr-notes", "-n", namespace)["data"] == {"note": "mine"}
 
 
+def test_an_agents_deployment_of_an_older_operator_gives_way_to_the_statefulset(
+        cluster: KubeCluster, namespace: str, operator: Operator) -> None:
+    apply(cluster, collective("up", namespace))
+    found = settled(cluster, namespace, "up", None)
+    agents = found[("StatefulSet", "up-agents")]
+    # What an operator of the Deployment days left: NAME-agents as a Deployment, owned by the collective.
+    old = {"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": "up-agents", "namespace": namespace, "labels": agents["metadata"]["labels"],
+                        "ownerReferences": agents["metadata"]["ownerReferences"]},
+           "spec": {"replicas": 0, "selector": agents["spec"]["selector"],
+                    "template": {"metadata": {"labels": agents["spec"]["template"]["metadata"]["labels"]},
+                                 "spec": {"containers": [{"name": "agent", "image": "borg-dqn/agent:old"}]}}}}
+    apply(cluster, old)
+    assert ("Deployment", "up-agents") in children(cluster, namespace, "up")
+    # The next pass (the resync) prunes it; the StatefulSet stays the same object.
+    settled(cluster, namespace, "up", None)
+    after = cluster.get_json("statefulset", "up-agents", "-n", namespace)
+    assert after["metadata"]["uid"] == agents["metadata"]["uid"]
+
+
 def test_a_paused_collective_is_left_alone_until_the_pause_ends(
         cluster: KubeCluster, namespace: str, operator: Operator) -> None:
     apply(cluster, collective("pa", namespace, {"agents": {"replicas": 1}}))
@@ -220,11 +240,11 @@ def test_a_paused_collective_is_left_alone_until_the_pause_ends(
     poll(lambda: status(cluster, namespace, "pa").get("phase") == "Paused", "phase Paused")
     cluster.kubectl("scale", "borgcollective/pa", "--replicas=3", "-n", namespace)
     time.sleep(5)  # two resyncs: nothing may change while paused
-    assert cluster.get_json("deployment", "pa-agents", "-n", namespace)["spec"]["replicas"] == 1
+    assert cluster.get_json("statefulset", "pa-agents", "-n", namespace)["spec"]["replicas"] == 1
     assert condition(cluster, namespace, "pa", "Ready")["reason"] == "Paused"
 
     cluster.kubectl("annotate", "borgcollective", "pa", "-n", namespace, "borg.dev/paused-")
-    poll(lambda: cluster.get_json("deployment", "pa-agents", "-n", namespace)["spec"]["replicas"] == 3,
+    poll(lambda: cluster.get_json("statefulset", "pa-agents", "-n", namespace)["spec"]["replicas"] == 3,
          "3 agents once resumed", timeout_s=30)
     poll(lambda: {"Paused", "Resumed"} <= {e["reason"] for e in events(cluster, namespace, "pa")},
          "events Paused and Resumed", timeout_s=30)
@@ -348,8 +368,10 @@ def test_killed_mid_reconcile_the_operator_converges_after_a_restart(
         uid = cluster.get_json("borgcollective", "kl", "-n", namespace)["metadata"]["uid"]
         assert all([ref["uid"] for ref in obj["metadata"]["ownerReferences"]] == [uid] for obj in found.values())
         assert found[("Secret", "kl-redis")]["data"]["password"] == password
-        deployments = cluster.get_json("deployments", "-n", namespace)["items"]
-        assert sorted(d["metadata"]["name"] for d in deployments) == ["kl-agents", "kl-indexer"]
+        workloads = cluster.get_json("deployments,statefulsets", "-n", namespace)["items"]
+        assert sorted((w["kind"], w["metadata"]["name"]) for w in workloads) == [
+            ("Deployment", "kl-indexer"), ("StatefulSet", "kl-agents"), ("StatefulSet", "kl-kafka"),
+            ("StatefulSet", "kl-memory")]
         poll(lambda: status(cluster, namespace, "kl").get("observedGeneration") == 1, "status written")
     finally:
         operator.stop()

@@ -1,19 +1,21 @@
 """Who an agent is: the numbers that must differ between agents that write to one replay memory.
 
-A local hive numbers its agents 0..N-1. A collective on Kubernetes runs one agent per pod, and a Deployment's pods
-have no ordinal, so a member takes its numbers from its pod's name instead (``borgdqn train --member NAME``):
+A local hive numbers its agents 0..N-1. A collective on Kubernetes runs one agent per pod of a StatefulSet, whose
+pods are named ``<statefulset>-<k>``: agent k keeps its ordinal k across container restarts, pod replacements,
+config rolls, reschedules and scaling down and up, and the StatefulSet controller never runs two pods of one
+ordinal at once. A member (``borgdqn train --member NAME``) takes its numbers from that ordinal:
 
-- its replay streams and seeds come from a 64-bit hash of the name, so two live pods never share a stream (a shared
-  stream would link one pod's steps to the other's) and never play the same games;
-- its place on the epsilon ladder is the same hash read as a fraction in [0, 1): the pods' final epsilons spread
-  over the whole ladder whatever the replica count, and scaling re-rolls nobody;
-- its agent id (what the memory counts steps by and the dashboards split by) is the hash modulo
-  :data:`MAX_AGENT_IDS`. Two pods rarely share one (about 1 in 9 for 16 pods); that merges only their counts.
+- its agent id (what the memory counts steps by, the dashboards split by, and the run's files are named after) is
+  k itself: ids are distinct among live pods and stay with the agent;
+- its replay streams and seeds come from k, in a block above every local hive agent's, so two live pods never
+  share a stream (a shared stream would link one pod's steps to the other's) and never play the same games;
+- its place on the epsilon ladder is the k-th point of the base-2 van der Corput sequence (0, 1/2, 1/4, 3/4,
+  1/8, ...): the first N points spread over the whole ladder for any N, and scaling moves nobody (Ape-X's
+  ``i / (N - 1)`` would give every agent a new epsilon at each ``kubectl scale``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -21,11 +23,13 @@ from borgdqn.config import BorgConfig
 from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.schedules import epsilon_ladder, ladder_epsilon_at
 
-# The memory's per-agent counts cover ids [0, MAX_AGENT_IDS) (SharedReplay's max_agents default).
+# The memory's per-agent counts cover ids [0, MAX_AGENT_IDS) (SharedReplay's max_agents default); a collective
+# has at most as many agent pods.
 MAX_AGENT_IDS = 1024
-# Members' streams start above every hive agent's (256 agents at most), so the two kinds never meet in one memory.
-_MEMBER_STREAM_BLOCKS = 1 << 20
-_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a Deployment's pod names fit in 63
+# Members' streams and seeds start above every hive agent's (256 agents at most): the two kinds never meet.
+_MEMBER_BLOCK = 256
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # a pod's name is a DNS label: 63 at most
+_ORDINAL = re.compile(r"-(0|[1-9][0-9]*)$")
 
 
 @dataclass(frozen=True)
@@ -59,20 +63,38 @@ def hive_agent(config: BorgConfig, agent: int) -> AgentIdentity:
     )
 
 
+def member_ordinal(name: str) -> int:
+    """The ordinal ``k`` of the StatefulSet pod ``name`` (``<statefulset>-<k>``); ValueError for another name."""
+    found = _ORDINAL.search(name) if _MEMBER_NAME.match(name) else None
+    if found is None:
+        raise ValueError(f"member name {name!r}: give the agent pod's name, <statefulset>-<ordinal> "
+                         "(1-63 letters, digits, '.', '_', '-'), e.g. pong-agents-3")
+    ordinal = int(found.group(1))
+    if ordinal >= MAX_AGENT_IDS:
+        raise ValueError(f"member name {name!r}: ordinal {ordinal} is past the {MAX_AGENT_IDS} agents a memory counts")
+    return ordinal
+
+
+def ladder_position(k: int) -> float:
+    """The ``k``-th point of the base-2 van der Corput sequence in [0, 1): k's bits mirrored behind the point."""
+    position, weight = 0.0, 0.5
+    while k:
+        position += weight * (k & 1)
+        k >>= 1
+        weight /= 2
+    return position
+
+
 def collective_member(config: BorgConfig, name: str) -> AgentIdentity:
-    """The one agent of a collective's pod ``name`` (its Kubernetes name): everything derives from the name."""
-    if not _MEMBER_NAME.match(name):
-        raise ValueError(f"member name {name!r}: use 1-63 letters, digits, '.', '_', '-' (a pod's name)")
-    digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+    """The one agent of a collective's pod ``name`` (``<statefulset>-<k>``): everything derives from ``k``."""
+    k = member_ordinal(name)
     ladder = config.epsilon_ladder
-    position = (digest >> 11) / float(1 << 53)  # the top 53 bits: a uniform fraction in [0, 1)
     return AgentIdentity(
-        agent_id=digest % MAX_AGENT_IDS,
+        agent_id=k,
         label=name,
-        # 31 bits of the hash, 10_007 apart: far above any hive agent's offset, and envs (< 1024) never overlap.
-        seed=agent_seed(config.hive.seed, 256 + (digest >> 33)),
-        stream_base=(_MEMBER_STREAM_BLOCKS + (digest >> 24)) * STREAMS_PER_AGENT,
+        seed=agent_seed(config.hive.seed, _MEMBER_BLOCK + k),
+        stream_base=(_MEMBER_BLOCK + k) * STREAMS_PER_AGENT,
         steps=config.hive.steps,
-        ladder_epsilon=ladder_epsilon_at(position, ladder.base, ladder.alpha) if ladder.enabled else None,
+        ladder_epsilon=ladder_epsilon_at(ladder_position(k), ladder.base, ladder.alpha) if ladder.enabled else None,
         reports_memory=False,
     )

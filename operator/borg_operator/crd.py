@@ -470,7 +470,7 @@ def status_schema() -> Schema:
                 },
             },
             "agents": {
-                "description": "the agents as their Deployment reports them",
+                "description": "the agents as their StatefulSet reports them",
                 "type": "object",
                 "properties": {
                     "replicas": integer("agent pods that exist (the scale subresource's status replicas)"),

@@ -1,6 +1,6 @@
 """Reads a collective's children from the apiserver into `status.Observed`: the impure half of the status.
 
-Reads by name what the builders render (names.py): the agents Deployment, the memory StatefulSet, Kafka (the
+Reads by name what the builders render (names.py): the agents and memory StatefulSets, Kafka (the
 StatefulSet, or Strimzi's Kafka), ECK's Elasticsearch and Kibana, the indexer Deployment; lists the agent pods
 the scheduler could not place (Pending, PodScheduled=False, reason Unschedulable: e.g. more agents than GPUs);
 and, once the memory has a ready pod, reads its fill from Redis (memory_fill.py) with a short deadline.
@@ -67,7 +67,7 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             error: str | None = None, observed_generation: int | None = None,
             fills: FillReader | None = None) -> Observed:
     """What the status needs, read now. `spec` None (invalid): only the agents are read (their counts)."""
-    agents = applier.get(APPS, "Deployment", namespace, names.agents(cr))
+    agents = applier.get(APPS, "StatefulSet", namespace, names.agents(cr))
     unschedulable: list[str] = []
     if agents is not None and _ready_replicas(agents) < int((agents.get("spec") or {}).get("replicas") or 0):
         pods = applier.list("v1", "Pod", namespace, names.selector_string(cr)) or []

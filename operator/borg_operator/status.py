@@ -2,7 +2,7 @@
 
 `compute_status(collective, observed, now)` turns the collective (its parsed spec or the spec's error, its
 generation, the pause annotation, the status it has now) and the children as read from the apiserver (agents
-Deployment, memory StatefulSet, Kafka, ECK's Elasticsearch and Kibana, the indexer, agent pods the scheduler
+and memory StatefulSets, Kafka, ECK's Elasticsearch and Kibana, the indexer, agent pods the scheduler
 could not place, APIs the spec needs that the cluster does not serve) into the status the CRD declares:
 
     observedGeneration, phase, conditions[Ready, AgentsReady, MemoryReady, KafkaReady, ElasticReady],
@@ -98,7 +98,7 @@ class MissingApi:
 class Observed:
     """The children as read from the apiserver (None: not there), and what the operator found out."""
 
-    agents: Mapping[str, Any] | None = None  # the agents Deployment
+    agents: Mapping[str, Any] | None = None  # the agents StatefulSet
     memory: Mapping[str, Any] | None = None  # the memory StatefulSet
     kafka: Mapping[str, Any] | None = None  # managed: the Kafka StatefulSet; strimzi: Strimzi's Kafka
     elasticsearch: Mapping[str, Any] | None = None  # ECK's Elasticsearch
@@ -159,12 +159,12 @@ def _short(message: str) -> str:
     return message if len(message) <= _MAX_SCHEDULER_MESSAGE else message[: _MAX_SCHEDULER_MESSAGE - 3] + "..."
 
 
-def agents_condition(spec: CollectiveSpec, deployment: Mapping[str, Any] | None,
+def agents_condition(spec: CollectiveSpec, agents: Mapping[str, Any] | None,
                      unschedulable: Sequence[str]) -> Condition:
     desired = spec.agents.replicas
-    if deployment is None:
-        return _false("AgentsReady", "NotCreated", "the agents Deployment does not exist yet")
-    _, ready, updated, current = _workload(deployment)
+    if agents is None:
+        return _false("AgentsReady", "NotCreated", "the agents StatefulSet does not exist yet")
+    _, ready, updated, current = _workload(agents)
     counts = f"{ready}/{desired} agents ready"
     if unschedulable:
         pods = f"{len(unschedulable)} agent pod{'s' if len(unschedulable) > 1 else ''}"
@@ -336,10 +336,10 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
         status["observedGeneration"] = int(generation)
     status["phase"] = _phase(collective, observed, ready)
     status["conditions"] = _render([ready, *parts], previous, now)
-    deployment_status = (observed.agents or {}).get("status") or {}
+    agents_status = (observed.agents or {}).get("status") or {}
     selector = observed.selector or str((collective.status.get("agents") or {}).get("selector", ""))
-    status["agents"] = {"replicas": _int(deployment_status.get("replicas")),
-                        "ready": _int(deployment_status.get("readyReplicas")), "selector": selector}
+    status["agents"] = {"replicas": _int(agents_status.get("replicas")),
+                        "ready": _int(agents_status.get("readyReplicas")), "selector": selector}
     if spec is not None:
         status["gpus"] = spec.agents.replicas * spec.agents.gpus
     elif "gpus" in collective.status:

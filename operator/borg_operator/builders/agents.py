@@ -1,4 +1,12 @@
-"""The agents Deployment `<cr>-agents`: one `borgdqn train` (one agent) per pod, usually one GPU each."""
+"""The agents StatefulSet `<cr>-agents`: one `borgdqn train` (one agent) per pod, usually one GPU each.
+
+A StatefulSet rather than a Deployment for the agents' identities: pod `<cr>-agents-<k>` is agent k, through
+container restarts, replacements, rolls, reschedules and scaling down and up, and the controller never runs two
+pods of one ordinal at once (a Deployment's pods have random names, so an agent's numbers could only come from a
+hash of the name, which two live pods may share). Leased slots in Redis would give the same with a lease to renew
+and to fence; the StatefulSet controller already does both. `podManagementPolicy: Parallel`: agents do not wait
+for each other to be Ready, so `kubectl scale` starts or stops all the new ordinals at once.
+"""
 
 from __future__ import annotations
 
@@ -75,9 +83,9 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
         "image": agents.image,
         "imagePullPolicy": agents.image_pull_policy,
         "command": ["borgdqn"],
-        # Everything else is in the config file. --member: a Deployment's pods have no ordinal, so each agent's
-        # seeds, replay streams and epsilon-ladder place derive from its pod's name (borgdqn.rl.identity); a
-        # container restarted in the same pod resumes from its emptyDir run dir.
+        # Everything else is in the config file. --member: the pod's name ends in its ordinal k, and agent k's id,
+        # seeds, replay streams and epsilon-ladder place derive from k (borgdqn.rl.identity); a container
+        # restarted in the same pod resumes from its emptyDir run dir.
         "args": ["train", "--config", CONFIG_PATH, "--member", f"$({POD_NAME_ENV})"],
         "env": [
             # Identity from the downward API: which pod, where (logs, telemetry, debugging a slow node).
@@ -123,15 +131,15 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
         pod_spec["priorityClassName"] = agents.priority_class_name
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": "StatefulSet",
         "metadata": metadata(cr, namespace, names.agents(cr), names.AGENT),
         "spec": {
             "replicas": agents.replicas,
             "selector": {"matchLabels": names.selector_labels(cr, names.AGENT)},
-            # maxSurge 0: a surge pod would need a spare GPU, which a GPU pool rarely has, and the rollout would
-            # hang on a Pending pod. maxUnavailable 1: one agent at a time restarts with the new config while
-            # the others keep acting and learning from the shared memory.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "podManagementPolicy": "Parallel",
+            # One agent at a time (the highest ordinal first) restarts with a new config while the others keep
+            # acting and learning from the shared memory; no surge pod, which would need a spare GPU.
+            "updateStrategy": {"type": "RollingUpdate"},
             "template": {
                 "metadata": {
                     "labels": names.labels(cr, names.AGENT),
