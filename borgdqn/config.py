@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from borgdqn.memory.redis.sizing import DEFAULT_MODEL_STORE_BYTES
+
 ENV_PREFIX = "BORG_"
 ENV_NESTING = "__"
 
@@ -224,6 +226,12 @@ class ReplayConfig(_Strict):
         default=20_000,
         ge=256,
         description="redis: own steps an agent queues while Redis is away; beyond this the oldest chunks are dropped",
+    )
+    model_store_bytes: int = Field(
+        default=DEFAULT_MODEL_STORE_BYTES,
+        ge=1 << 20,
+        description="redis, a collective's agents: bytes of the model store in the memory's Redis (each agent's "
+        "latest checkpoint, ~27 MB for Atari's network); a checkpoint past it stays in the pod's run dir only",
     )
 
 

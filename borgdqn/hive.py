@@ -30,14 +30,24 @@ from borgdqn.memory.protocol import ReplayMemory
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, with_password
 from borgdqn.memory.redis.keys import LogShape
 from borgdqn.memory.redis.link import LinkSettings, RedisLink
+from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.agent import AgentReport, sampling_spec
-from borgdqn.rl.checkpoint import CHECKPOINT_DIR, check_resumable
+from borgdqn.rl.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    agent_checkpoint_path,
+    check_learner_state,
+    check_resumable,
+    parse_checkpoint,
+    write_checkpoint,
+)
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.identity import collective_member, hive_agent
+from borgdqn.rl.networks import build_q_network
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +117,18 @@ def _agent_main(
         memory = open_redis_link(config, probe_env(config), identity.seed, identity.label)
     else:
         memory = SharedReplay.attach(handle, seed=identity.seed, spec=sampling_spec(config))
+    store = model_store(config) if member else None
     try:
         run_agent(identity, config, memory, run_dir, stop=stop, reports=reports, resume=resume,
-                  clock_offset=clock_offset)
+                  clock_offset=clock_offset, store=store)
     except Exception as err:
         log.debug("agent %d failed:\n%s", agent, traceback.format_exc())
         reports.put(AgentFailure(agent, f"{err.__class__.__name__}: {err}"))
         sys.exit(1)
     finally:
         memory.close()
+        if store is not None:
+            store.close()
 
 
 def log_shape(config: BorgConfig, spec: EnvSpec) -> LogShape:
@@ -203,6 +216,36 @@ def check_member(config: BorgConfig, member: str) -> None:
         raise ConfigError(f"--member: {err}") from None
 
 
+def model_store(config: BorgConfig) -> RedisModelStore:
+    """The hive's model store in its Redis memory (a collective's agents keep their checkpoints there)."""
+    return RedisModelStore(connect_redis(config), config.replay.redis_name, config.replay.model_store_bytes)
+
+
+def restore_from_store(config: BorgConfig, member: str, spec: EnvSpec) -> bool:
+    """A pod taking over agent k with an empty run dir: put k's checkpoint from the model store there, so that the
+    agent resumes from it; True if it did. A stored checkpoint that does not fit this config (another network, or
+    bytes that do not read as a checkpoint) is logged and left for the agent's next save to replace: the agent
+    starts anew rather than crash-looping its pod."""
+    agent = collective_member(config, member).agent_id
+    store = model_store(config)
+    try:
+        data = store.get(agent)
+    finally:
+        store.close()
+    if data is None:
+        return False
+    where = f"the model store's checkpoint of agent {agent}"
+    try:
+        check_learner_state(parse_checkpoint(data, where)[1].learner,
+                            build_q_network(config.network, spec, config.env.frame_stack), where)
+    except CheckpointError as err:
+        log.warning("agent %d starts anew: %s", agent, err)
+        return False
+    write_checkpoint(agent_checkpoint_path(config.hive.out, agent), data)
+    log.info("agent %d resumes from the model store (%.1f MB)", agent, len(data) / 1e6)
+    return True
+
+
 def train(config: BorgConfig, *, resume: bool = False, member: str | None = None) -> dict[str, Any]:
     """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json.
 
@@ -211,8 +254,10 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     """
     if member is not None:
         check_member(config, member)
-        resume = holds_run(config.hive.out)
     spec = probe_env(config)
+    if member is not None:
+        # The same pod after a container restart finds its run dir; a new pod of the same agent, the model store.
+        resume = holds_run(config.hive.out) or restore_from_store(config, member, spec)
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
     # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.

@@ -13,6 +13,7 @@ Environment (defaults in brackets; docs/memory-image.md has the full story):
     BORG_MEMORY_CHUNK_LENGTH    steps per chunk, replay.chunk_length [32]
     BORG_MEMORY_BYTES_PER_STEP  stored bytes per step, as the memory monitor reports it [1024]
     BORG_MEMORY_HEADROOM        fraction added to the computed data size [0.5]
+    BORG_MEMORY_MODEL_STORE_BYTES  the agents' model store, added to maxmemory, replay.model_store_bytes [1 GiB]
     BORG_MEMORY_MAXMEMORY       bytes (or 512mb, 2gb, ...): overrides the computed maxmemory
     BORG_REDIS_PASSWORD_FILE    the Secret mounted as a file [/var/run/secrets/borg/redis-password]
     BORG_REDIS_PASSWORD         the password itself, used when no password file exists
@@ -38,6 +39,7 @@ from borgdqn.memory.redis.sizing import (
     DEFAULT_BYTES_PER_STEP,
     DEFAULT_CHUNK_LENGTH,
     DEFAULT_HEADROOM,
+    DEFAULT_MODEL_STORE_BYTES,
     MemorySizing,
     size_memory,
 )
@@ -157,6 +159,7 @@ def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
                 chunk_length=_int(environ, "BORG_MEMORY_CHUNK_LENGTH", DEFAULT_CHUNK_LENGTH, 1, 4096),
                 bytes_per_step=_float(environ, "BORG_MEMORY_BYTES_PER_STEP", DEFAULT_BYTES_PER_STEP),
                 headroom=_float(environ, "BORG_MEMORY_HEADROOM", DEFAULT_HEADROOM),
+                model_store_bytes=_int(environ, "BORG_MEMORY_MODEL_STORE_BYTES", DEFAULT_MODEL_STORE_BYTES, 0),
             )
         except ValueError as err:
             raise BadSetting(f"memory sizing: {err}") from None
@@ -221,7 +224,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         "BORG_MEMORY_MAXMEMORY"
         if sizing is None
         else f"capacity={sizing.capacity} chunk_length={sizing.chunk_length} chunks={sizing.chunks} "
-        f"bytes_per_step={sizing.bytes_per_step:g} headroom={sizing.headroom:g}"
+        f"bytes_per_step={sizing.bytes_per_step:g} headroom={sizing.headroom:g} "
+        f"model_store_bytes={sizing.model_store_bytes}"
     )
     log.info(
         "memory image: config=%s maxmemory=%d (%s) password_from=%s",

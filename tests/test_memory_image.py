@@ -51,8 +51,11 @@ def test_sizing_follows_the_formula() -> None:
     assert size_memory(500_000).maxmemory > size_memory(250_000).maxmemory
     assert size_memory(250_000, bytes_per_step=2000).maxmemory > pong.maxmemory
     assert size_memory(250_000, headroom=1.0).maxmemory > pong.maxmemory
+    # The agents' model store shares the Redis: its budget is added as it is.
+    assert size_memory(250_000, 32, bytes_per_step=1024, headroom=0.5, model_store_bytes=1 << 30).maxmemory == \
+        pong.maxmemory + (1 << 30)
     for bad in ({"capacity": 0}, {"chunk_length": 0}, {"bytes_per_step": 0.0}, {"headroom": -0.1},
-                {"bytes_per_step": float("nan")}):  # fmt: skip
+                {"bytes_per_step": float("nan")}, {"model_store_bytes": -1}):  # fmt: skip
         with pytest.raises(ValueError):
             size_memory(**{"capacity": 1000, **bad})  # type: ignore[arg-type]
 
@@ -137,7 +140,8 @@ def started(install: RedisInstall, password: str, **settings: str) -> Iterator[I
 def image_redis(install: RedisInstall, request: pytest.FixtureRequest) -> Iterator[ImageRedis]:
     """The entrypoint's redis-server; ``request.param`` says where its password comes from (file or env)."""
     sizing = {"BORG_MEMORY_CAPACITY": "100000", "BORG_MEMORY_CHUNK_LENGTH": "16",
-              "BORG_MEMORY_BYTES_PER_STEP": "300", "BORG_MEMORY_HEADROOM": "0.25"}  # fmt: skip
+              "BORG_MEMORY_BYTES_PER_STEP": "300", "BORG_MEMORY_HEADROOM": "0.25",
+              "BORG_MEMORY_MODEL_STORE_BYTES": str(96 << 20)}  # fmt: skip
     source = {"secret_file": TRICKY_PASSWORD} if request.param == "file" else {"BORG_REDIS_PASSWORD": TRICKY_PASSWORD}
     with started(install, TRICKY_PASSWORD, **source, **sizing) as server:
         yield server
@@ -173,7 +177,7 @@ def test_the_rendered_config_runs_a_protected_persistent_redis(image_redis: Imag
     settings = {name: client.config_get(name)[name] for name in
                 ("appendonly", "appendfsync", "save", "maxmemory", "maxmemory-policy", "protected-mode", "bind",
                  "dir")}  # fmt: skip
-    expected = size_memory(100_000, 16, bytes_per_step=300, headroom=0.25).maxmemory
+    expected = size_memory(100_000, 16, bytes_per_step=300, headroom=0.25, model_store_bytes=96 << 20).maxmemory
     assert settings == {
         "appendonly": "yes", "appendfsync": "everysec", "save": "", "maxmemory": str(expected),
         "maxmemory-policy": "noeviction", "protected-mode": "yes", "bind": "127.0.0.1",

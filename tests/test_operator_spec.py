@@ -75,7 +75,7 @@ SECTIONS: list[tuple[type[BaseModel], tuple[str, ...]]] = [
 # The memory's replay fields and their names in borgdqn's ReplayConfig.
 REPLAY_FIELDS = {"capacity": "capacity", "chunk_length": "chunk_length", "prioritized": "prioritized",
                  "alpha": "alpha", "beta": "beta", "priority_eps": "priority_eps",
-                 "outbox_steps": "outbox_steps"}
+                 "outbox_steps": "outbox_steps", "model_store_bytes": "model_store_bytes"}
 
 
 def spec_schema() -> dict[str, Any]:
@@ -268,6 +268,7 @@ def full_spec() -> dict[str, Any]:
         },
         "memory": {"capacity": 500_000, "chunkLength": 16, "prioritized": False, "alpha": 0.5,
                    "beta": {"kind": "constant", "value": 1.0}, "priorityEps": 1e-5, "outboxSteps": 4096,
+                   "modelStoreBytes": 2 << 30,
                    "persistence": False, "storage": {"size": "5Gi", "storageClassName": "fast"},
                    "image": "registry.example/memory:1", "resources": {"cpu": "1", "memory": "4Gi"}},
         "kafka": {"mode": "external", "bootstrapServers": "kafka-0.example:9092,kafka-1.example:9092", "replicas": 3,

@@ -23,7 +23,9 @@ import numpy as np
 from borgdqn.config import BorgConfig
 from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory, SamplingSpec
 from borgdqn.memory.redis.link import RedisLink
+from borgdqn.memory.redis.model_store import ModelEntry, RedisModelStore
 from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
+from borgdqn.one_line import one_line
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.adder import ChunkAdder
 from borgdqn.rl.checkpoint import (
@@ -64,6 +66,25 @@ class AgentReport:
     loading: float | None = None  # a Redis replica loading the hive's log: the part loaded so far
 
 
+def _put_in_store(store: RedisModelStore, state: AgentCheckpoint, data: bytes, metrics: MetricsWriter) -> None:
+    """Put a checkpoint in the hive's model store; trouble there never stops the agent (its run dir has it)."""
+    entry = ModelEntry(agent=state.agent, env_steps=state.env_steps, best_mean=state.best_mean,
+                       size_bytes=len(data), saved_unix=time.time())
+    started = time.perf_counter()
+    try:
+        total = store.put(entry, data)
+    except Exception as err:
+        log.warning("model store: checkpoint at env_steps=%d kept in the run dir only: %s", state.env_steps,
+                    one_line(err))
+        metrics.write("store", env_steps=state.env_steps, stored=False, size_bytes=len(data), error=one_line(err))
+        return
+    seconds = time.perf_counter() - started
+    log.info("model store: checkpoint at env_steps=%d stored (%.1f MB in %.2fs; the store holds %.1f MB)",
+             state.env_steps, len(data) / 1e6, seconds, total / 1e6)
+    metrics.write("store", env_steps=state.env_steps, stored=True, size_bytes=len(data), seconds=seconds,
+                  store_bytes=total)
+
+
 def run_agent(
     identity: AgentIdentity,
     config: BorgConfig,
@@ -74,10 +95,12 @@ def run_agent(
     reports: Any = None,
     resume: bool = False,
     clock_offset: float = 0.0,
+    store: RedisModelStore | None = None,
 ) -> AgentCheckpoint:
     """Run the agent ``identity`` until its ``steps`` are done or ``stop`` is set; returns its final state.
 
     ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
+    ``store``: the hive's model store, which gets each checkpoint besides the run dir (a collective's agents).
     """
     env_cfg, learn_cfg = config.env, config.learner
     agent, seed, budget = identity.agent_id, identity.seed, identity.steps
@@ -241,7 +264,9 @@ def run_agent(
         state.wall = time.monotonic() - started
         state.learner = learner.state_dict()
         state.policy = policy.state_dict()
-        save_agent_checkpoint(run_dir, state, config, best=best)
+        data = save_agent_checkpoint(run_dir, state, config, best=best)
+        if store is not None and not best:
+            _put_in_store(store, state, data, metrics)
 
     try:
         while state.env_steps < budget and not (stop is not None and stop.is_set()):

@@ -12,6 +12,7 @@ before anything is loaded, so that a checkpoint of another shape fails with one 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -49,18 +50,31 @@ def agent_checkpoint_path(run_dir: Path, agent: int, *, best: bool = False) -> P
     return run_dir / CHECKPOINT_DIR / (f"agent-{agent}-best.pt" if best else f"agent-{agent}.pt")
 
 
-def save_agent_checkpoint(run_dir: Path, state: AgentCheckpoint, config: BorgConfig, *, best: bool = False) -> Path:
-    path = agent_checkpoint_path(run_dir, state.agent, best=best)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def checkpoint_bytes(state: AgentCheckpoint, config: BorgConfig) -> bytes:
+    """The checkpoint file's bytes: what goes to the run dir and to the hive's model store alike."""
     payload = {
         "format": FORMAT_VERSION,
         "config": config.model_dump(mode="json"),
         "state": asdict(state),
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a crash mid-write leaves the previous file, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
+    tmp.write_bytes(data)
     tmp.replace(path)
-    return path
+
+
+def save_agent_checkpoint(run_dir: Path, state: AgentCheckpoint, config: BorgConfig, *, best: bool = False) -> bytes:
+    """Save agent ``state.agent``'s checkpoint under ``run_dir``; returns its bytes (for the model store)."""
+    data = checkpoint_bytes(state, config)
+    write_checkpoint(agent_checkpoint_path(run_dir, state.agent, best=best), data)
+    return data
 
 
 class CheckpointError(ValueError):
@@ -72,17 +86,23 @@ def read_checkpoint(path: Path) -> tuple[BorgConfig, AgentCheckpoint]:
     """The run's config and the agent's state in the checkpoint at ``path``; CheckpointError for any bad file."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    return parse_checkpoint(path.read_bytes(), str(path))
+
+
+def parse_checkpoint(data: bytes, where: str) -> tuple[BorgConfig, AgentCheckpoint]:
+    """A checkpoint's config and state from its bytes (a file's, or the model store's: ``where`` says which in
+    errors); CheckpointError for anything but a checkpoint of ours, and nothing in ``data`` is ever run."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain values ({one_line(err, 100)})"
+            f"refused to load {where}: it holds objects other than tensors and plain values ({one_line(err, 100)})"
         ) from None
     except Exception as err:  # a truncated or foreign file: zip, pickle or storage errors of any kind
         reason = one_line(err, 160)
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, or not a checkpoint): {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {where} (truncated, or not a checkpoint): {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a borgdqn checkpoint of format {FORMAT_VERSION}")
+        raise CheckpointError(f"{where} is not a borgdqn checkpoint of format {FORMAT_VERSION}")
     try:
         config = BorgConfig.model_validate(payload["config"])
         state = payload["state"]
@@ -91,10 +111,10 @@ def read_checkpoint(path: Path) -> tuple[BorgConfig, AgentCheckpoint]:
             raise ValueError(f"state fields {sorted(state) if isinstance(state, dict) else type(state).__name__}")
         return config, AgentCheckpoint(**state)
     except (KeyError, TypeError, ValueError, ValidationError) as err:
-        raise CheckpointError(f"{path} is not a borgdqn checkpoint: {one_line(err, 160)}") from None
+        raise CheckpointError(f"{where} is not a borgdqn checkpoint: {one_line(err, 160)}") from None
 
 
-def check_learner_state(learner_state: Mapping[str, Any], network: nn.Module, path: Path) -> None:
+def check_learner_state(learner_state: Mapping[str, Any], network: nn.Module, path: Path | str) -> None:
     """Raise CheckpointError unless ``learner_state`` (``Learner.state_dict()`` as saved) fits ``network``: the
     same tensors by name and shape for the online and target networks, and Adam moments of the parameters'
     shapes (Adam itself checks only their count, and would fail at its next step)."""

@@ -143,6 +143,7 @@ class MemorySpec(CrdModel):
         "beta", default_factory=lambda: LinearSchedule(start=0.4, end=1.0, steps=10_000_000))
     priority_eps: float = _replay_field("priority_eps")
     outbox_steps: int = _replay_field("outbox_steps")
+    model_store_bytes: int = _replay_field("model_store_bytes")
     persistence: bool = Field(default=True, description="append-only file on the volume: the memory survives restarts")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="the memory's volume")
     image: str = Field(default=DEFAULT_MEMORY_IMAGE, description="the memory image (Redis + the monitor)")
@@ -264,6 +265,7 @@ def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfi
                 beta=memory.beta,
                 priority_eps=memory.priority_eps,
                 outbox_steps=memory.outbox_steps,
+                model_store_bytes=memory.model_store_bytes,
             ),
             hive=HiveConfig(agents=1, steps=agents.steps, seed=agents.seed, out=Path(RUN_DIR),
                             threads_per_agent=agents.threads, live="off"),

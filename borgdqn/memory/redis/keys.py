@@ -13,6 +13,12 @@ script may touch all of a log's keys:
     borg:{name}:agents  hash: agent id -> steps held
     borg:{name}:links   hash: agent label -> JSON of its link's counters (drops, skips, outages, lag), refreshed
                         every few seconds by each agent, read by the memory monitor and the operator
+
+The hive's model store (``model_store``) shares the tag: what an agent must keep when its pod goes.
+
+    borg:{name}:model:<k>  agent k's latest checkpoint (the bytes of its ``.pt`` file)
+    borg:{name}:models     hash: agent id -> JSON of that checkpoint's entry (env steps, best mean, size, time)
+    borg:{name}:best       JSON: the agent with the best mean return over 20 episodes, and that mean
 """
 
 from __future__ import annotations
@@ -42,6 +48,21 @@ class LogKeys:
 
     def all(self) -> list[str]:
         return [self.config, self.log, self.stats, self.agents, self.links]
+
+
+@dataclass(frozen=True)
+class StoreKeys:
+    models: str
+    best: str
+    model_prefix: str
+
+    @classmethod
+    def of(cls, name: str) -> StoreKeys:
+        base = f"borg:{{{name}}}"
+        return cls(models=f"{base}:models", best=f"{base}:best", model_prefix=f"{base}:model:")
+
+    def model(self, agent: int) -> str:
+        return f"{self.model_prefix}{agent}"
 
 
 @dataclass(frozen=True)

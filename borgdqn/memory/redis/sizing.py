@@ -6,13 +6,15 @@ small hashes, so what it holds once full is known in advance, up to how well the
     chunks     = ceil(capacity / chunk_length)
     chunk      = chunk_length * bytes_per_step + PER_CHUNK_OVERHEAD       (one entry: its fields and stream node)
     data       = chunks * chunk
-    maxmemory  = ceil(data * (1 + headroom)) + BASE_BYTES
+    maxmemory  = ceil(data * (1 + headroom)) + BASE_BYTES + model_store_bytes
 
 ``bytes_per_step`` is what one step costs in a stored chunk: exactly the ``bytes_per_step`` that the memory
 monitor reports (chunk bytes held / steps held), so a measured figure can be fed back. The default is a generous
 guess for Atari frames (84x84 uint8, LZ4): Pong measures ~95 B/step with 32-step chunks; a raw frame is 7,056 B.
 ``headroom`` covers the allocator's size-class rounding (up to 25% of a value) and frames that compress worse than
 guessed; ``BASE_BYTES`` covers Redis itself (client buffers, scripts, the AOF rewrite buffer).
+``model_store_bytes`` is the budget of the hive's model store (``model_store``), which shares the Redis: a
+collective's agents keep their latest checkpoints there, and the store refuses what would pass its budget.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DEFAULT_BYTES_PER_STEP = 1024
 DEFAULT_HEADROOM = 0.5
 PER_CHUNK_OVERHEAD = 256  # the stream entry (id, field names, agent, steps, time) and the chunk's protobuf header
 BASE_BYTES = 64 << 20
+DEFAULT_MODEL_STORE_BYTES = 1 << 30  # ~37 Atari agents' checkpoints of ~27 MB
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class MemorySizing:
     chunks: int
     chunk_bytes: int  # one chunk with its entry's overhead
     data_bytes: int
+    model_store_bytes: int
     maxmemory: int
 
 
@@ -46,8 +50,10 @@ def size_memory(
     chunk_length: int = DEFAULT_CHUNK_LENGTH,
     bytes_per_step: float = DEFAULT_BYTES_PER_STEP,
     headroom: float = DEFAULT_HEADROOM,
+    model_store_bytes: int = 0,
 ) -> MemorySizing:
-    """The ``maxmemory`` (bytes) of a Redis memory of ``capacity`` steps; ValueError names a bad argument."""
+    """The ``maxmemory`` (bytes) of a Redis memory of ``capacity`` steps and a model store of ``model_store_bytes``;
+    ValueError names a bad argument."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1 step, not {capacity}")
     if chunk_length < 1:
@@ -56,10 +62,12 @@ def size_memory(
         raise ValueError(f"bytes_per_step must be a positive number, not {bytes_per_step}")
     if not (math.isfinite(headroom) and headroom >= 0):
         raise ValueError(f"headroom must be a fraction >= 0, not {headroom}")
+    if model_store_bytes < 0:
+        raise ValueError(f"model_store_bytes must be >= 0, not {model_store_bytes}")
     chunks = max(1, -(-capacity // chunk_length))
     chunk = math.ceil(chunk_length * bytes_per_step) + PER_CHUNK_OVERHEAD
     data = chunks * chunk
-    maxmemory = math.ceil(data * (1 + headroom)) + BASE_BYTES
+    maxmemory = math.ceil(data * (1 + headroom)) + BASE_BYTES + model_store_bytes
     return MemorySizing(
         capacity=capacity,
         chunk_length=chunk_length,
@@ -68,6 +76,7 @@ def size_memory(
         chunks=chunks,
         chunk_bytes=chunk,
         data_bytes=data,
+        model_store_bytes=model_store_bytes,
         maxmemory=maxmemory,
     )
 

@@ -51,7 +51,8 @@ def build_redis_secret(cr: str, namespace: str, password: str) -> Manifest:
 
 def redis_maxmemory(spec: CollectiveSpec) -> int:
     """Redis' maxmemory for the spec's capacity: what the memory image's entrypoint computes from the same env."""
-    return size_memory(spec.memory.capacity, spec.memory.chunk_length).maxmemory
+    return size_memory(spec.memory.capacity, spec.memory.chunk_length,
+                       model_store_bytes=spec.memory.model_store_bytes).maxmemory
 
 
 def _check_memory_limit(spec: CollectiveSpec) -> None:
@@ -60,8 +61,9 @@ def _check_memory_limit(spec: CollectiveSpec) -> None:
     if limit <= maxmemory:
         raise SpecError(
             f"memory.resources.memory {spec.memory.resources.memory} is not above Redis' maxmemory of "
-            f"{maxmemory / 2**30:.2f} GiB for memory.capacity {spec.memory.capacity}: give the pod 1.5-2x that "
-            "(an append-only-file rewrite forks Redis), or lower the capacity")
+            f"{maxmemory / 2**30:.2f} GiB for memory.capacity {spec.memory.capacity} and memory.modelStoreBytes "
+            f"{spec.memory.model_store_bytes}: give the pod 1.5-2x that (an append-only-file rewrite forks Redis), "
+            "or lower the capacity")
 
 
 def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
             # The entrypoint sizes maxmemory from these with borgdqn.memory.redis.sizing (and logs how).
             env("BORG_MEMORY_CAPACITY", str(memory.capacity)),
             env("BORG_MEMORY_CHUNK_LENGTH", str(memory.chunk_length)),
+            env("BORG_MEMORY_MODEL_STORE_BYTES", str(memory.model_store_bytes)),
             env("BORG_REDIS_PASSWORD_FILE", PASSWORD_FILE),
         ],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
