@@ -10,7 +10,8 @@ indexer, by replacing just those argument values); the Redis password comes from
 secretKeyRef would deliver it.
 
 Proven: both members finish their budgets; the shared Redis memory holds each member's steps under the agent id
-its pod name gives (``borgdqn.rl.identity.collective_member``); the monitor sidecar and both members' telemetry
+its pod name gives (``borgdqn.rl.identity.collective_member``), and its model store each member's last checkpoint;
+the monitor sidecar and both members' telemetry
 reach Elasticsearch through the rendered indexer, attributed to the collective and to each pod; the members
 explored with their own ladder epsilons and played their own games; a member whose container restarts in the same
 pod resumes its finished run instead of refusing its run dir.
@@ -40,6 +41,7 @@ from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
 from borgdqn.config import BorgConfig
+from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
 from borgdqn.telemetry.documents import SHARES_INDEX
@@ -68,8 +70,9 @@ SPEC: dict[str, Any] = {
         "epsilonLadder": LADDER,
     },
     # Room for both members' steps (partial chunks included): nothing is evicted, so the counts are exact.
+    # CartPole checkpoints are a few kB: a small model store fits a small memory pod.
     "memory": {"capacity": 8192, "chunkLength": 16, "outboxSteps": 1024, "persistence": False,
-               "resources": {"cpu": "1", "memory": "1Gi"}},
+               "modelStoreBytes": 64 << 20, "resources": {"cpu": "1", "memory": "1Gi"}},
     "kafka": {"mode": "managed"},
     "elastic": {"mode": "eck", "count": 1},
 }  # fmt: skip
@@ -296,9 +299,15 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         assert json.loads((run_dir / "summary.json").read_text())["hive"]["env_steps"] == STEPS
 
     # The shared memory holds exactly each member's steps, counted under the agent id its pod name gives.
+    # And its model store each member's last checkpoint, byte for byte the one in the member's run dir.
     client = redis.Redis.from_url(redis_server.url)
     try:
         reading = MemoryMonitor(client, cr, LogPublisher()).read()
+        store = RedisModelStore(client, cr, SPEC["memory"]["modelStoreBytes"])
+        entries = store.entries()
+        for pod, identity in members:
+            assert entries[identity.agent_id].env_steps == STEPS
+            assert store.get(identity.agent_id) == agent_checkpoint_path(runs[pod][2], identity.agent_id).read_bytes()
     finally:
         client.close()
     ids = {identity.agent_id: STEPS for _, identity in members}
