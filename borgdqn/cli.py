@@ -65,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="run as one member of a collective (a Kubernetes pod, NAME its name): one agent on "
                             "the Redis memory whose seeds, replay streams and epsilon-ladder place derive from "
                             "NAME; resumes the run in --out if there is one (docs/operator.md)")  # fmt: skip
+    train.add_argument("--wait-when-done", action="store_true",
+                       help="with --member: once the budget is done, say so to the collective and keep running "
+                            "until SIGTERM (a StatefulSet restarts a process that exits; the operator releases "
+                            "the pods when every agent is done)")  # fmt: skip
     train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
                        help="share the hive's experience through a Redis log there (each agent samples its "
                             "own replica of it) instead of an embedded memory (password from BORG_REDIS_PASSWORD)")
@@ -175,8 +179,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dump_config(config))
         return 0
-    from borgdqn.hive import train
+    from borgdqn.hive import mark_finished, member_finished, train, wait_until_released
 
+    if args.wait_when_done and not args.member:
+        raise ConfigError("--wait-when-done: only a collective's member (--member) waits to be released")
     summary = train(config, resume=args.resume, member=args.member)
     hive = summary["hive"]
     mean = hive["mean_return_last_20"]
@@ -186,8 +192,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{status}: {hive['env_steps']:,} env steps, {hive['episodes']} episodes, "
         f"mean return (last 20) {mean if mean is None else round(mean, 2)}, "
         f"best {best if best is None else round(best, 2)}, {summary['wall_seconds']:.0f}s "
-        f"-> {config.hive.out / 'summary.json'}"
+        f"-> {config.hive.out / 'summary.json'}", flush=True
     )
+    finished = member_finished(config, summary) if args.member else None
+    if finished is not None:
+        # A collective's member says it is done; with --wait-when-done its pod then stays up until released.
+        if args.wait_when_done:
+            wait_until_released(config, args.member, finished)
+        else:
+            mark_finished(config, args.member, finished)
     return 0
 
 

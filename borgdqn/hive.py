@@ -34,6 +34,7 @@ from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
+from borgdqn.one_line import one_line
 from borgdqn.rl.adder import STREAMS_PER_AGENT
 from borgdqn.rl.agent import AgentReport, sampling_spec
 from borgdqn.rl.checkpoint import (
@@ -335,6 +336,47 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
         raise HiveError(f"agent process {crashed[0].name} died with exit code {crashed[0].exitcode}")
     log.info("summary written to %s", run_dir / SUMMARY_FILE)
     return summary
+
+
+def member_finished(config: BorgConfig, summary: dict[str, Any]) -> int | None:
+    """The env steps of a member's run that ended with its budget done (None: it was stopped before)."""
+    steps = int(summary["hive"]["env_steps"])
+    return steps if not summary.get("interrupted") and steps >= config.hive.steps else None
+
+
+def mark_finished(config: BorgConfig, member: str, env_steps: int) -> None:
+    """Tell the collective (through its Redis) that this member finished its budget: once every agent has, the
+    operator marks the collective Succeeded and releases the agents' pods."""
+    agent = collective_member(config, member).agent_id
+    store = model_store(config)
+    try:
+        store.mark_finished(agent, env_steps)
+    finally:
+        store.close()
+    log.info("agent %d finished its budget at %d env steps", agent, env_steps)
+
+
+def wait_until_released(config: BorgConfig, member: str, env_steps: int, *, retry_s: float = 10.0) -> None:
+    """A finished member keeps its pod up (a StatefulSet would restart a process that exits) until SIGTERM or
+    SIGINT: the operator scales the agents to zero once all of them are done. While Redis does not take the
+    finished mark, it is tried again every ``retry_s``."""
+    released = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: released.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        marked = False
+        while not released.is_set():
+            if not marked:
+                try:
+                    mark_finished(config, member, env_steps)
+                    marked = True
+                    log.info("waiting to be released (SIGTERM ends this process)")
+                except Exception as err:
+                    log.warning("the finished mark did not reach redis (%s); trying again in %.0fs", one_line(err),
+                                retry_s)
+            released.wait(None if marked else retry_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -14,7 +14,8 @@ its pod name gives (``borgdqn.rl.identity.collective_member``), and its model st
 the monitor sidecar and both members' telemetry
 reach Elasticsearch through the rendered indexer, attributed to the collective and to each pod; the members
 explored with their own ladder epsilons and played their own games; a member whose container restarts in the same
-pod resumes its finished run instead of refusing its run dir.
+pod resumes its finished run instead of refusing its run dir; each member, done, marks itself finished in Redis and
+waits to be released (SIGTERM).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
 from borgdqn.config import BorgConfig
-from borgdqn.memory.redis.model_store import RedisModelStore
+from borgdqn.memory.redis.model_store import RedisModelStore, read_finished
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
 from borgdqn.telemetry.documents import SHARES_INDEX
@@ -257,7 +258,7 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
 
     # Two agent pods of the StatefulSet.
     agent = container(children, "StatefulSet", f"{cr}-agents", "agent")
-    assert agent["args"] == ["train", "--config", CONFIG_PATH, "--member", "$(BORG_POD_NAME)"]
+    assert agent["args"] == ["train", "--config", CONFIG_PATH, "--member", "$(BORG_POD_NAME)", "--wait-when-done"]
     members = pick_members(config, f"{cr}-agents")
     runs: dict[str, tuple[list[str], dict[str, str], Path]] = {}
     for pod, _ in members:
@@ -274,12 +275,22 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         }
         # The ConfigMap volume's file is config_file here: the one path in the args that must move.
         args = [arg.replace(CONFIG_PATH, str(config_file)) for arg in argv(agent, env)]
-        assert args[1:] == ["train", "--config", str(config_file), "--member", pod]
+        assert args[1:] == ["train", "--config", str(config_file), "--member", pod, "--wait-when-done"]
         runs[pod] = (args, process_env({**env, **cluster}), pod_dir / "run")
         processes.start(pod, *runs[pod][:2])
 
+    # Each member, its budget done, says so in the memory's Redis and keeps its pod up until it is released.
     for pod, _ in members:
-        assert processes.procs[pod].wait(300) == 0, processes.log(pod)[-3000:]
+        eventually(lambda pod=pod: "waiting to be released" in processes.log(pod) or processes.procs[pod].poll()
+                   is not None, f"{pod} done and waiting", 300, 0.5)  # fmt: skip
+        processes.alive(pod)
+    finished = redis.Redis.from_url(redis_server.url)
+    try:
+        assert read_finished(finished, cr) == {identity.agent_id: STEPS for _, identity in members}
+    finally:
+        finished.close()
+    for pod, _ in members:
+        assert processes.stop(pod) == 0, processes.log(pod)[-3000:]  # SIGTERM: released, exits cleanly
     for name in ("monitor", "indexer"):
         processes.alive(name)
 
@@ -317,10 +328,13 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     first_pod, first = members[0]
     args, env, run_dir = runs[first_pod]
     episodes_before = metrics(run_dir, first.agent_id, "episode")
-    restart = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert restart.returncode == 0, restart.stderr[-3000:]
-    assert "already holds a run" not in restart.stderr + restart.stdout
-    assert f"done: {STEPS:,} env steps" in restart.stdout
+    restarted = processes.start(f"{first_pod}-restarted", args, env)
+    eventually(lambda: "waiting to be released" in processes.log(f"{first_pod}-restarted") or restarted.poll()
+               is not None, "the restarted member done and waiting", 300, 0.5)  # fmt: skip
+    assert processes.stop(f"{first_pod}-restarted") == 0, processes.log(f"{first_pod}-restarted")[-3000:]
+    output = processes.log(f"{first_pod}-restarted")
+    assert "already holds a run" not in output
+    assert f"done: {STEPS:,} env steps" in output
     assert read_checkpoint(agent_checkpoint_path(run_dir, first.agent_id))[1].env_steps == STEPS
     assert metrics(run_dir, first.agent_id, "episode") == episodes_before, "no further steps were played"
     assert f"resumed env_steps={STEPS}" in (run_dir / "logs" / "agent-0.log").read_text()
@@ -385,6 +399,6 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
 
     # The sidecar and the indexer stop on SIGTERM as their pods' containers must; no secret reached a log.
     assert processes.stop("monitor") == 0 and processes.stop("indexer") == 0
-    logs = "".join(processes.log(name) for name in processes.procs) + restart.stdout + restart.stderr
+    logs = "".join(processes.log(name) for name in processes.procs)
     logs += "".join(p.read_text() for _, _, run_dir in runs.values() for p in (run_dir / "logs").glob("*.log"))
     assert "Traceback" not in logs and redis_server.password not in logs

@@ -203,6 +203,17 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
     assert pod["tolerations"] == [GPU_TOLERATION]  # the user's own GPU toleration is not doubled
 
 
+def test_a_completed_collective_keeps_every_child_but_gives_its_agents_no_pods() -> None:
+    name, spec = example("full")
+    running = build_children(name, NAMESPACE, parse_spec(spec), redis_password=GOLDEN_PASSWORD)
+    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_password=GOLDEN_PASSWORD, completed=True)
+    assert by_kind(running, "StatefulSet", "pong-agents")["spec"]["replicas"] == 8
+    assert by_kind(completed, "StatefulSet", "pong-agents")["spec"]["replicas"] == 0
+    # The memory, Kafka, Elasticsearch, Kibana and the rest stay for inspection, unchanged.
+    assert [c for c in completed if c["metadata"]["name"] != "pong-agents"] == \
+        [c for c in running if c["metadata"]["name"] != "pong-agents"]
+
+
 def test_cpu_agents_neither_ask_for_nor_tolerate_gpus() -> None:
     pod = pod_spec(by_kind(render("cpu-external", VARIANTS["cpu-external"]), "StatefulSet", "cpu-external-agents"))
     resources = pod["containers"][0]["resources"]
@@ -217,7 +228,7 @@ def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() 
     (container,) = pod["containers"]
     # Kubernetes expands $(BORG_POD_NAME) in args: each pod is its own member of the collective.
     assert container["command"] + container["args"] == ["borgdqn", "train", "--config", "/etc/borgdqn/borgdqn.yaml",
-                                                         "--member", "$(BORG_POD_NAME)"]
+                                                         "--member", "$(BORG_POD_NAME)", "--wait-when-done"]
     variables = env_of(container)
     assert variables["BORG_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert variables["BORG_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}

@@ -124,7 +124,7 @@ def test_a_collective_becomes_its_children_owned_labelled_with_gpus_and_config(
     assert current["phase"] == "Creating"  # tier 1: no controller makes pods, so nothing gets ready
     assert current["agents"]["selector"] == names.selector_string("pong")
     assert [c["type"] for c in current["conditions"]] == ["Ready", "AgentsReady", "MemoryReady", "KafkaReady",
-                                                          "ElasticReady"]
+                                                          "ElasticReady", "Complete"]
     applied = [e for e in events(cluster, namespace, "pong") if e["reason"] == "Applied"]
     assert len(applied) == 1 and applied[0]["type"] == "Normal"
     assert applied[0]["message"].startswith(f"{len(found)} created, 0 configured, 0 unchanged")

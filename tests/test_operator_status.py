@@ -7,14 +7,17 @@ from typing import Any
 
 import pytest
 
+from borg_operator.spec import parse_spec
 from borg_operator.status import (
     CONDITION_TYPES,
     Collective,
     MissingApi,
     Observed,
     compute_status,
+    is_completed,
     selector_string,
     status_patch,
+    transition_events,
 )
 from borgdqn.memory.redis.keys import LinkTotals
 
@@ -84,7 +87,11 @@ def test_all_children_ready_make_a_running_collective_with_every_declared_field(
     assert status["phase"] == "Running"
     assert status["observedGeneration"] == 1
     assert [c["type"] for c in status["conditions"]] == list(CONDITION_TYPES)
-    assert all(c["status"] == "True" for c in status["conditions"])
+    assert all(c["status"] == "True" for c in status["conditions"] if c["type"] != "Complete")
+    # The agents' finished marks were not read (no memory_finished): whether they are done is not known yet.
+    assert (conditions(status)["Complete"]["status"], conditions(status)["Complete"]["reason"]) == ("Unknown",
+                                                                                                     "NotKnown")
+    assert "completed" not in status
     assert all(set(c) == {"type", "status", "reason", "message", "lastTransitionTime"} for c in status["conditions"])
     assert conditions(status)["Ready"]["lastTransitionTime"] == "2025-03-01T12:00:00Z"
     assert conditions(status)["AgentsReady"]["message"] == "2/2 agents ready"
@@ -296,3 +303,44 @@ def test_events_are_posted_on_transitions_only() -> None:
     assert [(e.type, e.reason) for e in transition_events(ready, paused)] == [("Normal", "Paused")]
     resumed = compute_status(Collective.from_body(body(status=paused)), healthy(), T1)
     assert [(e.type, e.reason) for e in transition_events(paused, resumed)] == [("Normal", "Resumed")]
+
+
+# --- completion ---------------------------------------------------------------------------------------------
+def test_every_agent_past_its_budget_makes_the_collective_succeeded_with_its_gpus_released() -> None:
+    spec = {"agents": {"replicas": 2, "steps": 5000}}
+    running = compute_status(Collective.from_body(body(spec)), healthy(memory_fill=1.0, memory_finished={0: 5000}), T0)
+    assert running["phase"] == "Running" and "completed" not in running and running["gpus"] == 2
+    assert conditions(running)["Complete"] == {"type": "Complete", "status": "False", "reason": "Training",
+                                               "message": "1/2 agents finished their 5,000 env steps",
+                                               "lastTransitionTime": "2025-03-01T12:00:00Z"}
+    # Agent 1 done too (agent 7, left from a larger hive, does not count): Succeeded, the pods are released.
+    collective = Collective.from_body(body(spec, status=running))
+    done = compute_status(collective, healthy(agents=workload(0, 0, kind="StatefulSet"), memory_fill=1.0,
+                                              memory_finished={0: 5000, 1: 5008, 7: 3}), T1)
+    assert done["phase"] == "Succeeded"
+    assert done["completed"] == {"steps": 5000, "agents": 2} and done["gpus"] == 0
+    assert conditions(done)["Complete"]["status"] == "True"
+    assert conditions(done)["Complete"]["message"] == "all 2 agents finished their 5,000 env steps"
+    assert conditions(done)["AgentsReady"]["reason"] == "Completed"  # no pods, as wanted
+    assert is_completed(done, parse_spec(spec))
+    events = transition_events(running, done)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "Succeeded")]
+    assert "the memory, Kafka and Elasticsearch stay" in events[0].message
+
+
+def test_a_succeeded_collective_stays_so_while_its_memory_is_unread_and_resumes_when_the_budget_grows() -> None:
+    spec = {"agents": {"replicas": 2, "steps": 5000}}
+    done = compute_status(Collective.from_body(body(spec)), healthy(memory_fill=1.0, memory_finished={0: 5000,
+                                                                                                     1: 5000}), T0)
+    unread = compute_status(Collective.from_body(body(spec, status=done)), healthy(), T1)
+    assert unread["phase"] == "Succeeded" and unread["completed"] == done["completed"]
+    # A larger budget, or another agent, is not what the agents finished: they get their pods back.
+    for more, phase in (({"agents": {"replicas": 2, "steps": 9000}}, "Running"),  # the 2 pods are up and ready
+                        ({"agents": {"replicas": 3, "steps": 5000}}, "Creating")):  # the third pod is not yet
+        assert not is_completed(done, parse_spec(more))
+        again = compute_status(Collective.from_body(body(more, status=done)), healthy(), T1)
+        assert again["phase"] != "Succeeded" and "completed" not in again
+        with_marks = compute_status(Collective.from_body(body(more, status=done)),
+                                    healthy(memory_fill=1.0, memory_finished={0: 5000, 1: 5000}), T1)
+        assert with_marks["phase"] == phase
+        assert conditions(with_marks)["Complete"]["reason"] == "Training"

@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 
 from borg_operator import GROUP, KIND, PLURAL, VERSION, names
 from borg_operator.spec import CollectiveSpec, camel_keys, to_camel
+from borg_operator.status import CONDITION_TYPES, PHASES
 
 Schema = dict[str, Any]
 
@@ -41,9 +42,6 @@ HEADER = (
     "# config models it embeds). Do not edit by hand: change the models or crd.py and regenerate;\n"
     "# tests/test_operator_crd.py fails when this file is stale.\n"
 )
-
-PHASES = ["Pending", "Creating", "Running", "Degraded", "Paused", "Failed"]
-CONDITION_TYPES = ["Ready", "AgentsReady", "MemoryReady", "KafkaReady", "ElasticReady"]
 
 # The longest names whose children keep within Kubernetes', ECK's and Strimzi's limits (names.py says why); the
 # operator checks them too (names.check_name), but refused at `kubectl apply` the user learns it at once.
@@ -451,7 +449,7 @@ def status_schema() -> Schema:
         "type": "object",
         "properties": {
             "observedGeneration": integer("the metadata.generation this status describes"),
-            "phase": {**string("the collective's state in one word"), "enum": PHASES},
+            "phase": {**string("the collective's state in one word"), "enum": list(PHASES)},
             "conditions": {
                 "description": f"the latest observations; types {', '.join(CONDITION_TYPES)}",
                 "type": "array",
@@ -479,6 +477,15 @@ def status_schema() -> Schema:
                 },
             },
             "gpus": integer("GPUs the agents ask for in all (replicas x gpus per agent)"),
+            "completed": {
+                "description": "set once every agent finished its budget (phase Succeeded): the agents have no pods "
+                               "until spec.agents.steps or spec.agents.replicas changes",
+                "type": "object",
+                "properties": {
+                    "steps": integer("the env steps per agent that every agent finished"),
+                    "agents": integer("the agents that finished them"),
+                },
+            },
             "memory": {
                 "description": "the replay memory as its monitor reports it",
                 "type": "object",

@@ -2,7 +2,8 @@
 
 The memory is the hive's log, laid out by `borgdqn.memory.redis.keys` (`borg:{name}:config|log|stats|...`): the
 fill is the steps the log holds over its capacity, the figure the memory monitor reports, read with the same
-`read_state` in one MULTI. The operator never writes a key.
+`read_state` in one MULTI; the agents' finished marks (`borg:{name}:finished`, the model store's) come with it and
+tell when the collective is complete. The operator never writes a key.
 
 Reaching Redis must never hold up a reconcile: each reading runs on a worker thread and is given up after a
 short deadline (it covers DNS too, which a socket timeout does not), and a memory that could not be read is not
@@ -14,10 +15,11 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from borgdqn.memory.redis.keys import LinkTotals, LogNotCreated, read_state
+from borgdqn.memory.redis.model_store import read_finished
 
 
 class FillError(Exception):
@@ -28,16 +30,17 @@ class FillError(Exception):
 class MemoryFill:
     fill: float  # steps the log holds / its capacity
     links: LinkTotals  # what the agents' links report: drops, skips, outages
+    finished: Mapping[int, int] = field(default_factory=dict)  # agent id -> env steps when it finished its budget
 
 
 def read_fill(client: object, name: str) -> MemoryFill:
-    """How full memory `name` is and what its agents' links report, through a `redis.Redis` client; FillError if
-    the memory is not created."""
+    """How full memory `name` is, what its agents' links report and which agents finished their budget, through a
+    `redis.Redis` client; FillError if the memory is not created."""
     try:
         state = read_state(client, name)
     except (LogNotCreated, ValueError) as err:
         raise FillError(str(err)) from None
-    return MemoryFill(state.fill, state.link_totals())
+    return MemoryFill(state.fill, state.link_totals(), read_finished(client, name))
 
 
 def fetch_fill(host: str, port: int, password: str | None, name: str, timeout_s: float) -> MemoryFill:

@@ -87,6 +87,7 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, read_password(applier, namespace, cr), cr)
             if fill is not None:
                 parts["memory_fill"], parts["memory_links"] = fill.fill, fill.links
+                parts["memory_finished"] = fill.finished
             if why is not None:
                 log.debug("memory fill of %s/%s unknown: %s", namespace, cr, why)
     return Observed(agents=agents, unschedulable=unschedulable, missing=tuple(missing), error=error,

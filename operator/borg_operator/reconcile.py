@@ -38,6 +38,7 @@ from borg_operator.status import (
     Event,
     MissingApi,
     compute_status,
+    is_completed,
     is_paused,
     status_patch,
     transition_events,
@@ -146,7 +147,8 @@ class Reconciler:
             spec = parse_spec(dict(body.get("spec") or {}))
             password = read_password(self.applier, owner.namespace, owner.name)
             fresh = password is None
-            children = self._render(owner, spec, password or secrets.token_urlsafe(32))
+            completed = is_completed(dict(body.get("status") or {}), spec)
+            children = self._render(owner, spec, password or secrets.token_urlsafe(32), completed)
         except SpecError as err:
             return Outcome(generation, "invalid", error=str(err))
         needed = dict.fromkeys((str(c["apiVersion"]), str(c["kind"])) for c in children)
@@ -159,7 +161,8 @@ class Reconciler:
         created_secret = fresh and self.applier.create_once(owner, secret)
         if fresh and not created_secret:
             # Created meanwhile (a run of ours killed after creating it): render again with the stored password.
-            children = self._render(owner, spec, read_password(self.applier, owner.namespace, owner.name) or "")
+            children = self._render(owner, spec, read_password(self.applier, owner.namespace, owner.name) or "",
+                                    completed)
         others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] == secret_name)]
         # The Secret is never pruned nor listed (the operator may only get and create Secrets).
         kinds = [(api_version, kind) for api_version, kind, _ in OWNED_KINDS if kind != "Secret"]
@@ -178,8 +181,8 @@ class Reconciler:
                 owner.namespace, owner.name, generation, result.summary())
         return Outcome(generation, "applied")
 
-    def _render(self, owner: Owner, spec: CollectiveSpec, password: str) -> list[dict[str, Any]]:
-        return build_children(owner.name, owner.namespace, spec, redis_password=password)
+    def _render(self, owner: Owner, spec: CollectiveSpec, password: str, completed: bool) -> list[dict[str, Any]]:
+        return build_children(owner.name, owner.namespace, spec, redis_password=password, completed=completed)
 
     # ------------------------------------------------------------------------------------------ status
     def refresh(self, namespace: str, name: str) -> None:
@@ -216,6 +219,11 @@ class Reconciler:
             metrics.STATUS_WRITES.inc()
             for event in transition_events(collective.status, new):
                 self._post(Owner.from_body(body), event, body)
+            if new.get("phase") == "Succeeded" and collective.status.get("phase") != "Succeeded":
+                # Release the agents' pods (and their GPUs) now rather than at the next resync.
+                fresh = self.applier.get(API_VERSION, KIND, namespace, name)
+                if fresh is not None:
+                    self._reconcile(Owner.from_body(fresh), int(fresh["metadata"].get("generation") or 0), fresh)
         except Exception as err:
             metrics.ERRORS.labels("status").inc()
             log.warning("status of %s/%s not updated: %s", namespace, name, one_line(err))

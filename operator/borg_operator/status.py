@@ -24,9 +24,9 @@ from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borgdqn.memory.redis.keys import LinkTotals
 
 PAUSED_ANNOTATION = "borg.dev/paused"
-CONDITION_TYPES = ("Ready", "AgentsReady", "MemoryReady", "KafkaReady", "ElasticReady")
-STATUS_KEYS = ("observedGeneration", "phase", "conditions", "agents", "gpus", "memory")
-PHASES = ("Pending", "Creating", "Running", "Degraded", "Paused", "Failed")
+CONDITION_TYPES = ("Ready", "AgentsReady", "MemoryReady", "KafkaReady", "ElasticReady", "Complete")
+STATUS_KEYS = ("observedGeneration", "phase", "conditions", "agents", "gpus", "completed", "memory")
+PHASES = ("Pending", "Creating", "Running", "Degraded", "Succeeded", "Paused", "Failed")
 GPU_RESOURCE = "nvidia.com/gpu"
 # The scheduler's message is kept whole in the pod's condition; a status line only needs its gist.
 _MAX_SCHEDULER_MESSAGE = 200
@@ -108,6 +108,7 @@ class Observed:
     missing: Sequence[MissingApi] = ()
     memory_fill: float | None = None  # None: not known (memory not ready, not reachable)
     memory_links: LinkTotals | None = None  # what the agents' links to the log report (known with the fill)
+    memory_finished: Mapping[int, int] | None = None  # agent id -> env steps when it finished (known with the fill)
     error: str | None = None  # the last reconcile failed with this (one line)
     observed_generation: int | None = None  # the generation the children were last reconciled to
     selector: str = ""  # the agents' label selector (label selector syntax), for the scale subresource
@@ -159,9 +160,35 @@ def _short(message: str) -> str:
     return message if len(message) <= _MAX_SCHEDULER_MESSAGE else message[: _MAX_SCHEDULER_MESSAGE - 3] + "..."
 
 
+def is_completed(status: Mapping[str, Any], spec: CollectiveSpec) -> bool:
+    """Whether ``status`` says that every agent the spec asks for finished the spec's budget: the agents then get no
+    pods (builders), until spec.agents.steps or spec.agents.replicas changes."""
+    completed = status.get("completed")
+    return (status.get("phase") == "Succeeded" and isinstance(completed, Mapping)
+            and completed.get("steps") == spec.agents.steps and completed.get("agents") == spec.agents.replicas)
+
+
+def _completion(spec: CollectiveSpec, observed: Observed, status: Mapping[str, Any]) -> tuple[bool, Condition]:
+    """(every agent finished its budget, the Complete condition), from the finished marks the agents leave in the
+    memory's Redis; while they cannot be read, a completed collective stays completed (no pods are restarted)."""
+    n, steps = spec.agents.replicas, spec.agents.steps
+    finished = observed.memory_finished
+    if finished is None:
+        if is_completed(status, spec):
+            return True, _true("Complete", "BudgetReached", f"all {n} agents finished their {steps:,} env steps")
+        return False, _kept_or_unknown(_previous_conditions(status), "Complete", "NotKnown",
+                                       "the agents' finished marks in the memory are not read yet")
+    done = sum(1 for k in range(n) if finished.get(k, -1) >= steps)
+    if n > 0 and done == n:
+        return True, _true("Complete", "BudgetReached", f"all {n} agents finished their {steps:,} env steps")
+    return False, _false("Complete", "Training", f"{done}/{n} agents finished their {steps:,} env steps")
+
+
 def agents_condition(spec: CollectiveSpec, agents: Mapping[str, Any] | None,
-                     unschedulable: Sequence[str]) -> Condition:
+                     unschedulable: Sequence[str], completed: bool = False) -> Condition:
     desired = spec.agents.replicas
+    if completed:
+        return _true("AgentsReady", "Completed", f"all {desired} agents finished their budget; their pods are gone")
     if agents is None:
         return _false("AgentsReady", "NotCreated", "the agents StatefulSet does not exist yet")
     _, ready, updated, current = _workload(agents)
@@ -309,11 +336,14 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
     if spec is None:
         # The spec cannot run: the children stay as they were, so their conditions keep what they said.
         error = collective.spec_error or "the spec cannot be parsed"
-        parts = [_kept_or_unknown(previous, type_, "InvalidSpec", error) for type_ in CONDITION_TYPES[1:]]
+        parts = [_kept_or_unknown(previous, type_, "InvalidSpec", error) for type_ in CONDITION_TYPES[1:-1]]
+        complete = _kept_or_unknown(previous, "Complete", "InvalidSpec", error)
+        completed = False
         ready = _false("Ready", "InvalidSpec", error)
     else:
+        completed, complete = _completion(spec, observed, collective.status)
         parts = [
-            agents_condition(spec, observed.agents, observed.unschedulable),
+            agents_condition(spec, observed.agents, observed.unschedulable, completed),
             memory_condition(observed.memory, observed.memory_fill, observed.memory_links),
             kafka_condition(spec, observed.kafka, observed.missing),
             elastic_condition(spec, observed),
@@ -334,14 +364,17 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
         generation = collective.status.get("observedGeneration")
     if generation is not None:
         status["observedGeneration"] = int(generation)
-    status["phase"] = _phase(collective, observed, ready)
-    status["conditions"] = _render([ready, *parts], previous, now)
+    status["phase"] = _phase(collective, observed, ready, completed)
+    # Complete is not part of Ready: a collective is ready while it trains.
+    status["conditions"] = _render([ready, *parts, complete], previous, now)
     agents_status = (observed.agents or {}).get("status") or {}
     selector = observed.selector or str((collective.status.get("agents") or {}).get("selector", ""))
     status["agents"] = {"replicas": _int(agents_status.get("replicas")),
                         "ready": _int(agents_status.get("readyReplicas")), "selector": selector}
     if spec is not None:
-        status["gpus"] = spec.agents.replicas * spec.agents.gpus
+        status["gpus"] = 0 if completed else spec.agents.replicas * spec.agents.gpus
+        if completed:
+            status["completed"] = {"steps": spec.agents.steps, "agents": spec.agents.replicas}
     elif "gpus" in collective.status:
         status["gpus"] = _int(collective.status["gpus"])
     if observed.memory_fill is not None:
@@ -353,11 +386,13 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
     return status
 
 
-def _phase(collective: Collective, observed: Observed, ready: Condition) -> str:
+def _phase(collective: Collective, observed: Observed, ready: Condition, completed: bool) -> str:
     if collective.paused:
         return "Paused"
     if collective.spec is None or observed.missing:
         return "Failed"
+    if completed:
+        return "Succeeded"
     if ready.ok:
         return "Running"
     if observed.agents is None:
@@ -410,6 +445,10 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
             events.append(Event("Normal", "Resumed", "reconciling again (the pause annotation is gone)"))
         if now.get("status") == "True" and was.get("status") != "True" and reason != "Paused":
             events.append(Event("Normal", "Ready", message))
+    if new.get("phase") == "Succeeded" and old.get("phase") != "Succeeded":
+        complete = after.get("Complete") or {}
+        events.append(Event("Normal", "Succeeded", f"{complete.get('message', 'every agent finished')}; the agents' "
+                            "pods are released, the memory, Kafka and Elasticsearch stay"))
     agents_was, agents_now = before.get("AgentsReady") or {}, after.get("AgentsReady") or {}
     if agents_now.get("reason") == "Unschedulable" and agents_was.get("reason") != "Unschedulable":
         events.append(Event("Warning", "Unschedulable", str(agents_now.get("message", ""))))

@@ -19,6 +19,8 @@ The hive's model store (``model_store``) shares the tag: what an agent must keep
     borg:{name}:model:<k>  agent k's latest checkpoint (the bytes of its ``.pt`` file)
     borg:{name}:models     hash: agent id -> JSON of that checkpoint's entry (env steps, best mean, size, time)
     borg:{name}:best       JSON: the agent with the best mean return over 20 episodes, and that mean
+    borg:{name}:finished   hash: agent id -> the env steps it had when it finished its budget (the operator's
+                           sign that a collective is complete)
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ class LogKeys:
 class StoreKeys:
     models: str
     best: str
+    finished: str
     model_prefix: str
 
     @classmethod
     def of(cls, name: str) -> StoreKeys:
         base = f"borg:{{{name}}}"
-        return cls(models=f"{base}:models", best=f"{base}:best", model_prefix=f"{base}:model:")
+        return cls(models=f"{base}:models", best=f"{base}:best", finished=f"{base}:finished",
+                   model_prefix=f"{base}:model:")
 
     def model(self, agent: int) -> str:
         return f"{self.model_prefix}{agent}"

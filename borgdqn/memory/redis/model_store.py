@@ -127,6 +127,10 @@ class RedisModelStore:
                 found[entry.agent] = entry
         return found
 
+    def mark_finished(self, agent: int, env_steps: int) -> None:
+        """Say that agent ``agent`` finished its budget at ``env_steps`` (read by the operator: ``read_finished``)."""
+        self._r.hset(self.keys.finished, str(agent), str(int(env_steps)))
+
     def close(self) -> None:
         self._r.close()
 
@@ -138,3 +142,17 @@ class RedisModelStore:
         except (ValueError, TypeError, KeyError):
             return None
         return (agent, mean) if agent >= 0 and math.isfinite(mean) else None
+
+
+def read_finished(client: Any, name: str) -> dict[int, int]:
+    """Agent id -> env steps at which it finished its budget, for hive ``name`` (values that are not two
+    non-negative integers are skipped)."""
+    found = {}
+    for agent, steps in client.hgetall(StoreKeys.of(name).finished).items():
+        try:
+            k, n = int(agent), int(steps)
+        except (TypeError, ValueError):
+            continue
+        if k >= 0 and n >= 0:
+            found[k] = n
+    return found

@@ -43,12 +43,14 @@ def children_kinds() -> list[tuple[str, str]]:
     return [(api_version, kind) for api_version, kind, _ in OWNED_KINDS]
 
 
-def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_password: str) -> list[Manifest]:
+def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_password: str,
+                   completed: bool = False) -> list[Manifest]:
     """Every child of the collective `namespace/name`, in a stable order: config, secret, memory, kafka, elastic,
     indexer, agents, network. SpecError (one line) when the spec cannot work.
 
     `redis_password` is the existing Secret's password (the reconciler reads it first and generates one only
-    when there is none): the builders never invent one, so rendering twice gives the same objects.
+    when there is none): the builders never invent one, so rendering twice gives the same objects. `completed`:
+    every agent finished its budget (`status.completed`), so the agents have no pods.
     """
     names.check_name(name, eck=spec.elastic.mode == "eck", strimzi=spec.kafka.mode == "strimzi")
     return [
@@ -58,6 +60,6 @@ def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_pas
         *build_kafka(name, namespace, spec),
         *build_elastic(name, namespace, spec),
         *build_indexer(name, namespace, spec),
-        build_agents(name, namespace, spec),
+        build_agents(name, namespace, spec, completed=completed),
         *build_network(name, namespace, spec),
     ]

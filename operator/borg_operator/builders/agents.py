@@ -86,7 +86,9 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
         # Everything else is in the config file. --member: the pod's name ends in its ordinal k, and agent k's id,
         # seeds, replay streams and epsilon-ladder place derive from k (borgdqn.rl.identity); a container
         # restarted in the same pod resumes from its emptyDir run dir.
-        "args": ["train", "--config", CONFIG_PATH, "--member", f"$({POD_NAME_ENV})"],
+        # --wait-when-done: a finished agent says so in the memory's Redis and stays up (a StatefulSet would
+        # restart a process that exits) until the operator, once every agent is done, scales the agents to 0.
+        "args": ["train", "--config", CONFIG_PATH, "--member", f"$({POD_NAME_ENV})", "--wait-when-done"],
         "env": [
             # Identity from the downward API: which pod, where (logs, telemetry, debugging a slow node).
             env_field(POD_NAME_ENV, "metadata.name"),
@@ -108,7 +110,8 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
     }
 
 
-def build_agents(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, completed: bool = False) -> Manifest:
+    """``completed``: every agent finished its budget (the status says so): no pod is left, the GPUs go back."""
     agents = spec.agents
     pod_spec: dict[str, Any] = {
         **pod_basics(),
@@ -134,7 +137,7 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
         "kind": "StatefulSet",
         "metadata": metadata(cr, namespace, names.agents(cr), names.AGENT),
         "spec": {
-            "replicas": agents.replicas,
+            "replicas": 0 if completed else agents.replicas,
             "selector": {"matchLabels": names.selector_labels(cr, names.AGENT)},
             "podManagementPolicy": "Parallel",
             # One agent at a time (the highest ordinal first) restarts with a new config while the others keep
