@@ -1,4 +1,5 @@
-"""The ``borgdqn`` command line: ``train`` a local hive, ``eval`` a checkpoint, ``plot`` learning curves.
+"""The ``borgdqn`` command line: ``train`` a local hive, ``eval`` a checkpoint or an export, ``export`` a model,
+``plot`` learning curves.
 
 Bad input (config, flags, paths) ends with one line on stderr and exit code 2; a failed run with exit code 1.
 """
@@ -83,11 +84,26 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="progress lines instead of the live view")  # fmt: skip
     train.add_argument("--print-config", action="store_true", help="print the merged config and exit")
 
-    ev = sub.add_parser("eval", help="play a checkpoint greedily and print the returns")
-    ev.add_argument("checkpoint", type=Path, help="DIR/checkpoints/agent-<i>-best.pt (or agent-<i>.pt, the latest)")
+    ev = sub.add_parser("eval", help="play a checkpoint or an export greedily and print the returns")
+    ev.add_argument("checkpoint", type=Path, help="DIR/checkpoints/agent-<i>-best.pt (or agent-<i>.pt, the latest), "
+                                                   "or a directory that `borgdqn export` wrote")
     ev.add_argument("--episodes", type=int, default=10, help="full games to play (default 10)")
     ev.add_argument("--epsilon", type=float, default=0.0, help="random-action probability (default 0)")
     ev.add_argument("--seed", type=int, default=12_345)
+
+    exp = sub.add_parser(
+        "export", help="write an agent's network as a portable model (safetensors + JSON)",
+        description="Write an agent's online network to OUT/model.safetensors and what rebuilds it and plays (the "
+        "game, its preprocessing, the network's settings) to OUT/model.json. From a run directory: the best "
+        "checkpoint of the agent with the best mean return over 20 episodes, or --agent's. From a collective "
+        "(--memory, --name): the latest checkpoint of its best agent in the model store, or --agent's. "
+        "`borgdqn eval OUT` plays it.")  # fmt: skip
+    exp.add_argument("run", type=Path, nargs="?", help="a run directory (not with --memory)")
+    exp.add_argument("--memory", metavar="redis://HOST:PORT/DB",
+                     help="a collective's memory: export from its model store (password from BORG_REDIS_PASSWORD)")
+    exp.add_argument("--name", help="with --memory: the collective's name (its replay.redis_name)")
+    exp.add_argument("--agent", type=int, help="export this agent instead of the best one")
+    exp.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
 
     plot = sub.add_parser("plot", help="write PNG learning curves of one or more runs")
     plot.add_argument("runs", type=Path, nargs="+", help="run directories (several: compared side by side)")
@@ -219,6 +235,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from borgdqn.rl.checkpoint import check_learner_state, parse_checkpoint, read_checkpoint
+    from borgdqn.rl.envs import make_vector_env
+    from borgdqn.rl.export import NetSpec, export_model, pick_checkpoint
+    from borgdqn.rl.networks import build_q_network
+
+    if (args.run is None) == (args.memory is None):
+        raise ConfigError("export: give a run directory or --memory redis://HOST:PORT/DB (with --name), not both")
+    if args.memory is not None:
+        if not args.name:
+            raise ConfigError("export: --memory needs --name, the collective's name")
+        data, source = _from_model_store(args.memory, args.name, args.agent)
+        config, state = parse_checkpoint(data, source)
+    else:
+        path = pick_checkpoint(args.run, args.agent)
+        source = str(path)
+        config, state = read_checkpoint(path)
+    env = make_vector_env(config.env.model_copy(update={"num_envs": 1}), seed=0)
+    spec = NetSpec(tuple(env.spec.frame_shape), env.spec.is_image, env.spec.num_actions)
+    env.close()
+    check_learner_state(state.learner, build_q_network(config.network, spec, config.env.frame_stack), source)
+    out = export_model(config, state, spec, args.out, source)
+    best = "none yet" if state.best_mean is None else f"{state.best_mean:.2f}"
+    print(f"exported agent {state.agent} ({state.env_steps:,} env steps, best mean return {best}) from {source} "
+          f"-> {out} (borgdqn eval {out})")
+    return 0
+
+
+def _from_model_store(url: str, name: str, agent: int | None) -> tuple[bytes, str]:
+    """(checkpoint bytes, where they came from) of ``agent`` (None: the best) in collective ``name``'s model store."""
+    from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, safe_address, with_password
+    from borgdqn.memory.redis.model_store import RedisModelStore
+
+    store = RedisModelStore(connect(with_password(url, os.environ.get(REDIS_PASSWORD_ENV, ""))), name, 1)
+    try:
+        if agent is None:
+            best = store.best()
+            if best is None:
+                raise ConfigError(f"export: the model store of {name!r} at {safe_address(url)} has no best agent yet "
+                                  "(no agent has 20 episodes): give --agent")
+            agent = best[0]
+        data = store.get(agent)
+    finally:
+        store.close()
+    if data is None:
+        raise ConfigError(f"export: the model store of {name!r} at {safe_address(url)} holds no checkpoint of agent "
+                          f"{agent}")
+    return data, f"agent {agent} in the model store of {name!r} at {safe_address(url)}"
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from borgdqn.plotting import plot_runs
 
@@ -293,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "memory-monitor": _cmd_memory_monitor,
-                "indexer": _cmd_indexer, "dashboard": _cmd_dashboard, "kibana-setup": _cmd_kibana_setup}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "plot": _cmd_plot,
+                "memory-monitor": _cmd_memory_monitor, "indexer": _cmd_indexer, "dashboard": _cmd_dashboard,
+                "kibana-setup": _cmd_kibana_setup}
     try:
         return commands[args.command](args)
     except ConfigError as err:
