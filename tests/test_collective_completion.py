@@ -1,14 +1,14 @@
 """A collective whose agents all finished their budget succeeds, gives its agents no pods and keeps the rest; a
 larger budget gives the pods back.
 
-The operator's reconciler in-process against the harness's real kube-apiserver (tier 1: no controllers, no
-nodes), with a real Redis for the memory. The agents' finished marks are written into that Redis as
-``borgdqn train --member ... --wait-when-done`` writes them (``RedisModelStore.mark_finished``; the member's side
-runs for real in test_collective_data_path.py). Stand-ins, for what tier 1 cannot run: the memory pod's readiness
-(the memory StatefulSet's status is patched to one ready pod, as its controller would write it once the pod is
-Ready), and the memory's Service address, which resolves only in a cluster (the fill reader is pointed at the
-harness's redis-server instead of ``NAME-memory.NS.svc:6379``). Removing the pods of a StatefulSet scaled to 0 is
-the StatefulSet controller's part (test_agent_identity_kube.py runs it on the full tier).
+The operator's reconciler in-process against the harness's real kube-apiserver, with a real Redis for the memory.
+The agents' finished marks are written into that Redis as ``borgdqn train --member ... --wait-when-done`` writes
+them (``RedisModelStore.mark_finished``; the member's side runs for real in test_collective_data_path.py).
+Stand-ins, for what this machine cannot run: the memory pod's readiness (on tier 1 the memory StatefulSet's status
+is patched to one ready pod, as its controller would write it; when the full tier is up, its controller and kwok
+make it so), and the memory's Service address, which resolves only in a cluster (the fill reader is pointed at
+the harness's redis-server instead of ``NAME-memory.NS.svc:6379``). Removing the pods of a StatefulSet scaled to 0
+is the StatefulSet controller's part (test_agent_identity_kube.py runs it on the full tier).
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from borg_operator.reconcile import Reconciler
 from borgdqn.memory.redis.keys import LogShape
 from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.memory.redis.writer import LogWriter
-from tests.harness.kube import KubeCluster
+from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.redis import RedisServer
-from tests.kube_helpers import apply, namespaces_deleted_after, new_namespace
+from tests.kube_helpers import apply, namespaces_deleted_after, new_namespace, poll
 from tests.operator_support import collective, events, install_crds
 
 pytestmark = pytest.mark.integration
 
 STEPS = 5000
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 SPEC = {"agents": {"replicas": 2, "steps": STEPS}, "memory": {"persistence": False, "capacity": 100_000},
         "elastic": {"mode": "disabled"}}
 
@@ -79,6 +80,12 @@ def test_every_agent_done_succeeds_releases_the_agents_and_a_larger_budget_bring
     def complete(found: dict[str, Any]) -> dict[str, Any]:
         return next(c for c in found.get("conditions", []) if c["type"] == "Complete")
 
+    def settle(message: str) -> dict[str, Any]:
+        """The status once the Complete condition says ``message``: the memory is read while its pod is ready (on
+        the full tier, kwok's pod readiness can lag a moment)."""
+        return poll(lambda: (found := status()) and complete(found)["message"] == message and found,
+                    f"Complete: {message}", timeout_s=120)  # fmt: skip
+
     def agents_wanted() -> int:
         return int(cluster.get_json("statefulset", "done-agents", "-n", namespace)["spec"]["replicas"])
 
@@ -87,16 +94,22 @@ def test_every_agent_done_succeeds_releases_the_agents_and_a_larger_budget_bring
         reconciler.reconcile(get())
         assert agents_wanted() == 2
         assert complete(status())["reason"] == "NotKnown"  # the memory pod is not ready: nothing is read from it
+        # The memory pod ready: on tier 1 its controller's status is written here; with the full tier up (the same
+        # apiserver, later in a session) the controller writes it once kwok runs the pod on a (GPU-tainted) node.
+        cluster.kubectl("patch", "statefulset", "done-memory", "-n", namespace, "--type=merge", "-p", json.dumps(
+            {"spec": {"template": {"spec": {"tolerations": [GPU_TOLERATION]}}}}))  # fmt: skip
+        # A StatefulSet does not roll a pod that never got ready: the Pending one goes, its successor tolerates.
+        cluster.kubectl("delete", "pod", "done-memory-0", "-n", namespace, "--ignore-not-found", "--wait=false")
         cluster.kubectl("patch", "statefulset", "done-memory", "-n", namespace, "--subresource=status",
                         "--type=merge", "-p", json.dumps({"status": {"replicas": 1, "readyReplicas": 1}}))
-        assert complete(status())["message"] == f"0/2 agents finished their {STEPS:,} env steps"
+        settle(f"0/2 agents finished their {STEPS:,} env steps")
 
         store.mark_finished(0, STEPS)
-        assert complete(status())["message"] == f"1/2 agents finished their {STEPS:,} env steps"
+        settle(f"1/2 agents finished their {STEPS:,} env steps")
         assert agents_wanted() == 2  # agent 0 waits for agent 1
 
         store.mark_finished(1, STEPS + 4)
-        done = status()
+        done = settle(f"all 2 agents finished their {STEPS:,} env steps")
         assert done["phase"] == "Succeeded" and done["completed"] == {"steps": STEPS, "agents": 2}
         assert complete(done)["status"] == "True" and done["gpus"] == 0
         # Released at once (not at the next resync): no agent pods; the memory, Kafka and the rest stay as they are.
@@ -118,8 +131,7 @@ def test_every_agent_done_succeeds_releases_the_agents_and_a_larger_budget_bring
                         "-p", json.dumps({"spec": {"agents": {"steps": 2 * STEPS}}}))
         reconciler.reconcile(get())
         assert agents_wanted() == 2
-        again = status()
+        again = settle(f"0/2 agents finished their {2 * STEPS:,} env steps")
         assert again["phase"] != "Succeeded" and "completed" not in again
-        assert complete(again)["message"] == f"0/2 agents finished their {2 * STEPS:,} env steps"
     finally:
         client.close()

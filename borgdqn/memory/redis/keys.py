@@ -35,6 +35,11 @@ from typing import Any
 F_DATA, F_AGENT, F_STEPS, F_WRITTEN = b"d", b"a", b"t", b"w"
 
 
+def _tagged(name: str) -> str:
+    """The prefix of every key of hive ``name``: one hash tag, so that one script may touch all of them."""
+    return f"borg:{{{name}}}"
+
+
 @dataclass(frozen=True)
 class LogKeys:
     config: str
@@ -45,7 +50,7 @@ class LogKeys:
 
     @classmethod
     def of(cls, name: str) -> LogKeys:
-        base = f"borg:{{{name}}}"
+        base = _tagged(name)
         return cls(*(f"{base}:{part}" for part in ("config", "log", "stats", "agents", "links")))
 
     def all(self) -> list[str]:
@@ -61,7 +66,7 @@ class StoreKeys:
 
     @classmethod
     def of(cls, name: str) -> StoreKeys:
-        base = f"borg:{{{name}}}"
+        base = _tagged(name)
         return cls(models=f"{base}:models", best=f"{base}:best", finished=f"{base}:finished",
                    model_prefix=f"{base}:model:")
 
