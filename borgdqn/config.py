@@ -235,6 +235,36 @@ class ReplayConfig(_Strict):
     )
 
 
+class AssimilationConfig(_Strict):
+    """Population-based training's exploit/explore step between the hive's agents (see docs/assimilation.md)."""
+
+    enabled: bool = Field(default=False, description="weak agents adopt strong agents' networks from the store")
+    every: int = Field(default=100_000, ge=1, description="env steps per agent between its assimilation checks")
+    bottom: float = Field(default=0.25, gt=0.0, lt=1.0, description="fraction of the hive (by mean return) that "
+                          "adopts another agent's state")
+    top: float = Field(default=0.25, gt=0.0, lt=1.0, description="fraction of the hive whose states are adopted")
+    perturb: bool = Field(default=True, description="after adopting, scale the learning rate and epsilon floor")
+    factors: tuple[float, float] = Field(default=(0.8, 1.25), description="the two scales a perturbation picks "
+                                         "from, at random")
+    lr_bounds: tuple[float, float] = Field(default=(1e-6, 1e-2), description="perturbed learning rates stay within")
+    epsilon_floor_bounds: tuple[float, float] = Field(default=(0.0, 0.5), description="perturbed epsilon floors "
+                                                      "stay within")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AssimilationConfig:
+        if self.bottom + self.top > 1.0:
+            raise ValueError("hive.assimilation: bottom + top must not exceed 1 (no agent both adopts and gives)")
+        if any(f <= 0.0 for f in self.factors):
+            raise ValueError("hive.assimilation.factors must be positive")
+        low, high = self.lr_bounds
+        if not 0.0 < low <= high:
+            raise ValueError("hive.assimilation.lr_bounds must be [low, high] with 0 < low <= high")
+        low, high = self.epsilon_floor_bounds
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError("hive.assimilation.epsilon_floor_bounds must be [low, high] within [0, 1]")
+        return self
+
+
 class HiveConfig(_Strict):
     agents: int = Field(default=2, ge=1, le=256, description="agent processes")
     steps: int = Field(default=2_000_000, ge=1, description="total env steps over the whole hive")
@@ -244,6 +274,25 @@ class HiveConfig(_Strict):
     checkpoint_every: int = Field(default=100_000, ge=1, description="env steps per agent between saves")
     report_every_s: float = Field(default=2.0, gt=0.0, description="seconds between train records")
     live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
+    assimilation: AssimilationConfig = Field(default_factory=AssimilationConfig)
+    learner_by_agent: dict[int, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="learner settings of single agents over `learner`, e.g. {2: {lr: 1.0e-6}} (a sweep in one hive)",
+    )
+
+    @field_validator("learner_by_agent")
+    @classmethod
+    def _agents(cls, value: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        for agent, settings in value.items():
+            if agent < 0:
+                raise ValueError(f"agent {agent}: agent ids are >= 0")
+            try:
+                LearnerConfig.model_validate(settings)
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"agent {agent}: learner.{where}: {first['msg']}") from None
+        return value
 
 
 _KAFKA_ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -312,6 +361,15 @@ class BorgConfig(_Strict):
                     "(a URL shows in process lists, configs and logs)"
                 )
         return self
+
+
+def agent_config(config: BorgConfig, agent: int) -> BorgConfig:
+    """Agent ``agent``'s config: its ``hive.learner_by_agent`` settings over ``learner`` (the rest is the hive's)."""
+    over = config.hive.learner_by_agent.get(agent)
+    if not over:
+        return config
+    learner = LearnerConfig.model_validate(_deep_merge(config.learner.model_dump(), over))
+    return config.model_copy(update={"learner": learner})
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeGuard, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -36,15 +36,18 @@ def _type(annotation: Any) -> str:
     return text.replace("typing.", "").replace("pathlib.", "").replace("|", "\\|")
 
 
+def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def render_reference() -> str:
     lines = [BEGIN]
-    sections = {
-        name: field.annotation
-        for name, field in BorgConfig.model_fields.items()
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-    }
-    for section, model in sections.items():
-        assert isinstance(model, type) and issubclass(model, BaseModel)
+    # Sections in the config's order; a section's nested section (hive.assimilation) follows it.
+    pending: list[tuple[str, type[BaseModel]]] = [
+        (name, field.annotation) for name, field in BorgConfig.model_fields.items() if _is_model(field.annotation)
+    ]
+    while pending:
+        section, model = pending.pop(0)
         lines += [
             "",
             f"### `{section}`",
@@ -52,9 +55,14 @@ def render_reference() -> str:
             "| field | type | default | meaning |",
             "| --- | --- | --- | --- |",
         ]
+        nested = []
         for name, field in model.model_fields.items():
+            if _is_model(field.annotation):
+                nested.append((f"{section}.{name}", field.annotation))
+                continue
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{section}.{name}` | {_type(field.annotation)} | {_default(model, name)} | {desc} |")
+        pending[:0] = nested
     lines += ["", END]
     return "\n".join(lines) + "\n"
 

@@ -5,15 +5,19 @@ The same views as the dashboard (:mod:`borgdqn.telemetry.kibana_objects`), one P
 
 - ``return-per-agent.png``: episode return per agent over its own env steps (the figure ``borgdqn plot`` draws)
 - ``hive-return.png``: the hive's mean return of the last 20 episodes and the best such mean so far
+- ``return-per-policy.png``: episode return per acting policy over hive env steps (``borgdqn plot``'s figure)
+- ``episodes-per-agent.png``: games each agent has finished, over its own env steps
 - ``epsilon-per-agent.png``, ``env-steps-per-s.png``: from the agents' train records, over wall time
 - ``loss.png``: loss (and mean Q) per agent over updates (``borgdqn plot``'s training figure)
 - ``memory.png``: steps stored and capacity, and steps inserted per second (from the memory records)
+- ``memory-bytes.png``: the bytes the memory holds (the records' ``bytes``: the shared segment or the replica)
 - ``memory-shares.png``: each agent's share of the stored steps when the memory records carry ``per_agent``;
   otherwise each agent's share of the hive's env steps so far, titled as such (the substitute is said)
 
 Dropped telemetry events have no local counterpart (a local run's metrics are files, nothing is dropped):
-that view is a note, not a figure. Each view a run cannot fill (no train records yet, no memory records) is
-a note too; the notes come back with the paths.
+that view is a note, not a figure. Assimilations are marked on ``return-per-agent.png`` (agent<-donor). Each
+view a run cannot fill (no train records yet, no memory records) is a note too; the notes come back with the
+paths.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from borgdqn.plotting import (
     _matplotlib,
     _new_figure,
     _returns_by_agent,
+    _returns_by_policy,
     _Run,
     _training,
     rolling_mean,
@@ -93,6 +98,29 @@ def _per_agent_over_wall(run: _Run, key: str, ylabel: str, title: str, total: bo
                 hive += np.where(live, v[order][np.maximum(idx, 0)], 0.0)
         ax.plot(walls, hive, label="hive", linewidth=1.6, color="black")
     ax.set(xlabel="wall time (s)", ylabel=ylabel, title=f"{run.label}: {title}")
+    _legend(ax)
+    return fig
+
+
+def _episodes_per_agent(run: _Run) -> Figure:
+    fig, (ax,) = _new_figure()
+    ep = run.episodes
+    for agent in np.unique(ep.agent):
+        steps = np.sort(ep.env_steps[ep.agent == agent], kind="stable")
+        ax.step(steps, np.arange(1, steps.size + 1), where="post", label=f"agent {agent}", linewidth=1.4)
+    ax.set(xlabel="env steps (agent's own)", ylabel="episodes played", title=f"{run.label}: episodes per agent")
+    _legend(ax)
+    return fig
+
+
+def _memory_bytes(run: _Run) -> Figure:
+    fig, (ax,) = _new_figure()
+    _seconds_axis(ax)
+    mem = run.memory
+    ok = np.isfinite(mem["bytes"])
+    order = np.argsort(mem["wall"][ok], kind="stable")
+    ax.plot(mem["wall"][ok][order], mem["bytes"][ok][order] / 2**20, label="MiB", linewidth=1.6)
+    ax.set(xlabel="wall time (s)", ylabel="MiB", title=f"{run.label}: replay memory bytes")
     _legend(ax)
     return fig
 
@@ -169,6 +197,8 @@ def build_dashboard(run_dir: Path, *, smooth: int = MEAN_WINDOW) -> Dashboard:
     if run.episodes.ret.size:
         out.figures["return-per-agent"] = _returns_by_agent(run, smooth)
         out.figures["hive-return"] = _hive_return(run, smooth)
+        out.figures["return-per-policy"] = _returns_by_policy(run, smooth)
+        out.figures["episodes-per-agent"] = _episodes_per_agent(run)
     else:
         out.notes.append("returns: no finished episodes yet")
     timed_train = any(np.isfinite(s["wall"]).any() for s in run.train.values())
@@ -187,6 +217,10 @@ def build_dashboard(run_dir: Path, *, smooth: int = MEAN_WINDOW) -> Dashboard:
         out.figures["memory"] = _memory(run)
     else:
         out.notes.append("memory: no memory records (agent 0 writes them at report pace)")
+    if (run.memory["bytes"] > 0).any():
+        out.figures["memory-bytes"] = _memory_bytes(run)
+    elif run.memory["wall"].size:
+        out.notes.append("memory bytes: this run's memory records carry no byte counts")
     if run.memory_per_agent or timed_train:
         fig, note = _shares(run)
         out.figures["memory-shares"] = fig

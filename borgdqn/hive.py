@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from borgdqn.config import BorgConfig, ConfigError, dump_config
+from borgdqn.config import BorgConfig, ConfigError, agent_config, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
 from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
 from borgdqn.memory.protocol import ReplayMemory
@@ -113,6 +113,7 @@ def _agent_main(
 
     config = BorgConfig.model_validate_json(config_json)
     identity = collective_member(config, member) if member else hive_agent(config, agent)
+    config = agent_config(config, identity.agent_id)
     memory: ReplayMemory
     if handle is None:
         memory = open_redis_link(config, probe_env(config), identity.seed, identity.label)

@@ -65,10 +65,12 @@ class _Run:
     # agent -> updates, loss, mean_q, env_steps, epsilon, env_steps_per_s, wall (NaN where absent), by updates
     train: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     exact_hive_steps: bool = True
-    # The memory records (agent 0 writes them): wall, size, capacity, inserted, sampled, in file order; and
+    # The memory records (agent 0 writes them): wall, size, capacity, inserted, sampled, bytes, in file order; and
     # agent -> (wall, steps stored) where the records carry ``per_agent`` (steps stored now, by agent).
     memory: dict[str, np.ndarray] = field(default_factory=dict)
     memory_per_agent: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    # (agent, donor, the agent's env steps) of each assimilation, in file order
+    assimilations: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 def _number(value: Any) -> float | None:
@@ -92,13 +94,19 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
     progress: list[tuple[float, int, int, int]] = []
     episodes: list[tuple[int, int, float, float, str, int]] = []  # agent, env_steps, wall, return, policy, i
     train: dict[int, list[tuple[float, ...]]] = defaultdict(list)  # agent -> (updates, loss, mean_q, ...)
-    memory: list[tuple[float, float, float, float, float]] = []  # wall, size, capacity, inserted, sampled
+    memory: list[tuple[float, ...]] = []  # _MEMORY_SERIES
     memory_per_agent: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    assimilations: list[tuple[int, int, float]] = []
     skipped = 0
     for i, rec in enumerate(records):
         kind, agent, steps = rec.get("kind"), rec.get("agent"), _number(rec.get("env_steps"))
         if kind == "memory":
             _memory_record(rec, memory, memory_per_agent)
+            continue
+        if kind == "assimilation":
+            donor = rec.get("donor")
+            if isinstance(agent, int) and isinstance(donor, int) and steps is not None:
+                assimilations.append((agent, donor, steps))
             continue
         if kind not in ("episode", "train"):
             continue
@@ -160,20 +168,19 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
     mem = np.array(memory, dtype=np.float64).reshape(-1, len(_MEMORY_SERIES))
     return _Run(label=label, stem=stem, path=path, episodes=eps, train=train_arrays, exact_hive_steps=exact,
                 memory={name: mem[:, k] for k, name in enumerate(_MEMORY_SERIES)},
-                memory_per_agent=dict(sorted(memory_per_agent.items())))
+                memory_per_agent=dict(sorted(memory_per_agent.items())), assimilations=assimilations)
 
 
 _TRAIN_SERIES = ("updates", "loss", "mean_q", "env_steps", "epsilon", "env_steps_per_s", "wall")
-_MEMORY_SERIES = ("wall", "size", "capacity", "inserted", "sampled")
+_MEMORY_SERIES = ("wall", "size", "capacity", "inserted", "sampled", "bytes")
 
 
-def _memory_record(rec: dict[str, Any], rows: list[tuple[float, float, float, float, float]],
+def _memory_record(rec: dict[str, Any], rows: list[tuple[float, ...]],
                    per_agent: dict[int, list[tuple[float, float]]]) -> None:
     wall, size = _number(rec.get("wall")), _number(rec.get("size"))
     if wall is None or size is None:
         return
-    capacity, inserted, sampled = (_nan_if_none(_number(rec.get(k))) for k in ("capacity", "inserted", "sampled"))
-    rows.append((wall, size, capacity, inserted, sampled))
+    rows.append((wall, size, *(_nan_if_none(_number(rec.get(k))) for k in _MEMORY_SERIES[2:])))
     agents = rec.get("per_agent")
     if isinstance(agents, dict):
         for key, count in agents.items():
@@ -226,16 +233,27 @@ def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, label: str, smooth: int, raw:
 
 
 def _returns_by_agent(run: _Run, smooth: int) -> Figure:
+    from matplotlib.colors import to_hex
+
     fig, (ax,) = _new_figure()
     ep = run.episodes
+    colors: dict[int, str] = {}
     for agent in np.unique(ep.agent):
         sel = ep.agent == agent
         order = np.argsort(ep.env_steps[sel], kind="stable")
         _curve(ax, ep.env_steps[sel][order], ep.ret[sel][order], f"agent {agent}", smooth)
+        colors[int(agent)] = to_hex(ax.get_lines()[-1].get_color())
+    for agent, donor, steps in run.assimilations:
+        # A LineCollection, not a Line2D: the curves stay the figure's only lines.
+        color = colors.get(agent, "gray")
+        ax.vlines(steps, 0.0, 1.0, transform=ax.get_xaxis_transform(), colors=color, linestyles=":", linewidth=1.0)
+        ax.annotate(f"{agent}\u2190{donor}", (steps, 0.98), xycoords=("data", "axes fraction"), rotation=90,
+                    fontsize="x-small", va="top", ha="right", color=color)
+    marks = " ; dotted: agent\u2190donor assimilations" if run.assimilations else ""
     ax.set(
         xlabel="env steps (agent's own)",
         ylabel="episode return",
-        title=f"{run.label}: return per agent (mean of last {smooth})",
+        title=f"{run.label}: return per agent (mean of last {smooth}){marks}",
     )
     _legend(ax)
     return fig

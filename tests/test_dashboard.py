@@ -14,8 +14,8 @@ from borgdqn.metrics import MetricsWriter, agent_metrics_path
 from tests.test_plotting import PNG_MAGIC, write_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-VIEWS = ["return-per-agent", "hive-return", "epsilon-per-agent", "loss", "env-steps-per-s", "memory",
-         "memory-shares"]
+VIEWS = ["return-per-agent", "hive-return", "return-per-policy", "episodes-per-agent", "epsilon-per-agent", "loss",
+         "env-steps-per-s", "memory", "memory-bytes", "memory-shares"]
 
 
 def check_png(path: Path) -> None:
@@ -66,10 +66,12 @@ def test_default_out_is_the_runs_dashboard_dir(local_run: Path) -> None:
     assert sorted(p.name for p in (local_run / "dashboard").glob("*.png")) == sorted(f"{v}.png" for v in VIEWS)
 
 
-def _add_memory_records(run: Path, per_agent: bool) -> None:
+def _add_memory_records(run: Path, per_agent: bool, with_bytes: bool = True) -> None:
     w = MetricsWriter(agent_metrics_path(run, 0))
     for k in range(1, 11):
-        extra = {"per_agent": {"0": 60 * k, "1": 40 * k}} if per_agent else {}
+        extra: dict[str, object] = {"per_agent": {"0": 60 * k, "1": 40 * k}} if per_agent else {}
+        if with_bytes:
+            extra["bytes"] = (1 << 20) * k
         w.write("memory", size=100 * k, capacity=2000, inserted=100 * k, sampled=30 * k, wall=float(k), **extra)
     w.close()
 
@@ -89,6 +91,24 @@ def test_memory_shares_come_from_the_memory_records_when_they_carry_per_agent(tm
     size_ax, rate_ax = mem_fig.axes
     assert [ln.get_label() for ln in size_ax.get_lines()] == ["size (steps)", "capacity (steps)"]
     assert np.allclose(rate_ax.get_lines()[0].get_ydata(), 100.0)
+    # The bytes view: the records' bytes, in MiB, over wall time.
+    (bytes_line,) = board.figures["memory-bytes"].axes[0].get_lines()
+    assert np.array_equal(bytes_line.get_ydata(), np.arange(1, 11)) and np.array_equal(bytes_line.get_xdata(),
+                                                                                      np.arange(1, 11))
+    # Episodes per agent: a step from 1 to each agent's 30 games, over its own env steps.
+    counts = {ln.get_label(): ln.get_ydata() for ln in board.figures["episodes-per-agent"].axes[0].get_lines()}
+    assert {k: list(v) for k, v in counts.items()} == {f"agent {a}": list(range(1, 31)) for a in (0, 1)}
+    # Returns by acting policy: one curve per policy the run's games were played with.
+    policies = [ln.get_label() for ln in board.figures["return-per-policy"].axes[0].get_lines()]
+    assert policies == ["random", "epsilon_greedy"]
+
+
+def test_memory_records_without_bytes_make_a_note_not_a_figure(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", agents=2, episodes=30)
+    _add_memory_records(run, per_agent=True, with_bytes=False)
+    board = build_dashboard(run)
+    assert "memory-bytes" not in board.figures and "memory" in board.figures
+    assert any(n.startswith("memory bytes:") for n in board.notes)
 
 
 def test_hive_return_is_the_trailing_mean_and_its_best(tmp_path: Path) -> None:
@@ -98,7 +118,7 @@ def test_hive_return_is_the_trailing_mean_and_its_best(tmp_path: Path) -> None:
     mean, best = lines["mean return (last 5)"].get_ydata(), lines["best mean of 5"].get_ydata()
     assert len(best) == 26 and np.all(np.diff(best) >= 0) and best[-1] == pytest.approx(np.max(mean[4:]))
     # No train or memory records: those views are notes, not empty figures.
-    assert set(board.figures) == {"return-per-agent", "hive-return"}
+    assert set(board.figures) == {"return-per-agent", "hive-return", "return-per-policy", "episodes-per-agent"}
     assert any(n.startswith("loss:") for n in board.notes) and any(n.startswith("memory:") for n in board.notes)
 
 

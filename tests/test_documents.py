@@ -66,6 +66,17 @@ def test_drops_document() -> None:
         **COMMON, "kind": "drops", "dropped_events": 5, "first_dropped_seq": 10, "last_dropped_seq": 14})]
 
 
+def test_assimilation_document() -> None:
+    event = pb.AssimilationEvent(agent=2, donor=0, env_steps=8000, mean_return=21.5, donor_mean_return=180.0,
+                                 donor_env_steps=7996, learning_rate=8e-4, epsilon_floor=0.0125, wall_seconds=30.0)
+    assert documents(_event(assimilation=event)) == [("borg-assimilation", "pong/agent-3/abcd1234:7", {
+        **COMMON, "kind": "assimilation", "agent": 2, "donor": 0, "env_steps": 8000, "mean_return": 21.5,
+        "donor_mean_return": 180.0, "donor_env_steps": 7996, "learning_rate": 8e-4, "epsilon_floor": 0.0125,
+        "wall_seconds": 30.0})]
+    event.ClearField("epsilon_floor")  # a policy without an epsilon-greedy leaf has no floor
+    assert "epsilon_floor" not in documents(_event(assimilation=event))[0][2]
+
+
 @pytest.mark.parametrize("when", [math.nan, math.inf, -1.0, 1e12])
 def test_a_time_that_is_no_time_is_a_bad_event(when: float) -> None:
     ev = pb.TelemetryEvent(header=header(SOURCE, 1, now=when), drops=pb.DropReport())

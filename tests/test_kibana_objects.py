@@ -240,7 +240,7 @@ class Hive:
             for agent, source in sources.items():
                 steps = 400 * (k + 1) + 50 * agent
                 add(source, when, episode=pb.EpisodeEvent(
-                    agent=agent, policy="epsilon_greedy", episode_return=-21.0 + k + agent, length=400,
+                    agent=agent, policy="epsilon_greedy" if k % 2 else "random", episode_return=-21.0 + k + agent, length=400,
                     env_steps=steps, episode=k + 1, epsilon=max(0.1, 1.0 - 0.08 * k), wall_seconds=20.0 * k))
                 add(source, when + 5, training=pb.TrainingReport(
                     agent=agent, env_steps=steps, updates=100 * k, loss=1.0 / (k + 1), mean_q=0.1 * k,
@@ -254,6 +254,10 @@ class Hive:
                 wall_seconds=20.0 * k + 10))
         add(sources[1], start + 230, drops=pb.DropReport(dropped_events=7, first_dropped_seq=3,
                                                          last_dropped_seq=9))
+        for agent, donor in ((0, 1), (1, 0)):
+            add(sources[agent], start + 100 + agent, assimilation=pb.AssimilationEvent(
+                agent=agent, donor=donor, env_steps=2000, mean_return=-19.0, donor_mean_return=-15.0,
+                donor_env_steps=2000, learning_rate=1.25e-4, epsilon_floor=0.08, wall_seconds=100.0))
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,29 @@ def test_returns_by_agent_has_one_line_per_agent_over_its_own_steps(tmp_path: Pa
         assert np.array_equal(x, 100.0 * np.arange(1, 11))
 
 
+def test_assimilations_are_marked_on_the_adopting_agents_curve(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", agents=3, episodes=10)
+    writer = MetricsWriter(agent_metrics_path(run, 2))
+    writer.write("assimilation", agent=2, donor=0, env_steps=500, mean_return=1.0, donor_mean_return=9.0, wall=5.0)
+    writer.close()
+    fig = build_figures([run])["run-returns-by-agent"]
+    ax = fig.axes[0]  # type: ignore[attr-defined]
+    assert list(lines_by_label(fig)) == ["agent 0", "agent 1", "agent 2"], "the marks are no curves"
+    from matplotlib.collections import LineCollection
+
+    marks = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert [float(seg[0][0]) for c in marks for seg in c.get_segments()] == [500.0]
+    agent2 = next(line for line in ax.get_lines() if line.get_label() == "agent 2")
+    assert tuple(marks[0].get_colors()[0][:3]) == pytest.approx(matplotlib_rgb(agent2.get_color()))
+    assert [t.get_text() for t in ax.texts] == ["2\u21900"]
+
+
+def matplotlib_rgb(color: str) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
 def test_hive_steps_sum_each_agents_latest_steps_in_wall_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # (agent, wall, env_steps): the hive has done 100, 150, 250, 350 steps at these four episodes.

@@ -23,15 +23,18 @@ import numpy as np
 from borgdqn.config import BorgConfig
 from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory, SamplingSpec
 from borgdqn.memory.redis.link import RedisLink
-from borgdqn.memory.redis.model_store import ModelEntry, RedisModelStore
-from borgdqn.metrics import EpisodeTally, MetricsWriter, agent_metrics_path
+from borgdqn.memory.redis.model_store import ModelEntry
+from borgdqn.metrics import MEAN_WINDOW, EpisodeTally, MetricsWriter, agent_metrics_path
 from borgdqn.one_line import one_line
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.adder import ChunkAdder
+from borgdqn.rl.assimilation import Assimilation, adopt, choose_donor, epsilon_floor, perturbed
 from borgdqn.rl.checkpoint import (
     AgentCheckpoint,
+    CheckpointError,
     agent_checkpoint_path,
     check_learner_state,
+    checkpoint_bytes,
     load_agent_checkpoint,
     save_agent_checkpoint,
 )
@@ -39,7 +42,8 @@ from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
 from borgdqn.rl.identity import AgentIdentity
 from borgdqn.rl.learner import Learner, UpdateResult
-from borgdqn.rl.policies import build_policy
+from borgdqn.rl.model_store import ModelStore, RunDirModelStore
+from borgdqn.rl.policies import ActorPolicy, build_policy
 from borgdqn.rl.schedules import make_schedule
 from borgdqn.telemetry.producer import producer_for
 
@@ -66,10 +70,9 @@ class AgentReport:
     loading: float | None = None  # a Redis replica loading the hive's log: the part loaded so far
 
 
-def _put_in_store(store: RedisModelStore, state: AgentCheckpoint, data: bytes, metrics: MetricsWriter) -> None:
+def _put_in_store(store: ModelStore, entry: ModelEntry, state: AgentCheckpoint, data: bytes,
+                  metrics: MetricsWriter) -> None:
     """Put a checkpoint in the hive's model store; trouble there never stops the agent (its run dir has it)."""
-    entry = ModelEntry(agent=state.agent, env_steps=state.env_steps, best_mean=state.best_mean,
-                       size_bytes=len(data), saved_unix=time.time())
     started = time.perf_counter()
     try:
         total = store.put(entry, data)
@@ -95,12 +98,13 @@ def run_agent(
     reports: Any = None,
     resume: bool = False,
     clock_offset: float = 0.0,
-    store: RedisModelStore | None = None,
+    store: ModelStore | None = None,
 ) -> AgentCheckpoint:
     """Run the agent ``identity`` until its ``steps`` are done or ``stop`` is set; returns its final state.
 
     ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
-    ``store``: the hive's model store, which gets each checkpoint besides the run dir (a collective's agents).
+    ``store``: the hive's model store when it is not the run dir (a collective's memory), which gets each
+    checkpoint besides the run dir; assimilation ranks and adopts from it.
     """
     env_cfg, learn_cfg = config.env, config.learner
     agent, seed, budget = identity.agent_id, identity.seed, identity.steps
@@ -109,13 +113,12 @@ def run_agent(
     spec = env.spec
     stack = env_cfg.frame_stack
     learner = Learner(config.network, learn_cfg, spec, stack, seed=seed, threads=config.hive.threads_per_agent)
-    policy = build_policy(
-        config.policy,
-        num_envs=env.num_envs,
-        num_actions=spec.num_actions,
-        seed=seed,
-        ladder_epsilon=identity.ladder_epsilon,
-    )
+
+    def make_policy(floor: float | None) -> ActorPolicy:
+        return build_policy(config.policy, num_envs=env.num_envs, num_actions=spec.num_actions, seed=seed,
+                            ladder_epsilon=floor)
+
+    policy = make_policy(identity.ladder_epsilon)
     beta = make_schedule(config.replay.beta)
     recurrent = learner.online.recurrent
     adder = ChunkAdder(
@@ -135,8 +138,18 @@ def run_agent(
             state = loaded
             check_learner_state(loaded.learner, learner.online, agent_checkpoint_path(run_dir, agent))
             learner.load_state_dict(loaded.learner)
+            if loaded.learning_rate is not None:  # assimilation's rate, not the config's
+                learner.set_learning_rate(loaded.learning_rate)
+            if loaded.epsilon_floor is not None:
+                policy = make_policy(loaded.epsilon_floor)
             policy.load_state_dict(loaded.policy)
             log.info("agent=%d resumed env_steps=%d updates=%d", agent, state.env_steps, learner.updates)
+    local_store = RunDirModelStore(run_dir)
+    hive_store: ModelStore = store if store is not None else local_store
+    assimilation = config.hive.assimilation
+    # Its own stream: assimilation's draws change nothing else the seed decides.
+    assimilation_rng = np.random.default_rng([seed, 0xA551])
+    next_assimilation = state.env_steps + assimilation.every
     metrics = MetricsWriter(agent_metrics_path(run_dir, agent))
     tally = EpisodeTally(episodes=state.episodes, recent=list(state.recent_returns), best_mean=state.best_mean)
     started = time.monotonic() - clock_offset
@@ -218,19 +231,21 @@ def run_agent(
                 mean_return=tally.mean, best_mean_return=tally.best_mean, wall_seconds=now - started,
             ))  # fmt: skip
         if identity.reports_memory:
+            memory_bytes = int(getattr(memory, "nbytes", 0))
             metrics.write(
                 "memory",
                 size=stats.size,
                 capacity=stats.capacity,
                 inserted=stats.inserted,
                 sampled=stats.sampled,
+                bytes=memory_bytes,
                 per_agent={str(a): n for a, n in stats.per_agent.items()},
                 wall=now - started,
             )
             if telemetry is not None:
                 mem = pb.MemoryReport(
                     size=stats.size, capacity=stats.capacity, inserted=stats.inserted, sampled=stats.sampled,
-                    rejected=stats.rejected, bytes_used=int(getattr(memory, "nbytes", 0)),
+                    rejected=stats.rejected, bytes_used=memory_bytes,
                     per_agent_steps=stats.per_agent, wall_seconds=now - started,
                 )  # fmt: skip
                 if memory_before is not None and now > memory_before[0]:
@@ -264,9 +279,55 @@ def run_agent(
         state.wall = time.monotonic() - started
         state.learner = learner.state_dict()
         state.policy = policy.state_dict()
-        data = save_agent_checkpoint(run_dir, state, config, best=best)
-        if store is not None and not best:
-            _put_in_store(store, state, data, metrics)
+        if best:
+            save_agent_checkpoint(run_dir, state, config, best=True)
+            return
+        data = checkpoint_bytes(state, config)
+        entry = ModelEntry(agent=agent, env_steps=state.env_steps, best_mean=state.best_mean, size_bytes=len(data),
+                           saved_unix=time.time(), mean_return=tally.mean if len(tally.recent) >= MEAN_WINDOW else None)
+        local_store.put(entry, data)
+        if hive_store is not local_store:
+            _put_in_store(hive_store, entry, state, data, metrics)
+
+    def assimilate() -> None:
+        """Exploit and explore (borgdqn.rl.assimilation): in the hive's bottom, adopt a top agent's state."""
+        nonlocal policy
+        checkpoint()  # the entry the others (and this agent) rank now
+        try:
+            donor = choose_donor(hive_store.entries(), agent, assimilation, assimilation_rng)
+            data = hive_store.get(donor.agent) if donor is not None else None
+        except Exception as err:  # the store away: try at the next check
+            log.warning("assimilation skipped: the model store cannot be read: %s", one_line(err))
+            return
+        if donor is None or data is None or donor.mean_return is None:
+            return
+        mean_before = tally.mean or 0.0
+        try:
+            adopted, rate = adopt(learner, data, f"agent {donor.agent}'s checkpoint in the model store")
+        except CheckpointError as err:
+            log.warning("assimilation of agent %d skipped: %s", donor.agent, err)
+            return
+        floor = epsilon_floor(identity.ladder_epsilon, state, policy.epsilon(2**62))
+        if assimilation.perturb:
+            rate = perturbed(rate, assimilation, assimilation.lr_bounds, assimilation_rng)
+            learner.set_learning_rate(rate)
+            if floor is not None:
+                floor = perturbed(floor, assimilation, assimilation.epsilon_floor_bounds, assimilation_rng)
+                policy_state = policy.state_dict()
+                policy = make_policy(floor)
+                policy.load_state_dict(policy_state)
+        state.learning_rate = rate
+        state.epsilon_floor = floor if assimilation.perturb else state.epsilon_floor
+        tally.recent.clear()  # ranked again on the adopted network's games only
+        event = Assimilation(agent=agent, donor=donor.agent, env_steps=state.env_steps, mean_return=mean_before,
+                             donor_mean_return=donor.mean_return, donor_env_steps=adopted.env_steps,
+                             learning_rate=rate, epsilon_floor=floor)
+        log.info("assimilated by agent %d (mean return %.1f vs %.1f at env_steps=%d): learning rate %.3g, "
+                 "epsilon floor %s", donor.agent, donor.mean_return, mean_before, state.env_steps, rate,
+                 "-" if floor is None else f"{floor:.3g}")
+        metrics.write("assimilation", **asdict(event), wall=time.monotonic() - started)
+        if telemetry is not None:
+            telemetry.emit(pb.AssimilationEvent(**asdict(event), wall_seconds=time.monotonic() - started))
 
     try:
         while state.env_steps < budget and not (stop is not None and stop.is_set()):
@@ -364,6 +425,9 @@ def run_agent(
             if state.env_steps >= next_checkpoint:
                 checkpoint()
                 next_checkpoint += config.hive.checkpoint_every
+            if assimilation.enabled and state.env_steps >= next_assimilation:
+                assimilate()
+                next_assimilation += assimilation.every
         adder.flush()
         checkpoint()
         if new_best:

@@ -42,6 +42,9 @@ class AgentCheckpoint:
     best_mean: float | None = None
     learner: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    # Hyper-parameters assimilation gave the agent in place of its config's (None: the config's).
+    learning_rate: float | None = None
+    epsilon_floor: float | None = None
 
 
 def agent_checkpoint_path(run_dir: Path, agent: int, *, best: bool = False) -> Path:

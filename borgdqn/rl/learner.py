@@ -372,7 +372,7 @@ class Learner:
             with torch.cuda.graph(graph):
                 output = self._td_step(static, cache=False)
             graph.replay()
-            lr = self.config.lr
+            lr = self.learning_rate
             worst = max(float((p - e).abs().max()) for p, e in zip(self._params, params_eager, strict=True))
             moved = max(float((p - b).abs().max()) for p, b in zip(self._params, before[0], strict=True))
             if worst > 0.1 * lr or moved == 0.0:
@@ -438,6 +438,18 @@ class Learner:
         return q[:, 0].float().cpu().numpy(), new
 
     # ------------------------------------------------------------------------------------- checkpoints
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Train with ``lr`` from the next update on (assimilation's adopted and perturbed rate)."""
+        if not lr > 0.0:
+            raise ValueError(f"learning rate {lr!r} must be > 0")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._graph = None  # a captured update baked the old rate in
+
     def state_dict(self) -> dict[str, Any]:
         """Online and target weights, Adam's state and ``updates`` (live tensors, as torch's state_dict)."""
         return {

@@ -56,6 +56,11 @@ _MEMORY: dict[str, str] = {
 }
 _SHARES: dict[str, str] = {"agent": "integer", "steps": "long", "share": "double"}
 _DROPS: dict[str, str] = {"dropped_events": "long", "first_dropped_seq": "long", "last_dropped_seq": "long"}
+_ASSIMILATION: dict[str, str] = {
+    "agent": "integer", "donor": "integer", "env_steps": "long", "mean_return": "double",
+    "donor_mean_return": "double", "donor_env_steps": "long", "learning_rate": "double", "epsilon_floor": "double",
+    "wall_seconds": "double",
+}
 
 FIELDS: dict[str, dict[str, str]] = {
     INDICES["episode"]: {**_COMMON, **_EPISODE},
@@ -63,6 +68,7 @@ FIELDS: dict[str, dict[str, str]] = {
     INDICES["memory"]: {**_COMMON, **_MEMORY},
     SHARES_INDEX: {**_COMMON, **_SHARES},
     INDICES["drops"]: {**_COMMON, **_DROPS},
+    INDICES["assimilation"]: {**_COMMON, **_ASSIMILATION},
 }
 
 
@@ -151,9 +157,16 @@ def documents(event: pb.TelemetryEvent) -> list[Document]:
             if m.size > 0:
                 share["share"] = steps / m.size
             docs.append((SHARES_INDEX, f"{doc_id}:{agent}", share))
-    else:
+    elif kind == "drops":
         d = event.drops
         body.update(dropped_events=d.dropped_events, first_dropped_seq=d.first_dropped_seq,
                     last_dropped_seq=d.last_dropped_seq)
+    else:
+        a = event.assimilation
+        body.update(agent=a.agent, donor=a.donor, env_steps=a.env_steps, donor_env_steps=a.donor_env_steps)
+        for name in ("mean_return", "donor_mean_return", "learning_rate", "wall_seconds"):
+            _put(body, name, getattr(a, name))
+        if a.HasField("epsilon_floor"):
+            _put(body, "epsilon_floor", a.epsilon_floor)
     docs.insert(0, (INDICES[kind], doc_id, body))
     return docs

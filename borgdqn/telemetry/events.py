@@ -20,8 +20,8 @@ from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1 << 20  # far above any real event (a memory report with 256 agents is ~3 KB)
 
-Kind = Literal["episode", "training", "memory", "drops"]
-KINDS: tuple[Kind, ...] = ("episode", "training", "memory", "drops")
+Kind = Literal["episode", "training", "memory", "drops", "assimilation"]
+KINDS: tuple[Kind, ...] = ("episode", "training", "memory", "drops", "assimilation")
 # Kafka topics and Elasticsearch indices, by the event's ``oneof`` field name.
 TOPICS: dict[Kind, str] = {kind: f"borg.telemetry.{kind}" for kind in KINDS}
 INDICES: dict[Kind, str] = {kind: f"borg-{kind}" for kind in KINDS}

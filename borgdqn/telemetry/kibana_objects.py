@@ -49,6 +49,7 @@ DATA_VIEW_NAMES = {
     INDICES["memory"]: "Borg replay memory",
     SHARES_INDEX: "Borg memory shares",
     INDICES["drops"]: "Borg dropped events",
+    INDICES["assimilation"]: "Borg assimilations",
 }
 
 
@@ -79,6 +80,7 @@ class Panel:
 
 
 EPISODE, TRAINING, MEMORY, DROPS = INDICES["episode"], INDICES["training"], INDICES["memory"], INDICES["drops"]
+ASSIMILATION = INDICES["assimilation"]
 
 PANELS: tuple[Panel, ...] = (
     Panel("returns-per-agent", "Return per agent over env steps",
@@ -87,6 +89,15 @@ PANELS: tuple[Panel, ...] = (
     Panel("hive-return", "Hive: best and mean return",
           "Best mean-of-20 return of any agent, and the mean over agents of their last-20 mean return", TRAINING,
           (Metric("max", "best_mean_return", "best mean return"), Metric("average", "mean_return", "mean return"))),
+    Panel("returns-per-policy", "Return by acting policy",
+          "Mean raw episode return of the games each acting policy played (a mixture's components apart)", EPISODE,
+          (Metric("average", "episode_return", "episode return"),), x=("range", "env_steps"), split="policy"),
+    Panel("episodes-per-agent", "Episodes played per agent", "Games each agent has finished so far", EPISODE,
+          (Metric("max", "episode", "episodes"),), split="agent"),
+    Panel("assimilations", "Assimilations: who adopted whom",
+          "Each assimilation: the agent that adopted (series) and the donor whose networks it took (value); the "
+          "donor's and the agent's mean return are in the Borg assimilations data view", ASSIMILATION,
+          (Metric("max", "donor", "donor"),), split="agent", series="bar"),
     Panel("epsilon-per-agent", "Epsilon per agent", "Exploration rate of each agent's acting policy", TRAINING,
           (Metric("average", "epsilon", "epsilon"),), split="agent"),
     Panel("loss-per-agent", "Loss", "Mean Huber loss of each agent's updates", TRAINING,
@@ -98,6 +109,9 @@ PANELS: tuple[Panel, ...] = (
           (Metric("max", "size", "size (steps)"), Metric("max", "capacity", "capacity (steps)"),
            Metric("average", "insert_rate", "inserted/s", axis="right"),
            Metric("average", "sample_rate", "sampled/s", axis="right"))),
+    Panel("memory-bytes", "Replay memory: bytes",
+          "Bytes the memory holds (the shared segment on one machine; Redis used_memory in a collective)", MEMORY,
+          (Metric("max", "bytes_used", "bytes"),)),
     Panel("memory-shares", "Per-agent share of the memory", "Each agent's share of the steps stored now",
           SHARES_INDEX, (Metric("average", "share", "share"),), split="agent", series="area_stacked"),
     Panel("dropped-events", "Dropped telemetry events",

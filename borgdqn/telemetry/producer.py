@@ -72,12 +72,13 @@ class TopicSettings:
 
 # Episodes and training reports are the run's history (Elasticsearch keeps it longer): a week in Kafka is
 # room for an indexer that was down over a long weekend. Memory readings come every few seconds and are only
-# a snapshot: a day. Drop reports are rare and explain gaps: a month.
+# a snapshot: a day. Drop reports and assimilations are rare and explain gaps and jumps: a month.
 TOPIC_SETTINGS: dict[Kind, TopicSettings] = {
     "episode": TopicSettings(partitions=3, retention_ms=7 * DAY_MS),
     "training": TopicSettings(partitions=3, retention_ms=7 * DAY_MS),
     "memory": TopicSettings(partitions=3, retention_ms=1 * DAY_MS),
     "drops": TopicSettings(partitions=3, retention_ms=30 * DAY_MS),
+    "assimilation": TopicSettings(partitions=3, retention_ms=30 * DAY_MS),
 }
 
 _KIND_OF: dict[type, Kind] = {
@@ -85,6 +86,7 @@ _KIND_OF: dict[type, Kind] = {
     pb.TrainingReport: "training",
     pb.MemoryReport: "memory",
     pb.DropReport: "drops",
+    pb.AssimilationEvent: "assimilation",
 }
 # aiokafka logs every reconnect attempt of an outage (several ERROR lines a second); the producer says it once
 # in its own words, and lets each of aiokafka's messages through once a minute.
@@ -221,7 +223,8 @@ class TelemetryProducer:
                  self.bootstrap, max_buffered, compression or "none")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the caller
-    def emit(self, payload: pb.EpisodeEvent | pb.TrainingReport | pb.MemoryReport | pb.DropReport) -> int | None:
+    def emit(self, payload: pb.EpisodeEvent | pb.TrainingReport | pb.MemoryReport | pb.DropReport
+             | pb.AssimilationEvent) -> int | None:
         """Queue one event; returns its seq (None after ``close``). Never blocks on Kafka.
 
         Raises TypeError only for a payload that is not an event kind (a bug), never for Kafka's sake.

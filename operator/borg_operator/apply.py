@@ -50,6 +50,20 @@ def key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
     return str(manifest["apiVersion"]), str(manifest["kind"]), str(manifest["metadata"]["name"])
 
 
+# The metadata an apply can change; the rest (resourceVersion, managedFields' times) also moves when a controller
+# writes the child's status.
+_APPLIED_METADATA = ("labels", "annotations", "ownerReferences", "finalizers")
+
+
+def desired_state(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """`obj` without its status and bookkeeping: what differs only when an apply changed the object. Comparing
+    resourceVersions would report a child "configured" when its controller wrote its status (a StatefulSet's
+    ready count as pods start) between the operator's list and its apply."""
+    metadata = obj.get("metadata") or {}
+    return {**{k: v for k, v in obj.items() if k not in ("status", "metadata")},
+            "metadata": {k: metadata.get(k) for k in _APPLIED_METADATA}}
+
+
 def describe(manifest: Mapping[str, Any]) -> str:
     return f"{manifest['kind']}/{manifest['metadata']['name']}"
 
@@ -222,7 +236,7 @@ class Applier:
                 applied = self.apply_one(owner, manifest)
             if before is None:
                 result.created.append(describe(manifest))
-            elif applied["metadata"].get("resourceVersion") != before["metadata"].get("resourceVersion"):
+            elif desired_state(applied) != desired_state(before):
                 result.configured.append(describe(manifest))
             else:
                 result.unchanged.append(describe(manifest))

@@ -510,8 +510,8 @@ def printer_columns() -> list[Schema]:
         {"name": "Memory", "type": "string", "jsonPath": ".status.memory.fill", "description": "replay memory fill"},
         {"name": "Status", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
          "description": "the Ready condition"},
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1,
-         "description": "the collective's state (with -o wide)"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
+         "description": "the collective's state (Creating, Running, Degraded, Succeeded, ...)"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 
 from borg_operator.images import DEFAULT_AGENT_IMAGE, DEFAULT_KAFKA_IMAGE, DEFAULT_MEMORY_IMAGE
 from borgdqn.config import (
+    AssimilationConfig,
     BorgConfig,
     EnvConfig,
     EpsilonGreedyPolicySpec,
@@ -117,6 +118,9 @@ class AgentsSpec(CrdModel):
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="the Q-network")
     policy: PolicySpec = Field(default_factory=EpsilonGreedyPolicySpec, description="the acting policy")
     epsilon_ladder: EpsilonLadder = Field(default_factory=EpsilonLadder, description="Ape-X style epsilons")
+    assimilation: AssimilationConfig = Field(
+        default_factory=AssimilationConfig,
+        description="weak agents adopt strong agents' networks from the model store (population-based training)")
 
     @model_validator(mode="before")
     @classmethod
@@ -215,7 +219,7 @@ class CollectiveSpec(CrdModel):
         return data
 
 
-_BORGDQN_SECTIONS = ("learner", "network", "policy", "epsilonLadder", "epsilon_ladder")
+_BORGDQN_SECTIONS = ("learner", "network", "policy", "epsilonLadder", "epsilon_ladder", "assimilation")
 
 
 def parse_spec(spec: dict[str, Any]) -> CollectiveSpec:
@@ -268,7 +272,7 @@ def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfi
                 model_store_bytes=memory.model_store_bytes,
             ),
             hive=HiveConfig(agents=1, steps=agents.steps, seed=agents.seed, out=Path(RUN_DIR),
-                            threads_per_agent=agents.threads, live="off"),
+                            threads_per_agent=agents.threads, live="off", assimilation=agents.assimilation),
             telemetry=TelemetryConfig(kafka=kafka_bootstrap(name, namespace, spec.kafka), collective=name,
                                       buffer_events=spec.telemetry_buffer_events),
         )

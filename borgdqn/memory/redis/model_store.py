@@ -14,6 +14,7 @@ without unpickling objects).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -64,6 +65,7 @@ class ModelEntry:
     best_mean: float | None  # best mean return over 20 episodes so far (None before 20 episodes)
     size_bytes: int
     saved_unix: float
+    mean_return: float | None = None  # mean return of its last 20 episodes when saved (what assimilation ranks)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -73,13 +75,13 @@ class ModelEntry:
         """The entry, or None for anything else (a hostile or older value is skipped, never trusted)."""
         try:
             data: Any = json.loads(raw)
-            best = data.get("best_mean")
+            best, mean = data.get("best_mean"), data.get("mean_return")
             entry = cls(agent=int(data["agent"]), env_steps=int(data["env_steps"]),
                         best_mean=None if best is None else float(best), size_bytes=int(data["size_bytes"]),
-                        saved_unix=float(data["saved_unix"]))
+                        saved_unix=float(data["saved_unix"]), mean_return=None if mean is None else float(mean))
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        finite = entry.best_mean is None or math.isfinite(entry.best_mean)
+        finite = all(v is None or math.isfinite(v) for v in (entry.best_mean, entry.mean_return))
         return entry if entry.agent >= 0 and entry.env_steps >= 0 and entry.size_bytes >= 0 and finite else None
 
 
@@ -100,7 +102,7 @@ class RedisModelStore:
         if len(checkpoint) > MAX_MODEL_BYTES:
             raise StoreFull(f"a checkpoint of {len(checkpoint) / 2**20:.0f} MiB is larger than the store takes "
                             f"({MAX_MODEL_BYTES >> 20} MiB)")
-        entry = ModelEntry(entry.agent, entry.env_steps, entry.best_mean, len(checkpoint), entry.saved_unix)
+        entry = dataclasses.replace(entry, size_bytes=len(checkpoint))
         best = "" if entry.best_mean is None or not math.isfinite(entry.best_mean) else repr(entry.best_mean)
         try:
             total = self._put(keys=[self.keys.models, self.keys.best, self.keys.model(entry.agent)],

@@ -119,16 +119,40 @@ class DropReport(_message.Message):
     last_dropped_seq: int
     def __init__(self, dropped_events: _Optional[int] = ..., first_dropped_seq: _Optional[int] = ..., last_dropped_seq: _Optional[int] = ...) -> None: ...
 
+class AssimilationEvent(_message.Message):
+    __slots__ = ("agent", "donor", "env_steps", "mean_return", "donor_mean_return", "donor_env_steps", "learning_rate", "epsilon_floor", "wall_seconds")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    DONOR_FIELD_NUMBER: _ClassVar[int]
+    ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RETURN_FIELD_NUMBER: _ClassVar[int]
+    DONOR_MEAN_RETURN_FIELD_NUMBER: _ClassVar[int]
+    DONOR_ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    agent: int
+    donor: int
+    env_steps: int
+    mean_return: float
+    donor_mean_return: float
+    donor_env_steps: int
+    learning_rate: float
+    epsilon_floor: float
+    wall_seconds: float
+    def __init__(self, agent: _Optional[int] = ..., donor: _Optional[int] = ..., env_steps: _Optional[int] = ..., mean_return: _Optional[float] = ..., donor_mean_return: _Optional[float] = ..., donor_env_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., epsilon_floor: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+
 class TelemetryEvent(_message.Message):
-    __slots__ = ("header", "episode", "training", "memory", "drops")
+    __slots__ = ("header", "episode", "training", "memory", "drops", "assimilation")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     EPISODE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     DROPS_FIELD_NUMBER: _ClassVar[int]
+    ASSIMILATION_FIELD_NUMBER: _ClassVar[int]
     header: EventHeader
     episode: EpisodeEvent
     training: TrainingReport
     memory: MemoryReport
     drops: DropReport
-    def __init__(self, header: _Optional[_Union[EventHeader, _Mapping]] = ..., episode: _Optional[_Union[EpisodeEvent, _Mapping]] = ..., training: _Optional[_Union[TrainingReport, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., drops: _Optional[_Union[DropReport, _Mapping]] = ...) -> None: ...
+    assimilation: AssimilationEvent
+    def __init__(self, header: _Optional[_Union[EventHeader, _Mapping]] = ..., episode: _Optional[_Union[EpisodeEvent, _Mapping]] = ..., training: _Optional[_Union[TrainingReport, _Mapping]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., drops: _Optional[_Union[DropReport, _Mapping]] = ..., assimilation: _Optional[_Union[AssimilationEvent, _Mapping]] = ...) -> None: ...
