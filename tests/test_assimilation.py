@@ -29,6 +29,7 @@ from borgdqn.rl.checkpoint import (
     agent_checkpoint_path,
     checkpoint_bytes,
     read_checkpoint,
+    write_checkpoint,
 )
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.learner import Learner
@@ -134,6 +135,30 @@ def test_a_donor_of_another_shape_is_refused_and_nothing_is_loaded() -> None:
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(before, mine.online.state_dict().values(),
                                                                     strict=True))
     assert mine.learning_rate == 1e-3
+
+
+def _rate_in_checkpoint(run: Path) -> tuple[float | None, float]:
+    state = read_checkpoint(agent_checkpoint_path(run, 0))[1]
+    return state.learning_rate, state.learner["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.integration
+def test_an_adopted_rate_survives_resume_unless_the_config_changes_the_rate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+
+    def session(steps: int, **extra: Any) -> None:
+        train(cartpole(**{"hive.out": str(run), "hive.agents": 1, "hive.steps": steps, "hive.live": "off",
+                          "env.num_envs": 2, "learner.learning_starts": 100, **extra}), resume=run.exists())
+
+    session(300)
+    # As an assimilation leaves it: the donor's rate, perturbed, in the agent's state.
+    saved_config, state = read_checkpoint(agent_checkpoint_path(run, 0))
+    write_checkpoint(agent_checkpoint_path(run, 0),
+                     checkpoint_bytes(dataclasses.replace(state, learning_rate=2.5e-3), saved_config))
+    session(600)
+    assert _rate_in_checkpoint(run) == (2.5e-3, 2.5e-3), "the learner trained on with the adopted rate"
+    session(900, **{"learner.lr": 5e-4})  # the user sets a new rate: theirs wins
+    assert _rate_in_checkpoint(run) == (None, 5e-4)
 
 
 # ------------------------------------------------------------------------------------------ the run-dir store

@@ -133,15 +133,22 @@ def run_agent(
     )
     state = AgentCheckpoint(agent=agent)
     if resume:
-        loaded = load_agent_checkpoint(run_dir, agent)
-        if loaded is not None:
+        found = load_agent_checkpoint(run_dir, agent)
+        if found is not None:
+            saved_config, loaded = found
             state = loaded
             check_learner_state(loaded.learner, learner.online, agent_checkpoint_path(run_dir, agent))
             learner.load_state_dict(loaded.learner)
-            if loaded.learning_rate is not None:  # assimilation's rate, not the config's
+            # Assimilation's rate and floor go on, unless the config changed them since (the user's word wins).
+            if loaded.learning_rate is not None and saved_config.learner.lr == learn_cfg.lr:
                 learner.set_learning_rate(loaded.learning_rate)
-            if loaded.epsilon_floor is not None:
+            else:
+                state.learning_rate = None
+            same_policy = (saved_config.policy, saved_config.epsilon_ladder) == (config.policy, config.epsilon_ladder)
+            if loaded.epsilon_floor is not None and same_policy:
                 policy = make_policy(loaded.epsilon_floor)
+            else:
+                state.epsilon_floor = None
             policy.load_state_dict(loaded.policy)
             log.info("agent=%d resumed env_steps=%d updates=%d", agent, state.env_steps, learner.updates)
     local_store = RunDirModelStore(run_dir)

@@ -166,8 +166,9 @@ def check_resumable(run_dir: Path, config: BorgConfig, spec: SpecLike) -> None:
             check_learner_state(read_checkpoint(path)[1].learner, network, path)
 
 
-def load_agent_checkpoint(run_dir: Path, agent: int) -> AgentCheckpoint | None:
+def load_agent_checkpoint(run_dir: Path, agent: int) -> tuple[BorgConfig, AgentCheckpoint] | None:
+    """The config agent ``agent`` last saved with and its state, or None when it saved nothing."""
     path = agent_checkpoint_path(run_dir, agent)
     if not path.exists():
         return None
-    return read_checkpoint(path)[1]
+    return read_checkpoint(path)
