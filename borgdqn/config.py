@@ -289,9 +289,7 @@ class HiveConfig(_Strict):
             try:
                 LearnerConfig.model_validate(settings)
             except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"agent {agent}: learner.{where}: {first['msg']}") from None
+                raise ValueError(f"agent {agent}: learner.{describe_validation_error(err)}") from None
         return value
 
 

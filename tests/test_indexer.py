@@ -41,7 +41,7 @@ PARTITIONS = 2
 
 
 def make_events(collective: str, n: int, role: str = "agent", start: int = 0) -> list[pb.TelemetryEvent]:
-    """``n`` events of one source, seq start..start+n-1, cycling through the four kinds."""
+    """``n`` events of one source, seq start..start+n-1, cycling through the kinds."""
     source = Source(collective, role, 0, uuid.uuid4().hex[:8])
     events = []
     for seq in range(start, start + n):
@@ -59,9 +59,13 @@ def make_events(collective: str, n: int, role: str = "agent", start: int = 0) ->
         elif kind == "memory":
             ev = pb.TelemetryEvent(header=h, memory=pb.MemoryReport(size=300, capacity=1000, inserted=seq,
                                    per_agent_steps={0: 100, 1: 200}, wall_seconds=2.0))  # fmt: skip
-        else:
+        elif kind == "drops":
             ev = pb.TelemetryEvent(header=h, drops=pb.DropReport(dropped_events=seq, first_dropped_seq=1,
                                                                  last_dropped_seq=2))
+        else:
+            ev = pb.TelemetryEvent(header=h, assimilation=pb.AssimilationEvent(
+                agent=seq % 3, donor=(seq + 1) % 3, env_steps=seq * 10, mean_return=-20.0, donor_mean_return=-15.0,
+                donor_env_steps=seq * 10, learning_rate=1e-4, wall_seconds=seq / 10))
         events.append(ev)
     return events
 
@@ -222,7 +226,7 @@ def test_every_event_lands_once_as_documents_of_the_schema(kafka_server: Any, es
     produce_events(kafka_server.bootstrap, prefix, [*events, *events[:50]])  # 50 sent twice (a producer retry)
     want = expected_docs(events)
     total = sum(map(len, want.values()))
-    assert total == 600  # 400 events, 100 memory reports with 2 shares each
+    assert total == 560  # 400 events, 80 memory reports with 2 shares each
 
     first = IndexerThread(settings_for(kafka_server, es_server.url, prefix, group))
     try:

@@ -240,8 +240,9 @@ class Hive:
             for agent, source in sources.items():
                 steps = 400 * (k + 1) + 50 * agent
                 add(source, when, episode=pb.EpisodeEvent(
-                    agent=agent, policy="epsilon_greedy" if k % 2 else "random", episode_return=-21.0 + k + agent, length=400,
-                    env_steps=steps, episode=k + 1, epsilon=max(0.1, 1.0 - 0.08 * k), wall_seconds=20.0 * k))
+                    agent=agent, policy="epsilon_greedy" if k % 2 else "random", episode_return=-21.0 + k + agent,
+                    length=400, env_steps=steps, episode=k + 1, epsilon=max(0.1, 1.0 - 0.08 * k),
+                    wall_seconds=20.0 * k))
                 add(source, when + 5, training=pb.TrainingReport(
                     agent=agent, env_steps=steps, updates=100 * k, loss=1.0 / (k + 1), mean_q=0.1 * k,
                     learning_rate=1e-4, updates_per_s=25.0, env_steps_per_s=200.0 + agent, replay_sample_age=3e3,

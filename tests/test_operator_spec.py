@@ -265,6 +265,8 @@ def full_spec() -> dict[str, Any]:
                 {"policy": {"kind": "greedy"}, "weight": {"kind": "constant", "value": 0.1}},
             ]},
             "epsilonLadder": {"enabled": True, "base": 0.3, "alpha": 5.0},
+            "assimilation": {"enabled": True, "every": 50_000, "bottom": 0.2, "top": 0.3, "perturb": False,
+                             "factors": [0.5, 2.0], "lrBounds": [1e-5, 1e-3], "epsilonFloorBounds": [0.01, 0.2]},
         },
         "memory": {"capacity": 500_000, "chunkLength": 16, "prioritized": False, "alpha": 0.5,
                    "beta": {"kind": "constant", "value": 1.0}, "priorityEps": 1e-5, "outboxSteps": 4096,
@@ -306,6 +308,8 @@ def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() 
     assert config.network == spec.agents.network
     assert config.policy == spec.agents.policy
     assert config.epsilon_ladder == spec.agents.epsilon_ladder
+    assert config.hive.assimilation == spec.agents.assimilation
+    assert config.hive.assimilation.epsilon_floor_bounds == (0.01, 0.2)  # camelCase undone
     for ours, theirs in REPLAY_FIELDS.items():
         assert getattr(config.replay, theirs) == getattr(spec.memory, ours), ours
     assert config.replay.redis_url == "redis://breakout-memory.ml.svc:6379/0"
