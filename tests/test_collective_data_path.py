@@ -15,7 +15,8 @@ the monitor sidecar and both members' telemetry
 reach Elasticsearch through the rendered indexer, attributed to the collective and to each pod; the members
 explored with their own ladder epsilons and played their own games; a member whose container restarts in the same
 pod resumes its finished run instead of refusing its run dir; each member, done, marks itself finished in Redis and
-waits to be released (SIGTERM).
+waits to be released (SIGTERM); a config change rolls the agents, and the new pod of agent k (an empty run dir)
+resumes from the model store with its env-step counter kept and the new config.
 """
 
 from __future__ import annotations
@@ -402,3 +403,36 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     logs = "".join(processes.log(name) for name in processes.procs)
     logs += "".join(p.read_text() for _, _, run_dir in runs.values() for p in (run_dir / "logs").glob("*.log"))
     assert "Traceback" not in logs and redis_server.password not in logs
+
+    # A config change (a new learning rate and a larger budget) rolls the agents: the pod template's checksum
+    # changes. The new pod of agent k starts with an empty run dir, resumes from k's checkpoint in the model store
+    # with its env-step counter kept, and goes on with the new config.
+    changed = {**SPEC, "agents": {**SPEC["agents"], "steps": 2 * STEPS,
+                                  "learner": {**SPEC["agents"]["learner"], "lr": 5e-4}}}
+    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_password=redis_server.password))
+
+    def checksum(found: Mapping[tuple[str, str], dict[str, Any]]) -> str:
+        template = found[("StatefulSet", f"{cr}-agents")]["spec"]["template"]
+        return str(template["metadata"]["annotations"][names.CONFIG_CHECKSUM_ANNOTATION])
+
+    assert checksum(rolled) != checksum(children)
+    rolled_config = tmp_path / "rolled" / CONFIG_KEY
+    rolled_config.parent.mkdir()
+    rolled_config.write_text(rolled[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY])
+    pod, identity = members[1]
+    args, env, _ = runs[pod]
+    new_run = tmp_path / f"{pod}-rolled" / "run"
+    new_pod = f"{pod}-rolled"
+    processes.start(new_pod, [arg.replace(str(config_file), str(rolled_config)) for arg in args],
+                    {**env, "BORG_HIVE__OUT": str(new_run)})
+    eventually(lambda: "waiting to be released" in processes.log(new_pod) or processes.procs[new_pod].poll()
+               is not None, "the rolled member done and waiting", 300, 0.5)  # fmt: skip
+    assert processes.stop(new_pod) == 0, processes.log(new_pod)[-3000:]
+    saved, state = read_checkpoint(agent_checkpoint_path(new_run, identity.agent_id))
+    assert state.env_steps == 2 * STEPS and saved.learner.lr == 5e-4
+    assert state.learner["optimizer"]["param_groups"][0]["lr"] == 5e-4, "it trained with the new rate"
+    played = metrics(new_run, identity.agent_id, "episode")
+    assert played and min(r["env_steps"] for r in played) > STEPS, "nothing before the roll was played again"
+    log_text = processes.log(new_pod) + (new_run / "logs" / "agent-0.log").read_text()
+    assert "resumes from the model store" in log_text and f"resumed env_steps={STEPS}" in log_text
+    assert "Traceback" not in processes.log(new_pod) and redis_server.password not in processes.log(new_pod)
