@@ -108,11 +108,12 @@ def _agent_main(
 ) -> None:
     # The terminal sends Ctrl-C to the whole process group; the parent alone decides, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _agent_logging(run_dir, agent, log_level)
-    from borgdqn.rl.agent import run_agent
-
     config = BorgConfig.model_validate_json(config_json)
     identity = collective_member(config, member) if member else hive_agent(config, agent)
+    # Named by the agent's id, as its metrics and checkpoints are (a collective's member k writes agent-<k>.log).
+    _agent_logging(run_dir, identity.agent_id, log_level)
+    from borgdqn.rl.agent import run_agent
+
     config = agent_config(config, identity.agent_id)
     memory: ReplayMemory
     if handle is None:
