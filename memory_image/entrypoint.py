@@ -2,6 +2,7 @@
 
     entrypoint.py [redis-server [ARG...]]   render the config and become redis-server (the default command)
     entrypoint.py COMMAND [ARG...]          run anything else as given (the monitor sidecar, the indexer, a shell)
+    entrypoint.py --help                    this text
 
 The rendered config is the template beside this script (``redis.conf``) with its placeholders filled in,
 ``maxmemory`` sized from the memory's capacity (``borgdqn.memory.redis.sizing``) and ``requirepass`` appended.
@@ -203,7 +204,12 @@ def _write_private(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__, end="")
+        return 0
     if argv and argv[0] != "redis-server":
+        if shutil.which(argv[0]) is None:
+            raise BadSetting(f"{argv[0]!r}: no such command in the image (entrypoint.py --help shows the usage)")
         os.execvp(argv[0], list(argv))  # another command of the image: run it as given
     extra = list(argv[1:])
     for arg in extra:

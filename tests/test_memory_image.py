@@ -272,6 +272,17 @@ def test_maxmemory_can_be_given_outright_and_other_commands_run_as_given(install
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
+def test_help_shows_the_usage_and_an_unknown_command_is_one_line(install: RedisInstall, tmp_path: Path) -> None:
+    helped = run_entrypoint(install, tmp_path, "--help")
+    assert helped.returncode == 0 and "entrypoint.py COMMAND [ARG...]" in helped.stdout, helped.stderr
+    assert "BORG_MEMORY_CAPACITY" in helped.stdout and not helped.stderr
+    unknown = run_entrypoint(install, tmp_path, "no-such-command-here", "--flag")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "'no-such-command-here': no such command" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------ the Dockerfile
 def dockerfile_final_stage() -> list[tuple[str, str]]:
     """(instruction, arguments) of the Dockerfile's last stage, continuation lines joined, comments dropped."""
