@@ -6,6 +6,7 @@ progress, turns Ctrl-C into a clean stop (every agent saves a checkpoint) and wr
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -32,7 +33,7 @@ from borgdqn.memory.redis.keys import LogShape
 from borgdqn.memory.redis.link import LinkSettings, RedisLink
 from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
-from borgdqn.memory.shared import SharedReplay, SharedReplayHandle
+from borgdqn.memory.shared import NoRoom, SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.one_line import one_line
 from borgdqn.rl.adder import STREAMS_PER_AGENT
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 LOG_DIR = "logs"
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15  # <linux/prctl.h>
 JOIN_TIMEOUT_S = 120.0
 # A second interrupt aborts only when it comes this long after the first: tools deliver one stop twice at once.
 ABORT_AFTER_S = 1.0
@@ -94,8 +96,22 @@ def prepare_run_dir(config: BorgConfig, resume: bool) -> Path:
     return run_dir
 
 
+def _die_with_parent(parent: int, agent: int) -> None:
+    """Linux: SIGTERM this agent process when the runner dies, so a SIGKILLed runner leaves no agent training on;
+    and name it ``borg-agent-<k>`` for ps, top and the kernel's OOM report."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"borg-agent-{agent}".encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the runner's own cleanup is all there is
+    if os.getppid() != parent:  # the runner died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _agent_main(
     agent: int,
+    parent: int,
     member: str | None,
     config_json: str,
     handle: SharedReplayHandle | None,
@@ -108,8 +124,12 @@ def _agent_main(
 ) -> None:
     # The terminal sends Ctrl-C to the whole process group; the parent alone decides, and sets `stop`.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the runner died, or a kill): stop the hive the clean way, every agent saving its state. From a thread:
+    # the handler may run while this thread holds the event's lock (inside `stop.is_set()`).
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=stop.set, daemon=True).start())
     config = BorgConfig.model_validate_json(config_json)
     identity = collective_member(config, member) if member else hive_agent(config, agent)
+    _die_with_parent(parent, identity.agent_id)
     # Named by the agent's id, as its metrics and checkpoints are (a collective's member k writes agent-<k>.log).
     _agent_logging(run_dir, identity.agent_id, log_level)
     from borgdqn.rl.agent import run_agent
@@ -132,6 +152,8 @@ def _agent_main(
         memory.close()
         if store is not None:
             store.close()
+        if os.getppid() != parent:
+            reports.cancel_join_thread()  # nobody reads the reports now: do not wait to flush them at exit
 
 
 def log_shape(config: BorgConfig, spec: EnvSpec) -> LogShape:
@@ -266,23 +288,18 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.
     if config.replay.backend == "redis":
         check_redis_log(config, spec)
-    run_dir = prepare_run_dir(config, resume)
-    if resume:
-        check_resumable(run_dir, config, spec)
+    # The embedded memory before the run dir: a memory /dev/shm cannot hold must not leave a run to --resume.
+    shared = _create_shared_memory(config, spec) if config.replay.backend != "redis" else None
+    try:
+        run_dir = prepare_run_dir(config, resume)
+        if resume:
+            check_resumable(run_dir, config, spec)
+    except BaseException:
+        if shared is not None:
+            shared.close()
+            shared.unlink()
+        raise
     offset = _resume_offset(run_dir) if resume else 0.0
-    shared: SharedReplay | None = None
-    if config.replay.backend != "redis":
-        shared = SharedReplay.create(
-            config.replay.capacity,
-            spec.frame_shape,
-            spec.frame_dtype,
-            prioritized=config.replay.prioritized,
-            alpha=config.replay.alpha,
-            priority_eps=config.replay.priority_eps,
-            recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
-            max_streams=config.hive.agents * STREAMS_PER_AGENT,
-            seed=config.hive.seed,
-        )
     frame_bytes = int(np.prod(spec.frame_shape)) * np.dtype(spec.frame_dtype).itemsize
     log.info(
         "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.0f MB of frames) out=%s logs=%s",
@@ -294,12 +311,13 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     reports = ctx.Queue(maxsize=10_000)
     config_json = config.model_dump_json()
     started = time.monotonic()
+    agent_ids = [collective_member(config, member).agent_id] if member else list(range(config.hive.agents))
     procs = [
         ctx.Process(
             target=_agent_main,
-            name=f"borgdqn-agent-{i}",
-            args=(i, member, config_json, shared.handle() if shared else None, run_dir, stop, reports, resume, offset,
-                  logging.getLogger().level),
+            name=f"borgdqn-agent-{agent_ids[i]}",
+            args=(i, os.getpid(), member, config_json, shared.handle() if shared else None, run_dir, stop, reports,
+                  resume, offset, logging.getLogger().level),
         )
         for i in range(config.hive.agents)
     ]
@@ -314,8 +332,8 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
         for p in procs:
             p.join(JOIN_TIMEOUT_S)
             if p.is_alive():
-                log.warning("agent process %s did not stop in %.0fs; terminating it", p.name, JOIN_TIMEOUT_S)
-                p.terminate()
+                log.warning("agent process %s did not stop in %.0fs; killing it", p.name, JOIN_TIMEOUT_S)
+                p.kill()  # it ignored `stop` (and SIGTERM only sets it)
                 p.join(5)
         _drain(reports, None, failures)
     finally:
@@ -330,14 +348,40 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     summary = summarize(run_dir, offset + time.monotonic() - started)
     summary["interrupted"] = interrupted
     write_summary(run_dir, summary)
-    if failures:
+    # A killed agent first: the others may have failed because of it (a lock it died holding).
+    crashed = [i for i, p in enumerate(procs) if (p.exitcode or 0) < 0]
+    if failures and not crashed:
         first = failures[0]
         raise HiveError(f"agent {first.agent} failed: {first.message}")
-    crashed = [p for p in procs if p.exitcode not in (0, None)]
+    crashed = crashed or [i for i, p in enumerate(procs) if p.exitcode not in (0, None)]
     if crashed:
-        raise HiveError(f"agent process {crashed[0].name} died with exit code {crashed[0].exitcode}")
+        agent = agent_ids[crashed[0]]
+        log_file = run_dir / LOG_DIR / f"agent-{agent}.log"
+        after = (f"then agent {failures[0].agent} failed: {failures[0].message}" if failures
+                 else "the others stopped and saved")
+        raise HiveError(f"agent {agent} died ({exit_cause(procs[crashed[0]].exitcode)}); {after}. The end of its "
+                        f"log ({log_file}):\n{log_tail(log_file)}")
     log.info("summary written to %s", run_dir / SUMMARY_FILE)
     return summary
+
+
+def _create_shared_memory(config: BorgConfig, spec: EnvSpec) -> SharedReplay:
+    """The hive's shared-memory ring; ConfigError (one line) when /dev/shm has no room for it."""
+    try:
+        return SharedReplay.create(
+            config.replay.capacity,
+            spec.frame_shape,
+            spec.frame_dtype,
+            prioritized=config.replay.prioritized,
+            alpha=config.replay.alpha,
+            priority_eps=config.replay.priority_eps,
+            recurrent_hidden=config.network.lstm_hidden if config.network.lstm else None,
+            max_streams=config.hive.agents * STREAMS_PER_AGENT,
+            seed=config.hive.seed,
+        )
+    except NoRoom as err:
+        raise ConfigError(f"replay.capacity {config.replay.capacity:,}: {err}; lower replay.capacity or give "
+                          "/dev/shm more room (a container's --shm-size)") from None
 
 
 def member_finished(config: BorgConfig, summary: dict[str, Any]) -> int | None:
@@ -396,6 +440,27 @@ def _stop_on_termination_signals() -> dict[int, Any]:
     return previous
 
 
+def exit_cause(code: int | None) -> str:
+    """What ended a process, in words: ``killed by SIGKILL``, ``exit code 1``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def log_tail(path: Path, lines: int = 10) -> str:
+    """The last ``lines`` lines of a log file (or why there are none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return f"(no log: {err.strerror})"
+    return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
+
+
 def _drain(reports: Any, view: HiveView | None, failures: list[AgentFailure], timeout: float = 0.0) -> None:
     block = timeout > 0
     while True:
@@ -425,15 +490,19 @@ def _watch(
             if failures and not stop.is_set():
                 view.note(f"agent {failures[0].agent} failed ({failures[0].message}); stopping the hive")
                 stop.set()
+            dead = [p for p in procs if p.exitcode not in (0, None)]
+            if dead and not stop.is_set():  # killed (SIGKILL, the OOM killer): it could not say so itself
+                view.note(f"{dead[0].name} died ({exit_cause(dead[0].exitcode)}); stopping the hive")
+                stop.set()
         except KeyboardInterrupt:
             if interrupted_at is None:
                 interrupted_at = time.monotonic()
                 stop.set()
                 view.note("stopping: every agent saves a checkpoint (Ctrl-C again to abort)")
             elif time.monotonic() - interrupted_at > ABORT_AFTER_S:
-                view.note("second Ctrl-C: terminating agents without saving")
+                view.note("second Ctrl-C: killing the agents without saving")
                 for p in procs:
-                    p.terminate()
+                    p.kill()
                 break
             # else: the same stop delivered twice (e.g. `timeout` signals the process and its group): one stop.
     _drain(reports, view, failures)

@@ -2,6 +2,6 @@
 private replica of the Redis log (``replay.py`` says how the parts fit)."""
 
 from borgdqn.memory.shared.replay import SharedReplay
-from borgdqn.memory.shared.segment import SharedReplayHandle, default_sequences
+from borgdqn.memory.shared.segment import NoRoom, SharedReplayHandle, default_sequences
 
-__all__ = ["SharedReplay", "SharedReplayHandle", "default_sequences"]
+__all__ = ["NoRoom", "SharedReplay", "SharedReplayHandle", "default_sequences"]

@@ -58,6 +58,7 @@ from borgdqn.memory.shared.segment import (
     HeldLock,
     SharedReplayHandle,
     ThreadLock,
+    check_room,
     default_sequences,
     segment_name,
     unlink_segment,
@@ -152,6 +153,7 @@ class SharedReplay:
             memory._initialise()
             memory.spec = spec
             return memory
+        check_room(layout.nbytes)
         seg = segment_name(name or f"borgdqn-replay-{os.getpid()}-{secrets.token_hex(4)}")
         fd = _posixshmem.shm_open(seg, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:

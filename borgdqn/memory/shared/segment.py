@@ -86,6 +86,26 @@ def segment_name(name: str) -> str:
     return name if name.startswith("/") else "/" + name
 
 
+SHM_DIR = "/dev/shm"
+
+
+class NoRoom(ValueError):
+    """The shared-memory file system cannot hold the memory (its pages would fault with SIGBUS when first written)."""
+
+
+def check_room(nbytes: int, where: str = SHM_DIR) -> None:
+    """NoRoom (one line) unless ``where`` has ``nbytes`` free: ftruncate succeeds on a too small tmpfs, and the
+    process dies with SIGBUS, no message, at its first write past the free space."""
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return  # no such file system here (not Linux): shm_open reports what it reports
+    free = stats.f_bavail * stats.f_frsize
+    if nbytes > free:
+        raise NoRoom(f"the replay memory needs {nbytes / 1e9:.2f} GB of shared memory and {where} has "
+                     f"{free / 1e9:.2f} GB free")
+
+
 def unlink_segment(name: str, owner_pid: int | None = None) -> None:
     if owner_pid is not None and os.getpid() != owner_pid:
         return  # a forked copy of the owner exiting must not free the hive's memory
