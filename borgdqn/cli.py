@@ -16,6 +16,7 @@ from typing import Any
 
 from borgdqn import __version__
 from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override, read_yaml
+from borgdqn.memory.redis.client import RefusedPassword
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kibana-setup": _cmd_kibana_setup}
     try:
         return commands[args.command](args)
-    except ConfigError as err:
+    except (ConfigError, RefusedPassword) as err:  # a refused password is bad input, not an outage
         print(f"borgdqn: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ValueError, FileNotFoundError) as err:

@@ -28,7 +28,7 @@ from borgdqn.config import BorgConfig, ConfigError, agent_config, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
 from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
 from borgdqn.memory.protocol import ReplayMemory
-from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, with_password
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, RefusedPassword, connect, with_password
 from borgdqn.memory.redis.keys import LogShape
 from borgdqn.memory.redis.link import LinkSettings, RedisLink
 from borgdqn.memory.redis.model_store import RedisModelStore
@@ -166,7 +166,10 @@ def log_shape(config: BorgConfig, spec: EnvSpec) -> LogShape:
 
 def connect_redis(config: BorgConfig) -> Any:
     """A client of ``replay.redis_url``; the password comes from BORG_REDIS_PASSWORD, never from a URL."""
-    return connect(with_password(config.replay.redis_url, os.environ.get(REDIS_PASSWORD_ENV, "")))
+    try:
+        return connect(with_password(config.replay.redis_url, os.environ.get(REDIS_PASSWORD_ENV, "")))
+    except RefusedPassword as err:  # bad input, not an outage: never retried
+        raise ConfigError(f"{err} (check {REDIS_PASSWORD_ENV})") from None
 
 
 def check_redis_log(config: BorgConfig, spec: EnvSpec) -> None:

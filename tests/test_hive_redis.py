@@ -126,10 +126,38 @@ def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: P
     args = ["--config", str(EXAMPLES / "cartpole.yaml"), "--out", str(tmp_path / "run"), "--no-live",
             "--memory", f"redis://127.0.0.1:{redis_server.port}/0"]
     refused = _train(args, {"BORG_REDIS_PASSWORD": "guess"})
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].startswith("borgdqn: failed: ConnectionError: redis at ")
-    assert "refused the password" in refused.stderr
+    assert refused.returncode == 2, "a refused password is bad input, not an outage"
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("borgdqn: error: redis at ") and "refused the password" in last, last
+    assert last.endswith("(check BORG_REDIS_PASSWORD)") and "guess" not in refused.stderr
     assert not (tmp_path / "run").exists(), "nothing to --resume after a refused connection"
+
+
+def test_a_password_refused_mid_run_is_fatal_not_an_outage_retried_forever(
+        tmp_path: Path, redis_server_aof: RedisServer) -> None:
+    """The memory's password changes under a running agent (a replaced Secret): its link's reconnect is refused,
+    and the agent stops with that reason instead of waiting, as for an outage, for a server that is there."""
+    server, out, name = redis_server_aof, tmp_path / "run", f"pw-{uuid.uuid4().hex[:8]}"
+    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
+    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    admin = redis.Redis.from_url(server.url)
+    try:
+        eventually(lambda: proc.poll() is None and min(_updates(out, 0), _updates(out, 1)) > 0,
+                   "both agents writing and learning", 120)
+        admin.config_set("requirepass", "a-new-secret-the-agents-do-not-know")
+        admin.client_kill_filter(_type="normal", skipme=True)  # every agent connection must log in again
+        assert proc.wait(timeout=120) == 1, log_path.read_text()[-3000:]
+    finally:
+        proc.kill()
+        admin.close()
+    output = log_path.read_text()
+    assert "refused the password" in output and "HiveError" in output, output[-3000:]
+    assert "a-new-secret" not in output and server.password not in output and "Traceback" not in output
 
 
 def test_the_redis_url_must_not_carry_the_password() -> None:

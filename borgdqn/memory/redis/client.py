@@ -24,10 +24,24 @@ def with_password(url: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f":{quote(password, safe='')}@{parts.netloc}"))
 
 
-def is_outage(err: BaseException) -> bool:
-    """A server that is away (down, restarting, unreachable), as opposed to one that refused a command."""
+class RefusedPassword(ConnectionError):
+    """The server is there and refused the password: no retry will change that."""
+
+
+def refused_password(err: BaseException) -> bool:
+    """The server refused the password (or no longer accepts it)."""
     import redis
 
+    return isinstance(err, redis.AuthenticationError | RefusedPassword)
+
+
+def is_outage(err: BaseException) -> bool:
+    """A server that is away (down, restarting, unreachable), as opposed to one that refused a command or the
+    password (redis-py's AuthenticationError is a ConnectionError, but waiting never cures a wrong password)."""
+    import redis
+
+    if refused_password(err):
+        return False
     # BusyLoadingError (a restarted server reading its AOF) is a ConnectionError too.
     return isinstance(err, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError))
 
@@ -46,7 +60,7 @@ def connect(url: str, *, timeout_s: float = 30.0) -> Any:
             client.ping()
             return client
         except redis.AuthenticationError as exc:
-            raise ConnectionError(f"redis at {where} refused the password: {exc}") from None
+            raise RefusedPassword(f"redis at {where} refused the password: {exc}") from None
         except redis.RedisError as exc:
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(

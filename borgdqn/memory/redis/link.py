@@ -35,7 +35,7 @@ import numpy as np
 
 from borgdqn.memory.codec import encode_chunk
 from borgdqn.memory.protocol import MemoryNotReady, MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
-from borgdqn.memory.redis.client import is_outage
+from borgdqn.memory.redis.client import RefusedPassword, is_outage, refused_password
 from borgdqn.memory.redis.keys import LogKeys, LogShape
 from borgdqn.memory.redis.tail import LogTail
 from borgdqn.memory.redis.writer import LogWriter
@@ -240,7 +240,12 @@ class RedisLink:
         try:
             loop()
         except BaseException as err:
-            log.error("redis link thread %s failed: %s", threading.current_thread().name, err, exc_info=err)
+            if refused_password(err):  # expected, and no bug of ours: one line, no traceback
+                err = RefusedPassword(f"redis refused the password ({' '.join(str(err).split())}): it changed, "
+                                      "or the memory's Secret was replaced")
+                log.error("redis link thread %s failed: %s", threading.current_thread().name, err)
+            else:
+                log.error("redis link thread %s failed: %s", threading.current_thread().name, err, exc_info=err)
             with self._cond:
                 self._failure = err
                 self._cond.notify_all()
