@@ -145,8 +145,8 @@ def _agent_main(
         run_agent(identity, config, memory, run_dir, stop=stop, reports=reports, resume=resume,
                   clock_offset=clock_offset, store=store)
     except Exception as err:
-        log.debug("agent %d failed:\n%s", agent, traceback.format_exc())
-        reports.put(AgentFailure(agent, f"{err.__class__.__name__}: {err}"))
+        log.debug("agent %d failed:\n%s", identity.agent_id, traceback.format_exc())
+        reports.put(AgentFailure(identity.agent_id, f"{err.__class__.__name__}: {err}"))
         sys.exit(1)
     finally:
         memory.close()

@@ -278,6 +278,33 @@ def test_an_invalid_spec_says_why_once_and_is_not_retried(
     poll(lambda: condition(cluster, namespace, name, "Ready").get("reason") != "InvalidSpec", "InvalidSpec gone")
 
 
+def test_a_deleted_redis_secret_is_reported_and_never_replaced_while_the_memory_runs(
+        cluster: KubeCluster, namespace: str, operator: Operator) -> None:
+    name = "ls"
+    apply(cluster, collective(name, namespace, None))
+    found = settled(cluster, namespace, name, None)
+    secret = found[("Secret", f"{name}-redis")]
+    password = secret["data"]["password"]
+
+    cluster.kubectl("delete", "secret", f"{name}-redis", "-n", namespace)
+    poll(lambda: "is gone while StatefulSet ls-memory runs with its password" in
+         condition(cluster, namespace, name, "Ready").get("message", ""), "Ready says the Secret is gone")
+    ready = condition(cluster, namespace, name, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReconcileError")
+    time.sleep(5)  # two resyncs more: still no new password, and one warning, not one per resync
+    assert cluster.kubectl("get", "secret", f"{name}-redis", "-n", namespace, check=False).returncode != 0
+    warnings = [e for e in events(cluster, namespace, name) if e["reason"] == "SecretMissing"]
+    assert [(e["type"], e.get("count", 1)) for e in warnings] == [("Warning", 1)], warnings
+    assert "recreate the Secret with the old password" in warnings[0]["message"]
+
+    # The Secret restored with the old password: reconciled as before, the error gone, the password kept.
+    restored = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": f"{name}-redis", "namespace": namespace}, "data": {"password": password}}
+    apply(cluster, restored)
+    poll(lambda: condition(cluster, namespace, name, "Ready").get("reason") != "ReconcileError", "the error gone")
+    assert cluster.get_json("secret", f"{name}-redis", "-n", namespace)["data"]["password"] == password
+
+
 @pytest.fixture
 def without_strimzi(cluster: KubeCluster) -> Iterator[None]:
     """No Strimzi CRDs for the test's duration: those another test installed are put back afterwards."""

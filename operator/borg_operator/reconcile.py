@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 PostEvent = Callable[[Mapping[str, Any], Event], None]
 
 
+def lost_secret_message(cr: str) -> str:
+    return (f"Secret {names.redis_secret(cr)} is gone while StatefulSet {names.memory(cr)} runs with its password: "
+            "a new password would lock every agent out of the memory, so none is made; recreate the Secret with "
+            "the old password (key: password), or delete the memory StatefulSet (and its volume, losing the "
+            "hive's experience and model store) to start anew")
+
+
 def one_line(err: BaseException) -> str:
     """An error as one status line: the apiserver's own message where there is one, never a traceback."""
     body = getattr(err, "body", None)
@@ -147,6 +154,14 @@ class Reconciler:
             spec = parse_spec(dict(body.get("spec") or {}))
             password = read_password(self.applier, owner.namespace, owner.name)
             fresh = password is None
+            if fresh and self.applier.get("apps/v1", "StatefulSet", owner.namespace, names.memory(owner.name)):
+                # The memory runs with the old password (and holds the hive's data): a new one would lock every
+                # agent out of it. Say so and change nothing until a person decides.
+                error = lost_secret_message(owner.name)
+                previous = self._outcomes.get(owner.uid)
+                if previous is None or previous.error != error:  # once, not at every resync
+                    self._post(owner, Event("Warning", "SecretMissing", error))
+                return Outcome(generation, "error", error=error)
             completed = is_completed(dict(body.get("status") or {}), spec)
             children = self._render(owner, spec, password or secrets.token_urlsafe(32), completed)
         except SpecError as err:
