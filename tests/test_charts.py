@@ -167,7 +167,8 @@ def test_every_object_the_operator_chart_renders_passes_the_apiservers_dry_run(c
                                         "ServiceAccount"]
     namespaced_text = render_text(cluster, OPERATOR_CHART, "op", home, "--set", "watch.clusterWide=false",
                                   f"--set=watch.namespaces={{{watched}}}", "--set", "serviceMonitor.enabled=true",
-                                  "--set", "image.digest=sha256:" + "ab" * 32, "--set", "memoryFill=false")
+                                  "--set", "image.digest=sha256:" + "ab" * 32, "--set", "memoryFill=false",
+                                  "--set", "allowedImages={registry.example/agent,registry.example/memory}")
     namespaced = list(filter(None, yaml.load_all(namespaced_text, Loader=_Yaml12Loader)))
     assert sorted(by_kind(namespaced)) == ["Deployment", "Role", "RoleBinding", "Service", "ServiceAccount",
                                            "ServiceMonitor"]
@@ -177,6 +178,10 @@ def test_every_object_the_operator_chart_renders_passes_the_apiservers_dry_run(c
     container = by_kind(namespaced)["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/borg-dqn/borgdqn-operator@sha256:" + "ab" * 32
     assert "--no-memory-fill" in container["args"]
+    assert [a for a in container["args"] if a.startswith("--allowed-image")] == [
+        "--allowed-image=registry.example/agent", "--allowed-image=registry.example/memory"]
+    default_args = by_kind(default)["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in default_args if a.startswith("--allowed-image")], "the operator's own default list"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 

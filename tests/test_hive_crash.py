@@ -60,12 +60,21 @@ def learning(out: Path) -> bool:
                and '"kind":"train"' in (out / "metrics" / f"agent-{a}.jsonl").read_text() for a in (0, 1))
 
 
-def test_an_agent_killed_stops_the_hive_with_its_cause_and_log_tail(tmp_path: Path) -> None:
-    out, log = tmp_path / "run", tmp_path / "runner.log"
+def learning_hive(out: Path, log: Path) -> tuple[subprocess.Popen[bytes], dict[int, int]]:
+    """A 2-agent hive whose agents both learn; its runner and the agents' pids."""
     runner = start_hive(out, log)
     try:
         eventually(lambda: learning(out) and len(agent_pids(runner.pid)) == 2, "both agents learning", 120, 0.2)
-        pids = agent_pids(runner.pid)
+    except BaseException:
+        runner.kill()
+        raise
+    return runner, agent_pids(runner.pid)
+
+
+def test_an_agent_killed_stops_the_hive_with_its_cause_and_log_tail(tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "runner.log"
+    runner, pids = learning_hive(out, log)
+    try:
         os.kill(pids[1], signal.SIGKILL)
         assert runner.wait(timeout=120) == 1, log.read_text()[-3000:]
     finally:
@@ -83,10 +92,8 @@ def test_an_agent_killed_stops_the_hive_with_its_cause_and_log_tail(tmp_path: Pa
 
 def test_the_runner_killed_takes_its_agents_with_it_and_each_saves(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "runner.log"
-    runner = start_hive(out, log)
+    runner, pids = learning_hive(out, log)
     try:
-        eventually(lambda: learning(out) and len(agent_pids(runner.pid)) == 2, "both agents learning", 120, 0.2)
-        pids = agent_pids(runner.pid)
         killed_at = time.time()
         runner.kill()
         runner.wait(timeout=10)

@@ -401,3 +401,38 @@ def test_the_borg_operator_console_script_runs(tmp_path: Path) -> None:
     bad = subprocess.run([str(script), "--metrics-port", "70000"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
     assert bad.returncode == 2 and "not a port" in bad.stderr, bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the allow-list
+@pytest.mark.parametrize(("image", "allowed"), [
+    (DEFAULT_AGENT_IMAGE, True),
+    (f"{images.AGENT_REPOSITORY}@sha256:{'ab' * 32}", True),
+    (f"{images.MEMORY_REPOSITORY}:0.2.0@sha256:{'ab' * 32}", True),
+    (images.DEFAULT_KAFKA_IMAGE, True),
+    (f"{images.AGENT_REPOSITORY}-evil:0.1.0", False),  # a longer name is another repository
+    ("evil.example:5000/borgdqn-agent:0.1.0", False),
+    (f"mirror.example/{images.AGENT_REPOSITORY}:0.1.0", False),
+])
+def test_only_images_of_the_allowed_repositories_run(image: str, allowed: bool) -> None:
+    assert images.image_allowed(image, images.DEFAULT_ALLOWED_IMAGES) is allowed
+    assert images.image_allowed(image, ("*",))
+
+
+def test_a_collective_of_a_foreign_image_is_refused_naming_the_field() -> None:
+    from borg_operator.reconcile import check_images
+    from borg_operator.spec import SpecError
+
+    check_images(parse_spec({}), images.DEFAULT_ALLOWED_IMAGES)  # the defaults run
+    foreign = parse_spec({"memory": {"image": "evil.example/steal:1"}})
+    with pytest.raises(SpecError, match=r"^memory\.image evil\.example/steal:1 is not from an allowed repository"):
+        check_images(foreign, images.DEFAULT_ALLOWED_IMAGES)
+    check_images(foreign, ("evil.example/steal", *images.DEFAULT_ALLOWED_IMAGES))  # listed: it runs
+    external = parse_spec({"kafka": {"mode": "external", "bootstrapServers": "kafka.example:9092",
+                                     "image": "evil.example/kafka:1"}})
+    check_images(external, images.DEFAULT_ALLOWED_IMAGES)  # no managed broker: kafka.image runs nowhere
+
+
+def test_the_operator_takes_its_allow_list_from_the_flags() -> None:
+    assert parse_args([]).allowed_images == []  # the operator then uses DEFAULT_ALLOWED_IMAGES
+    args = parse_args(["--allowed-image", "registry.example/agent", "--allowed-image", "*"])
+    assert args.allowed_images == ["registry.example/agent", "*"]

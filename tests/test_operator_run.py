@@ -278,6 +278,16 @@ def test_an_invalid_spec_says_why_once_and_is_not_retried(
     poll(lambda: condition(cluster, namespace, name, "Ready").get("reason") != "InvalidSpec", "InvalidSpec gone")
 
 
+def test_an_image_outside_the_allow_list_is_refused_and_nothing_is_applied(
+        cluster: KubeCluster, namespace: str, operator: Operator) -> None:
+    name = "im"
+    apply(cluster, collective(name, namespace, {"agents": {"image": "evil.example/steal-credentials:1"}}))
+    poll(lambda: condition(cluster, namespace, name, "Ready").get("reason") == "InvalidSpec", "Ready: InvalidSpec")
+    message = condition(cluster, namespace, name, "Ready")["message"]
+    assert message.startswith("agents.image evil.example/steal-credentials:1 is not from an allowed repository")
+    assert children(cluster, namespace, name) == {}, "no Secret, no pod spec: nothing to hand credentials to"
+
+
 def test_a_deleted_redis_secret_is_reported_and_never_replaced_while_the_memory_runs(
         cluster: KubeCluster, namespace: str, operator: Operator) -> None:
     name = "ls"

@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--resync-seconds", type=float, default=30.0, metavar="S",
                         help="reconcile every collective and refresh its status this often (default 30)")
+    parser.add_argument("--allowed-image", dest="allowed_images", action="append", default=[], metavar="REPO",
+                        help="an image repository collectives may run (repeatable; '*': any); default: "
+                        "this project's agent and memory images and apache/kafka")
     parser.add_argument("--no-memory-fill", dest="memory_fill", action="store_false",
                         help="do not read the memory's fill from Redis for the status")
     parser.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=True,
@@ -161,12 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from borg_operator import handlers, metrics
     from borg_operator.apply import Applier, discovery_cache_file
     from borg_operator.events import EventPoster
+    from borg_operator.images import DEFAULT_ALLOWED_IMAGES
     from borg_operator.memory_fill import FillReader
     from borg_operator.reconcile import Reconciler
 
     configure_logging(args.log_format, args.verbose)
     applier = Applier(DynamicClient(api, cache_file=discovery_cache_file()))
-    reconciler = Reconciler(applier, EventPoster(applier), fills=FillReader() if args.memory_fill else None)
+    reconciler = Reconciler(applier, EventPoster(applier), fills=FillReader() if args.memory_fill else None,
+                            allowed_images=tuple(args.allowed_images) or DEFAULT_ALLOWED_IMAGES)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, reconciler,
                       handlers.Options(namespaces=tuple(args.namespace), resync_s=args.resync_seconds,

@@ -20,4 +20,20 @@ DEFAULT_AGENT_IMAGE = f"{AGENT_REPOSITORY}:{IMAGE_TAG}"
 DEFAULT_MEMORY_IMAGE = f"{MEMORY_REPOSITORY}:{IMAGE_TAG}"
 OPERATOR_IMAGE = f"{OPERATOR_REPOSITORY}:{IMAGE_TAG}"
 # Managed-mode Kafka is upstream's image, not ours: its tag follows Kafka's releases, not borgdqn's.
-DEFAULT_KAFKA_IMAGE = "apache/kafka:4.1.0"
+KAFKA_REPOSITORY = "apache/kafka"
+DEFAULT_KAFKA_IMAGE = f"{KAFKA_REPOSITORY}:4.1.0"
+
+# The repositories a collective may run by default: its pods get the Redis password (agents, the memory, and
+# the memory image's indexer and Kibana setup the Elasticsearch user's), so an image is code the credentials
+# are handed to. The operator's --allowed-image widens or replaces the list.
+DEFAULT_ALLOWED_IMAGES = (AGENT_REPOSITORY, MEMORY_REPOSITORY, KAFKA_REPOSITORY)
+
+
+def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
+    """``image`` (``REPO``, ``REPO:TAG``, ``REPO@DIGEST`` or both) is from one of the ``allowed`` repositories;
+    ``*`` allows every image."""
+    repository = image.split("@", 1)[0]
+    last = repository.rsplit("/", 1)[-1]
+    if ":" in last:  # a tag (a registry's port is before a slash)
+        repository = repository[: len(repository) - len(last)] + last.split(":", 1)[0]
+    return "*" in allowed or repository in allowed

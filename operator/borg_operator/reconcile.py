@@ -30,6 +30,7 @@ from typing import Any
 from borg_operator import KIND, metrics, names
 from borg_operator.apply import API_VERSION, Applier, Owner, describe
 from borg_operator.builders import OWNED_KINDS, build_children
+from borg_operator.images import DEFAULT_ALLOWED_IMAGES, image_allowed
 from borg_operator.memory_fill import FillReader
 from borg_operator.observe import observe, read_password
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
@@ -47,6 +48,18 @@ from borg_operator.status import (
 log = logging.getLogger(__name__)
 
 PostEvent = Callable[[Mapping[str, Any], Event], None]
+
+
+def check_images(spec: CollectiveSpec, allowed: tuple[str, ...]) -> None:
+    """SpecError (one line) for an image outside the operator's allow-list: its pods would get the credentials."""
+    images = [("agents.image", spec.agents.image), ("memory.image", spec.memory.image)]
+    if spec.kafka.mode == "managed":
+        images.append(("kafka.image", spec.kafka.image))
+    for where, image in images:
+        if not image_allowed(image, allowed):
+            raise SpecError(f"{where} {image} is not from an allowed repository ({', '.join(allowed)}): the "
+                            "operator's --allowed-image (the chart's allowedImages) lists the repositories whose "
+                            "pods may get the collective's credentials")
 
 
 def lost_secret_message(cr: str) -> str:
@@ -91,6 +104,7 @@ class Reconciler:
     applier: Applier
     post_event: PostEvent
     fills: FillReader | None = None
+    allowed_images: tuple[str, ...] = DEFAULT_ALLOWED_IMAGES
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _outcomes: dict[str, Outcome] = field(default_factory=dict)
@@ -152,6 +166,7 @@ class Reconciler:
             return Outcome(generation, "paused")
         try:
             spec = parse_spec(dict(body.get("spec") or {}))
+            check_images(spec, self.allowed_images)
             password = read_password(self.applier, owner.namespace, owner.name)
             fresh = password is None
             if fresh and self.applier.get("apps/v1", "StatefulSet", owner.namespace, names.memory(owner.name)):
