@@ -320,11 +320,11 @@ def run_agent(
             learner.set_learning_rate(rate)
             if floor is not None:
                 floor = perturbed(floor, assimilation, assimilation.epsilon_floor_bounds, assimilation_rng)
+                state.epsilon_floor = floor
                 policy_state = policy.state_dict()
                 policy = make_policy(floor)
                 policy.load_state_dict(policy_state)
         state.learning_rate = rate
-        state.epsilon_floor = floor if assimilation.perturb else state.epsilon_floor
         tally.recent.clear()  # ranked again on the adopted network's games only
         event = Assimilation(agent=agent, donor=donor.agent, env_steps=state.env_steps, mean_return=mean_before,
                              donor_mean_return=donor.mean_return, donor_env_steps=adopted.env_steps,

@@ -9,7 +9,6 @@ checkpoint before its entry, so a reader finds a whole checkpoint at least as ne
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -46,10 +45,8 @@ class RunDirModelStore:
 
     def put(self, entry: ModelEntry, checkpoint: bytes) -> int:
         write_checkpoint(agent_checkpoint_path(self.run_dir, entry.agent), checkpoint)
-        path = self._entry_path(entry.agent)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(dataclasses.replace(entry, size_bytes=len(checkpoint)).to_json())
-        tmp.replace(path)
+        sized = dataclasses.replace(entry, size_bytes=len(checkpoint))
+        write_checkpoint(self._entry_path(entry.agent), sized.to_json().encode())  # atomic, as the checkpoint
         return sum(e.size_bytes for e in self.entries().values())
 
     def get(self, agent: int) -> bytes | None:
