@@ -118,7 +118,12 @@ def test_every_replica_holds_exactly_the_log_after_writes_stop_even_once_it_has_
     links = [open_link(redis_server.url, name, log_shape, seed=i) for i in (1, 2)]
     try:
         for chunk in chunks_of(list(streams.values()), seed=1):
-            links[chunk.agent_id - 1].add(chunk)
+            link = links[chunk.agent_id - 1]
+            link.add(chunk)
+            # Appended before the next chunk: the log keeps the chunks' interleaving. Left to two writer threads
+            # on a busy machine, one agent's chunks may all land before the other's, and the lapped log holds
+            # only the other agent.
+            eventually(lambda link=link: link.queued == 0, "the chunk appended", 30, 0.001)
         for link in links:
             eventually(lambda link=link: replicated(link, redis_server.url, name), "the log replicated", 60)
         held = log_steps(redis_server.url, name, U8_SMALL, streams)
