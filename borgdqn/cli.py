@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from borgdqn import __version__
+from borgdqn.bad_input import EXIT_BAD_INPUT, OneLineParser
 from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override, read_yaml
 from borgdqn.memory.redis.client import RefusedPassword
 
 EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
+_COMMANDS = ("train", "eval", "export", "plot", "dashboard", "kibana-setup", "memory-monitor", "indexer")
 
 TRAIN_EPILOG = """\
 configuration: defaults < --config FILE.yaml < BORG_* variables < flags. Any field can be set with
@@ -36,16 +37,12 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's own errors are bad input too: one line, exit 2
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="borgdqn", description="A hive of DQN agents learning from one shared replay memory.")
+    parser = OneLineParser(prog="borgdqn", description="A hive of DQN agents learning from one shared replay memory.")
     parser.add_argument("--version", action="version", version=f"borgdqn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # Not required: argparse would then report a missing command before an unknown option (`borgdqn --bad`).
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     train = sub.add_parser(
         "train",
@@ -354,7 +351,10 @@ def _cmd_indexer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: " + ", ".join(_COMMANDS))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -363,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "plot": _cmd_plot,
                 "memory-monitor": _cmd_memory_monitor, "indexer": _cmd_indexer, "dashboard": _cmd_dashboard,
                 "kibana-setup": _cmd_kibana_setup}
+    assert set(commands) == set(_COMMANDS)
     try:
         return commands[args.command](args)
     except (ConfigError, RefusedPassword) as err:  # a refused password is bad input, not an outage

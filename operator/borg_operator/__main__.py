@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from borg_operator import GROUP, KIND, PLURAL, VERSION
+from borgdqn.bad_input import OneLineParser
 
 CRD_FILE = "crds/borg.dev_borgcollectives.yaml"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="borg-operator",
         description="Reconciles BorgCollective resources (borg.dev/v1alpha1) into GPU agents, a Redis replay "
         "memory, Kafka and ECK.")

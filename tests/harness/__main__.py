@@ -89,6 +89,41 @@ def _starters(args: argparse.Namespace) -> dict[str, Callable[[Progress], Runnin
     return starters
 
 
+def _run_real_node(progress: Progress) -> int:
+    """A control plane with a real node, in the foreground: a node changes the machine (iptables, sysctls, a
+    bridge, mounts), so it runs only as long as this command does, and Ctrl-C undoes all of it."""
+    import signal
+    import threading
+
+    from tests.harness.images import IMAGES, ensure_image
+    from tests.harness.kube import ensure_kube, start_kube
+    from tests.harness.node import ensure_node, node_ip, start_real_node
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stop.set())
+    install = ensure_node(progress)
+    images = [ensure_image(progress, name) for name in IMAGES]
+    kube = ensure_kube(progress, full=True)
+    cluster = start_kube(kube, node_ip=node_ip())
+    try:
+        cluster.add_control_loops(kube)
+        node = start_real_node(cluster, install, images, progress=progress)
+        try:
+            _print_exports([cluster])
+            for name, reference in node.images.items():
+                print(f"# image {name}: {reference} (imagePullPolicy: Never or IfNotPresent)")
+            sys.stdout.flush()
+            progress.say(f"node {node.node_name} is Ready at {node.node_ip}; Ctrl-C stops it and restores the host")
+            stop.wait()
+        finally:
+            node.stop()
+    finally:
+        cluster.stop()
+    progress.say("real node stopped; the host is as it was")
+    return 0
+
+
 def _print_exports(parts: list[RunningPart]) -> None:
     for part in parts:
         for key, value in part.exports.items():
@@ -96,9 +131,15 @@ def _print_exports(parts: list[RunningPart]) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.real_node:
+        try:
+            return _run_real_node(Progress())
+        except HarnessError as exc:
+            print(f"harness: {exc}", file=sys.stderr)
+            return 1
     starters = _starters(args)
     if not starters:
-        print("harness: choose what to start: --redis --kafka --es --kube --kube-full", file=sys.stderr)
+        print("harness: choose what to start: --redis --kafka --es --kube --kube-full --real-node", file=sys.stderr)
         return 2
     parts = [part for part in load_parts() if any(proc.alive() for proc in part.processes)]
     running = {part.name for part in parts}
@@ -122,7 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _installers(args: argparse.Namespace) -> dict[str, Callable[[Progress], object]]:
-    everything = not (args.redis or args.kafka or args.es or args.kube or args.kube_full)
+    everything = not (args.redis or args.kafka or args.es or args.kube or args.kube_full or args.real_node)
     installers: dict[str, Callable[[Progress], object]] = {}
     if everything or args.redis:
         from tests.harness.redis import ensure_redis
@@ -136,10 +177,17 @@ def _installers(args: argparse.Namespace) -> dict[str, Callable[[Progress], obje
         from tests.harness.elasticsearch import ensure_elasticsearch
 
         installers["elasticsearch"] = ensure_elasticsearch
-    if everything or args.kube or args.kube_full:
+    if everything or args.real_node:
+        from tests.harness.images import IMAGES, ensure_image
+        from tests.harness.node import ensure_node
+
+        # Go builds (kubelet, kube-proxy, CoreDNS) first, then the images (mostly downloads from PyPI).
+        installers["node"] = lambda progress: (ensure_node(progress),
+                                               [ensure_image(progress, name) for name in IMAGES])
+    if everything or args.kube or args.kube_full or args.real_node:
         from tests.harness.kube import ensure_kube
 
-        full = everything or args.kube_full
+        full = everything or args.kube_full or args.real_node
         installers["kube"] = lambda progress: ensure_kube(progress, full=full)
         # The third-party CRDs the operator's tests install (ECK's from Go's module cache, Strimzi's generated).
         from tests.harness.kube import eck_crds, service_monitor_crd, strimzi_crds
@@ -157,8 +205,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     installers = _installers(args)
     progress = Progress()
     started = time.monotonic()
-    go_parts = {name: fn for name, fn in installers.items() if name == "kube"}
-    other_parts = {name: fn for name, fn in installers.items() if name != "kube"}
+    go_parts = {name: fn for name, fn in installers.items() if name in ("kube", "node")}
+    other_parts = {name: fn for name, fn in installers.items() if name not in go_parts}
     failures: list[str] = []
 
     def run_all(parts: dict[str, Callable[[Progress], object]]) -> None:
@@ -217,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--kube", action="store_true", help="etcd + kube-apiserver, RBAC on (KUBECONFIG)")
     up.add_argument("--kube-full", action="store_true",
                     help="--kube plus controller-manager, scheduler and kwok fake GPU nodes")
+    up.add_argument("--real-node", action="store_true",
+                    help="a control plane of its own with a real node (containerd, kubelet, kube-proxy, CoreDNS) "
+                         "running our images; in the foreground (root; Ctrl-C stops it and restores the host)")
     up.set_defaults(run=cmd_up)
     install = commands.add_parser("install", help="install and build parts without starting them (default: all)")
-    for flag in ("--redis", "--kafka", "--es", "--kube", "--kube-full"):
+    for flag in ("--redis", "--kafka", "--es", "--kube", "--kube-full", "--real-node"):
         install.add_argument(flag, action="store_true")
     install.set_defaults(run=cmd_install)
     commands.add_parser("down", help="stop every part that `up` started").set_defaults(run=cmd_down)

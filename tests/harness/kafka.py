@@ -97,10 +97,11 @@ class KafkaServer(RunningPart):
     port: int = 0
     controller_port: int = 0
     detach: bool = False
+    host: str = "127.0.0.1"  # the address clients are told to use (a real node's pods: the node's address)
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def launch(self) -> None:
         """Starts the broker from the (formatted) workdir and waits until it serves Metadata; after `halt` or
@@ -112,7 +113,7 @@ class KafkaServer(RunningPart):
         self.processes = [proc]
 
         def serves_metadata() -> bool:
-            return (NODE_ID, "127.0.0.1", self.port) in metadata_brokers(self.port)
+            return (NODE_ID, self.host, self.port) in metadata_brokers(self.port)
 
         wait_until(proc, serves_metadata, "serving Metadata requests", timeout_s=90)
 
@@ -141,8 +142,10 @@ def _server_properties(part: KafkaServer) -> str:
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
         "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{part.controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{part.port},CONTROLLER://127.0.0.1:{part.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{part.port}",
+        # Loopback unless pods must reach it; the controller stays on loopback either way.
+        "listeners": (f"PLAINTEXT://{'127.0.0.1' if part.host == '127.0.0.1' else '0.0.0.0'}:{part.port},"
+                      f"CONTROLLER://127.0.0.1:{part.controller_port}"),
+        "advertised.listeners": f"PLAINTEXT://{part.host}:{part.port}",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -205,10 +208,13 @@ def metadata_brokers(port: int, timeout_s: float = 2.0) -> list[tuple[int, str, 
     return brokers
 
 
-def start_kafka(install: KafkaInstall, *, detach: bool = False) -> KafkaServer:
-    """A single-node KRaft Kafka on 127.0.0.1 (PLAINTEXT, no auth), topics auto-created, data in a temp dir."""
+def start_kafka(install: KafkaInstall, *, detach: bool = False, host: str = "127.0.0.1") -> KafkaServer:
+    """A single-node KRaft Kafka on 127.0.0.1 (PLAINTEXT, no auth), topics auto-created, data in a temp dir.
+
+    With another `host` (a real node's address) it listens on every address and tells clients that one.
+    """
     workdir = make_workdir("kafka")
-    part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach)
+    part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach, host=host)
     try:
         # Two free_port calls can hand out the same port, since nothing holds the first one meanwhile.
         while part.controller_port in (0, part.port):

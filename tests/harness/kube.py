@@ -54,7 +54,7 @@ PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator
 
 # Without these, the binaries report v0.0.0 (helm: v3.22), and kubectl and helm warn about version skew.
 # etcd and kwok carry their versions in their source.
-_KUBE_LDFLAGS = " ".join(["-s", "-w", *(
+KUBE_LDFLAGS = " ".join(["-s", "-w", *(
     f"-X {package}.{name}={value}"
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
     for name, value in (("gitVersion", KUBE_VERSION), ("gitMajor", "1"), ("gitMinor", "36"))
@@ -113,7 +113,7 @@ def ensure_kube(progress: Progress, full: bool = False) -> KubeInstall:
     etcd = go_binaries(progress, "etcd", ETCD_VERSION,
                        [GoTool("etcd", "go.etcd.io/etcd/server/v3", expect="~1.5 min")], ldflags="-s -w")
     kube = go_binaries(progress, "kubernetes", KUBE_VERSION, [*_KUBE_TIER1, *(_KUBE_TIER2 if full else ())],
-                       ldflags=_KUBE_LDFLAGS)
+                       ldflags=KUBE_LDFLAGS)
     helm = go_binaries(progress, "helm", HELM_VERSION,
                        [GoTool("helm", "helm.sh/helm/v3/cmd/helm", expect="~1.5 min")], ldflags=_HELM_LDFLAGS)
     install = KubeInstall(etcd=etcd["etcd"], kube_apiserver=kube["kube-apiserver"], kubectl=kube["kubectl"],
@@ -395,9 +395,7 @@ class KubeCluster(RunningPart):
         assert install.kube_controller_manager and install.kube_scheduler and install.kwok and install.kwok_source
         started = len(self.processes)
         try:
-            self.install = install
-            self._start_controller_manager(install.kube_controller_manager)
-            self._start_scheduler(install.kube_scheduler)
+            self.add_control_loops(install)
             kwok = self._start_kwok(install.kwok, install.kwok_source)
             names = [f"kwok-gpu-{index}" for index in range(nodes)]
             for name in names:
@@ -405,17 +403,26 @@ class KubeCluster(RunningPart):
             wait_until(kwok, lambda: self._nodes_schedulable(names), f"making {nodes} fake nodes Ready",
                        timeout_s=120)
             self.fake_nodes = names
-            # The serviceaccount controller gives every namespace its `default` account, which the
-            # ServiceAccount admission plugin requires of every pod; wait so the first Deployment does not race it.
-            controller_manager = self.processes[started]
-            wait_until(controller_manager, lambda: self.kubectl("get", "serviceaccount", "default",
-                                                                check=False).returncode == 0,
-                       "creating the default ServiceAccount", timeout_s=60)
         except BaseException:
             for proc in reversed(self.processes[started:]):
                 proc.stop()
             del self.processes[started:]
             raise
+
+    def add_control_loops(self, install: KubeInstall) -> None:
+        """Adds kube-controller-manager and kube-scheduler (the part of the full tier a real node needs too);
+        does nothing if they run already. The caller stops them again if a later step fails."""
+        if any(proc.name == "kube-controller-manager" for proc in self.processes):
+            return
+        assert install.kube_controller_manager and install.kube_scheduler
+        self.install = install
+        controller_manager = self._start_controller_manager(install.kube_controller_manager)
+        self._start_scheduler(install.kube_scheduler)
+        # The serviceaccount controller gives every namespace its `default` account, which the
+        # ServiceAccount admission plugin requires of every pod; wait so the first Deployment does not race it.
+        wait_until(controller_manager, lambda: self.kubectl("get", "serviceaccount", "default",
+                                                            check=False).returncode == 0,
+                   "creating the default ServiceAccount", timeout_s=60)
 
     def _start_controller_manager(self, binary: Path) -> ServerProcess:
         cert, key = self.pki.issue("kube-controller-manager", "system:kube-controller-manager")
@@ -525,8 +532,12 @@ def fake_gpu_node(name: str, gpus: int, gpu_taint: bool = True) -> dict[str, Any
     }
 
 
-def start_kube(install: KubeInstall, *, detach: bool = False) -> KubeCluster:
-    """etcd + kube-apiserver on 127.0.0.1 (free ports, temp dir), ready for kubectl, helm and python clients."""
+def start_kube(install: KubeInstall, *, detach: bool = False, node_ip: str | None = None) -> KubeCluster:
+    """etcd + kube-apiserver on 127.0.0.1 (free ports, temp dir), ready for kubectl, helm and python clients.
+
+    With `node_ip` (the real-node tier) the apiserver also listens on that address and publishes it as the
+    `kubernetes` Service's endpoint, so that pods reach it the way they do in a cluster (in-cluster config).
+    """
     workdir = make_workdir("kube")
     part = KubeCluster(name="kube", workdir=workdir, install=install, detach=detach)
     try:
@@ -556,14 +567,22 @@ def start_kube(install: KubeInstall, *, detach: bool = False) -> KubeCluster:
             "apiserver", "kube-apiserver", server=True,
             dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                  "kubernetes.default.svc.cluster.local"],
-            ips=["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))])
+            ips=["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CIDR).hosts())), *([node_ip] if node_ip else [])])
         admin_cert, admin_key = pki.issue("admin", "borgdqn-admin", ["system:masters"])
+        # What the apiserver shows a kubelet for `kubectl logs` and `exec` (a real node checks it).
+        kubelet_client_cert, kubelet_client_key = pki.issue("apiserver-kubelet-client",
+                                                            "kube-apiserver-kubelet-client")
         port = free_port()
         part.server = f"https://127.0.0.1:{port}"
+        if node_ip:
+            reachable = ["--bind-address=0.0.0.0", f"--advertise-address={node_ip}", "--endpoint-reconciler-type=lease"]
+        else:
+            # The reconciler would publish 127.0.0.1 as the kubernetes Service endpoint, which validation refuses
+            # (loopback); without a real node nothing reaches the apiserver through that Service.
+            reachable = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"]
         apiserver = start_server("kube-apiserver", [
             install.kube_apiserver,
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            *reachable,
             f"--secure-port={port}",
             f"--cert-dir={workdir / 'apiserver'}",
             f"--tls-cert-file={serving_cert}",
@@ -577,9 +596,10 @@ def start_kube(install: KubeInstall, *, detach: bool = False) -> KubeCluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--profiling=false",
-            # The reconciler would publish 127.0.0.1 as the kubernetes Service endpoint, which validation refuses
-            # (loopback); nothing in a test reaches the apiserver through that Service.
-            "--endpoint-reconciler-type=none",
+            # A real node's name resolves nowhere but in the cluster: reach kubelets by their address.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--kubelet-client-certificate={kubelet_client_cert}",
+            f"--kubelet-client-key={kubelet_client_key}",
         ], workdir / "kube-apiserver.log", detach=detach)
         part.processes.append(apiserver)
         admin = pki.client_context(admin_cert, admin_key)

@@ -1,0 +1,394 @@
+"""Tier 3: our images, built from their Dockerfiles, running in real pods on a real kubelet.
+
+The harness joins a node to a control plane of its own (containerd + runc, a CNI bridge, kubelet, kube-proxy,
+CoreDNS; `tests/harness/node.py`) and imports the memory, operator and agent images it built with buildah from the
+repository's Dockerfiles on a debootstrapped Debian base (`tests/harness/images.py`). The harness's Kafka listens
+on the node's address, so pods reach it as a collective's external Kafka.
+
+Proven: the node is Ready with its GPU count, cluster DNS and the `kubernetes` Service work from a pod; every image
+answers `--help` and refuses an unknown argument with one line and exit 2; a collective installed with the two
+Helm charts (the operator itself a pod from its image, in-cluster config, the chart's ServiceAccount) trains in
+namespaces that enforce the `restricted` Pod Security Standard: agents write to and learn from the shared memory,
+`kubectl scale` adds an agent that joins, a deleted agent pod comes back and rejoins, a deleted memory pod comes
+back with every stored step (AOF on a persistent volume), no pod logs a traceback, and `helm uninstall` removes
+every pod. Stand-ins, named: `nvidia.com/gpu` is a count the node advertises (no device, no CUDA: agents run torch
+on the CPU), the persistent volume is a pre-bound hostPath volume, Elasticsearch and Kibana are off (no ECK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from borg_operator import names
+from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
+from borgdqn.telemetry.events import TOPICS, decode_event
+from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
+from tests.conftest import _terminal
+from tests.harness.cache import Progress
+from tests.harness.errors import HarnessError
+from tests.harness.images import IMAGES, ensure_image
+from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
+from tests.harness.kube import GPU_RESOURCE, KubeCluster, ensure_kube, start_kube
+from tests.harness.node import RealNode, ensure_node, node_ip, start_real_node
+from tests.kube_helpers import Timeout, poll
+from tests.operator_support import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.real_node]
+
+GPUS = 4
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+@dataclass
+class Real:
+    kube: KubeCluster
+    node: RealNode
+    kafka: KafkaServer
+
+    def image(self, name: str) -> str:
+        return self.node.images[name]
+
+
+@pytest.fixture(scope="module")
+def real(request: pytest.FixtureRequest) -> Iterator[Real]:
+    progress = Progress()
+    started: list[Any] = []
+    with _terminal(request):
+        try:
+            install = ensure_node(progress)
+            images = [ensure_image(progress, name) for name in IMAGES]
+            address = node_ip()
+            kafka = start_kafka(ensure_kafka(progress), host=address)
+            started.append(kafka)
+            kube_install = ensure_kube(progress, full=True)
+            kube = start_kube(kube_install, node_ip=address)
+            started.append(kube)
+            kube.add_control_loops(kube_install)
+            node = start_real_node(kube, install, images, gpus=GPUS, progress=progress)
+            started.append(node)
+        except HarnessError as exc:
+            for part in reversed(started):
+                part.stop()
+            pytest.fail(str(exc), pytrace=False)
+    try:
+        yield Real(kube=kube, node=node, kafka=kafka)
+    finally:
+        for part in reversed(started):
+            part.stop()
+
+
+def restricted_namespace(kube: KubeCluster, name: str) -> str:
+    kube.kubectl("create", "namespace", name)
+    kube.kubectl("label", "namespace", name, *(f"{key}={value}" for key, value in RESTRICTED.items()))
+    poll(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+         f"the default ServiceAccount in {name}", timeout_s=60)
+    return name
+
+
+def one_shot_pod(name: str, image: str, args: list[str], *, command: list[str] | None = None,
+                 token: bool = False) -> dict[str, Any]:
+    """A pod that runs once, as the restricted Pod Security Standard requires a pod to be."""
+    container: dict[str, Any] = {
+        "name": "main", "image": image, "imagePullPolicy": "Never", "args": args,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True},
+        "resources": {"limits": {"cpu": "500m", "memory": "512Mi"}},
+    }
+    if command is not None:
+        container["command"] = command
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": token,
+                 "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [container]},
+    }
+
+
+def terminated(kube: KubeCluster, namespace: str, pod: str, timeout_s: float = 120) -> dict[str, Any]:
+    def state() -> dict[str, Any] | None:
+        found = kube.get_json("pod", pod, "-n", namespace)
+        for status in found.get("status", {}).get("containerStatuses", []):
+            if "terminated" in status.get("state", {}):
+                return dict(status["state"]["terminated"])
+        return None
+
+    return poll(state, f"pod {namespace}/{pod} terminated", timeout_s=timeout_s, interval_s=0.5)
+
+
+def logs(kube: KubeCluster, namespace: str, pod: str, *args: str) -> str:
+    return kube.kubectl("logs", pod, "-n", namespace, *args).stdout
+
+
+def test_the_node_is_ready_with_gpus_and_pods_reach_dns_and_the_apiserver(real: Real) -> None:
+    kube = real.kube
+    node = kube.get_json("node", real.node.node_name)
+    assert node["status"]["allocatable"][GPU_RESOURCE] == str(GPUS)
+    assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    namespace = restricted_namespace(kube, "probe")
+    # The memory image's Python: resolve the apiserver's Service name, then call it with the pod's own token.
+    script = (
+        "import json, os, socket, ssl, urllib.request\n"
+        "sa = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
+        "print('uid', os.getuid())\n"
+        "print('dns', socket.gethostbyname('kubernetes.default.svc.cluster.local'))\n"
+        "request = urllib.request.Request('https://kubernetes.default.svc/version',\n"
+        "                                 headers={'Authorization': 'Bearer ' + open(sa + '/token').read()})\n"
+        "context = ssl.create_default_context(cafile=sa + '/ca.crt')\n"
+        "print('version', json.load(urllib.request.urlopen(request, context=context))['gitVersion'])\n"
+    )
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+        one_shot_pod("probe", real.image("memory"), ["-c", script], command=["python"], token=True)))
+    state = terminated(kube, namespace, "probe")
+    output = logs(kube, namespace, "probe")
+    assert state["exitCode"] == 0, output
+    lines = dict(line.split(" ", 1) for line in output.splitlines())
+    assert lines["uid"] == "10001"  # the image's user
+    assert lines["dns"] == kube.get_json("service", "kubernetes", "-n", "default")["spec"]["clusterIP"]
+    assert lines["version"] == "v1.36.3"
+
+
+# (image, arguments for usage, a word of the usage text)
+ENTRYPOINTS = {
+    "memory": ("entrypoint.py", "redis-server"),
+    "operator": ("usage: borg-operator", "--namespace"),
+    "agent": ("usage: borgdqn", "train"),
+}
+
+
+def test_every_image_answers_help_and_refuses_an_unknown_argument(real: Real) -> None:
+    kube = real.kube
+    namespace = restricted_namespace(kube, "entrypoints")
+    for image in ENTRYPOINTS:
+        for case, args in (("help", ["--help"]), ("unknown", ["--no-such-option"])):
+            kube.kubectl("apply", "-n", namespace, "-f", "-",
+                         input=json.dumps(one_shot_pod(f"{image}-{case}", real.image(image), args)))
+    for image, (usage, word) in ENTRYPOINTS.items():
+        help_state = terminated(kube, namespace, f"{image}-help")
+        help_text = logs(kube, namespace, f"{image}-help")
+        assert help_state["exitCode"] == 0, help_text
+        assert usage in help_text and word in help_text
+        unknown_state = terminated(kube, namespace, f"{image}-unknown")
+        refusal = logs(kube, namespace, f"{image}-unknown").strip()
+        assert unknown_state["exitCode"] == 2, refusal
+        assert "--no-such-option" in refusal.splitlines()[-1] and "Traceback" not in refusal
+
+
+# The collective: CartPole agents on the CPU inside the agent image, each with one advertised GPU; a memory
+# large enough that nothing is evicted while the test runs (so stored counts only grow); everything sized to fit
+# a 2-core node next to the operator.
+AGENT_STEPS = 60_000
+CAPACITY = 300_000
+STORAGE_CLASS = "borgdqn-test-local"
+
+
+def collective_values(real: Real) -> dict[str, Any]:
+    return {
+        "env": {"id": "CartPole-v1", "numEnvs": 2, "frameStack": 1},
+        "agents": {
+            "replicas": 2, "gpus": 1, "threads": 1, "steps": AGENT_STEPS, "seed": 5,
+            "image": real.image("agent"), "imagePullPolicy": "Never",
+            "resources": {"cpu": "400m", "memory": "2Gi"},
+            "learner": {"learningStarts": 200, "batchSize": 32, "updateEvery": 4, "targetUpdatePeriod": 100,
+                        "lr": 1e-3, "device": "cpu"},
+            "network": {"mlpHidden": [32, 32]},
+        },
+        "memory": {"capacity": CAPACITY, "chunkLength": 16, "outboxSteps": 4096, "modelStoreBytes": 64 << 20,
+                   "image": real.image("memory"), "persistence": True,
+                   "storage": {"size": "1Gi", "storageClassName": STORAGE_CLASS},
+                   "resources": {"cpu": "250m", "memory": "1Gi"}},
+        "kafka": {"mode": "external", "bootstrapServers": real.kafka.bootstrap},
+        "elastic": {"mode": "disabled"},
+    }
+
+
+def memory_volume(real: Real, namespace: str, cr: str) -> None:
+    """A hostPath PersistentVolume bound in advance to the memory's claim (a stand-in for a cluster's storage
+    provisioner), its directory owned by the image's user as a provisioner's volume would be."""
+    directory = real.node.workdir / "volumes" / f"{namespace}-{cr}-memory"
+    directory.mkdir(parents=True)
+    directory.chmod(0o700)
+    os.chown(directory, 10001, 10001)
+    claim = f"data-{names.memory(cr)}-0"
+    for manifest in (
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": STORAGE_CLASS},
+         "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate"},
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-{cr}-memory"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                  "storageClassName": STORAGE_CLASS, "persistentVolumeReclaimPolicy": "Retain",
+                  "hostPath": {"path": str(directory), "type": "Directory"},
+                  "claimRef": {"namespace": namespace, "name": claim}}},
+    ):
+        real.kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def pods(kube: KubeCluster, namespace: str, selector: str = "") -> list[dict[str, Any]]:
+    args = ["-l", selector] if selector else []
+    return list(kube.get_json("pods", "-n", namespace, *args)["items"])
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    statuses = pod.get("status", {}).get("containerStatuses", [])
+    return pod.get("status", {}).get("phase") == "Running" and bool(statuses) and all(s["ready"] for s in statuses)
+
+
+def agent_pods(kube: KubeCluster, namespace: str, cr: str) -> dict[str, dict[str, Any]]:
+    selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(cr, names.AGENT).items())
+    return {pod["metadata"]["name"]: pod for pod in pods(kube, namespace, selector)}
+
+
+class Memory:
+    """The collective's Redis, read from the host through its ClusterIP Service (kube-proxy's rules)."""
+
+    def __init__(self, kube: KubeCluster, namespace: str, cr: str) -> None:
+        secret = kube.get_json("secret", names.redis_secret(cr), "-n", namespace)
+        password = base64.b64decode(secret["data"]["password"]).decode()
+        address = kube.get_json("service", names.memory(cr), "-n", namespace)["spec"]["clusterIP"]
+        self.cr = cr
+        self.client = redis.Redis(host=address, port=6379, password=password, socket_timeout=5,
+                                  socket_connect_timeout=5)
+
+    def per_agent(self) -> dict[int, int]:
+        """Steps stored now, by agent ({} while Redis does not answer)."""
+        try:
+            return MemoryMonitor(self.client, self.cr, LogPublisher()).read().per_agent
+        except redis.RedisError:
+            return {}
+
+    def when(self, test: Callable[[dict[int, int]], bool]) -> dict[int, int] | None:
+        """The per-agent counts if they pass `test` (for `poll`)."""
+        counts = self.per_agent()
+        return counts if test(counts) else None
+
+
+def losses(bootstrap: str, collective: str, want: int, timeout_s: float) -> dict[str, float]:
+    """A loss value of each agent (by its source) from the collective's training reports on Kafka, once `want`
+    agents have reported one or `timeout_s` passed."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def read() -> dict[str, float]:
+        consumer = AIOKafkaConsumer(TOPICS["training"], bootstrap_servers=bootstrap, group_id=f"test-{collective}",
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        found: dict[str, float] = {}
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and len(found) < want:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event: pb.TelemetryEvent = decode_event(record.value)
+                        if event.header.collective == collective and event.training.HasField("loss"):
+                            found[event.header.source_id.split("/")[1]] = event.training.loss
+            return found
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_restricted_pod_security(
+        real: Real, tmp_path: Path) -> None:
+    kube, cr = real.kube, "cart"
+    home = restricted_namespace(kube, "borg-system")
+    namespace = restricted_namespace(kube, "hive")
+    repository, _, tag = real.image("operator").rpartition(":")
+    allowed = [real.image(name).rpartition(":")[0] for name in ("agent", "memory")]
+    # The operator as a pod of its own image: in-cluster config, the chart's ServiceAccount and RBAC.
+    kube.helm("install", "op", str(ROOT / "charts" / "borg-operator"), "--namespace", home, "--wait",
+              "--timeout=120s", f"--set=image.repository={repository}", f"--set=image.tag={tag}",
+              "--set=image.pullPolicy=Never", "--set=watch.clusterWide=false",
+              f"--set=watch.namespaces={{{namespace}}}", f"--set=allowedImages={{{','.join(allowed)}}}",
+              "--set=resyncSeconds=5")
+    memory_volume(real, namespace, cr)
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(collective_values(real)))
+    try:
+        kube.helm("install", cr, str(ROOT / "charts" / "borg-collective"), "--namespace", namespace,
+                  "-f", str(tmp_path / "values.yaml"))
+
+        def members_ready(count: int) -> dict[str, dict[str, Any]] | None:
+            found = agent_pods(kube, namespace, cr)
+            return found if len(found) == count and all(ready(pod) for pod in found.values()) else None
+
+        def memory_pod() -> dict[str, Any] | None:
+            found = [pod for pod in pods(kube, namespace) if pod["metadata"]["name"] == f"{names.memory(cr)}-0"]
+            return found[0] if found and ready(found[0]) else None
+
+        def picture() -> str:
+            return kube.kubectl("get", "pods,pvc,events", "-n", namespace, "-o", "wide", check=False).stdout
+
+        try:
+            first_memory = poll(memory_pod, "the memory pod Ready (Redis and its monitor)", timeout_s=180)
+            poll(lambda: members_ready(2), "2 agent pods Ready", timeout_s=180)
+        except Timeout as err:
+            raise Timeout(f"{err}\\n{picture()}") from None
+        assert [c["name"] for c in first_memory["spec"]["containers"]] == ["redis", "monitor"]
+
+        # The agents write to the shared memory, and learn: each reports a loss on Kafka.
+        memory = Memory(kube, namespace, cr)
+        counts = poll(lambda: memory.when(lambda c: {0, 1} <= set(c)), "both agents' steps in Redis",
+                      timeout_s=180, interval_s=1)
+        poll(lambda: memory.when(lambda c: all(c.get(k, 0) > counts[k] for k in (0, 1))),
+             "both agents' counts growing", timeout_s=120, interval_s=1)
+        found = losses(real.kafka.bootstrap, cr, want=2, timeout_s=240)
+        assert len(found) == 2 and all(value >= 0 for value in found.values()), found
+
+        # kubectl scale: a third agent starts and joins the hive.
+        kube.kubectl("scale", f"borgcollective/{cr}", "--replicas=3", "-n", namespace)
+        try:
+            poll(lambda: members_ready(3), "3 agent pods Ready", timeout_s=180)
+        except Timeout as err:
+            raise Timeout(f"{err}\\n{picture()}") from None
+        poll(lambda: memory.per_agent().get(2), "agent 2's steps in Redis", timeout_s=180, interval_s=1)
+
+        # A deleted agent pod comes back (a new pod, the same identity) and writes on.
+        victim = f"{names.agents(cr)}-1"
+        old_uid = agent_pods(kube, namespace, cr)[victim]["metadata"]["uid"]
+        kube.kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", "--timeout=90s")
+
+        def replaced() -> bool:
+            members = members_ready(3)
+            return bool(members) and members is not None and members[victim]["metadata"]["uid"] != old_uid
+
+        poll(replaced, "a new agent pod 1 Ready", timeout_s=180)
+        before = memory.per_agent()[1]
+        poll(lambda: memory.per_agent().get(1, 0) > before, "the new agent 1 writing", timeout_s=180, interval_s=1)
+
+        # A deleted memory pod comes back on its volume with every step it had stored.
+        stored = memory.per_agent()
+        kube.kubectl("delete", "pod", f"{names.memory(cr)}-0", "-n", namespace, "--wait=true", "--timeout=120s")
+
+        def new_memory_pod() -> dict[str, Any] | None:
+            pod = memory_pod()
+            return pod if pod and pod["metadata"]["uid"] != first_memory["metadata"]["uid"] else None
+
+        second_memory = poll(new_memory_pod, "a new memory pod Ready", timeout_s=180)
+        assert second_memory["spec"]["nodeName"] == real.node.node_name
+        after = poll(lambda: memory.when(lambda c: set(stored) <= set(c)), "the memory answering again",
+                     timeout_s=120, interval_s=1)
+        assert all(after[agent] >= steps for agent, steps in stored.items()), (stored, after)
+
+        # No container of any pod logged a traceback (the current and, where restarted, the previous one).
+        every = pods(kube, namespace) + pods(kube, home)
+        assert len(every) == 5  # 3 agents, the memory, the operator
+        for pod in every:
+            where = pod["metadata"]["namespace"]
+            for container in pod["spec"]["containers"]:
+                text = logs(kube, where, pod["metadata"]["name"], "-c", container["name"])
+                assert "Traceback" not in text, f"{pod['metadata']['name']}/{container['name']}:\\n{text[-3000:]}"
+    finally:
+        kube.helm("uninstall", cr, "--namespace", namespace, "--wait", "--timeout=120s", check=False)
+        poll(lambda: pods(kube, namespace) == [], "every pod of the collective gone", timeout_s=180)
+        kube.helm("uninstall", "op", "--namespace", home, "--wait", "--timeout=120s", check=False)
+        poll(lambda: pods(kube, home) == [], "the operator's pod gone", timeout_s=120)
