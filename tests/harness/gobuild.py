@@ -8,7 +8,7 @@ the normal Go build cache, so a binary whose dependencies another binary already
 
 Every binary gets a cache directory of its own, `<name>-<version>-<hash>/<name>`: a run that needs only
 kube-apiserver and kubectl never waits for kube-controller-manager. The hash covers the wrapper's go.mod,
-go.sum and the linker flags, so changing a pin builds anew instead of reusing a stale binary.
+go.sum, its own Go files (if any) and the linker flags, so changing a pin builds anew instead of reusing a stale binary.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def _pin_hash(module_dir: Path, ldflags: str) -> str:
         path = module_dir / name
         digest.update(path.read_bytes() if path.exists() else b"")
     digest.update(ldflags.encode())
+    # A wrapper with a main package of its own (CoreDNS's plugin list): its source is part of the build.
+    for source in sorted(module_dir.glob("*.go")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:10]
 
 
