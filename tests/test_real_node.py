@@ -21,6 +21,7 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +42,16 @@ from tests.harness.errors import HarnessError
 from tests.harness.images import IMAGES, ensure_image
 from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
 from tests.harness.kube import GPU_RESOURCE, KubeCluster, ensure_kube, start_kube
-from tests.harness.node import RealNode, ensure_node, node_ip, start_real_node
+from tests.harness.node import (
+    BRIDGE,
+    RealNode,
+    ensure_node,
+    host_state_dir,
+    mounts_under,
+    node_ip,
+    processes_mentioning,
+    start_real_node,
+)
 from tests.kube_helpers import Timeout, poll
 from tests.operator_support import ROOT
 
@@ -424,18 +434,14 @@ def _rules(dump: str) -> set[str]:
 
 def test_stopping_the_node_gives_the_machine_back_as_it_was(real: Real) -> None:
     """Runs last in this module: it stops the node the fixture started (stopping twice is a no-op)."""
-    import subprocess
-
-    from tests.harness.node import BRIDGE, _host_state_dir, _mounts_under, _processes_mentioning
-
-    state_dir = _host_state_dir()
+    state_dir = host_state_dir()
     before = json.loads((state_dir / "state.json").read_text())
     saved = {family: (state_dir / f"{family}.rules").read_text() for family in ("iptables", "ip6tables")}
     running = {family: subprocess.run([f"{family}-save"], capture_output=True, text=True, check=True).stdout
                for family in saved}
     assert any("KUBE-SERVICES" in rules for rules in _rules(running["iptables"]))  # the node had changed them
     workdir = str(real.node.workdir)
-    assert _mounts_under(workdir) and Path(f"/sys/class/net/{BRIDGE}").exists()
+    assert mounts_under(workdir) and Path(f"/sys/class/net/{BRIDGE}").exists()
 
     real.node.stop()
 
@@ -444,8 +450,8 @@ def test_stopping_the_node_gives_the_machine_back_as_it_was(real: Real) -> None:
         assert _rules(after) == _rules(dump), family
     assert {name: Path("/proc/sys", name).read_text().strip() for name in before["sysctls"]} == before["sysctls"]
     assert not Path(f"/sys/class/net/{BRIDGE}").exists()
-    assert _mounts_under(workdir) == [] and not Path(workdir).exists()
-    assert _processes_mentioning(workdir) == []
-    assert sorted(p.name for p in Path("/run/netns").iterdir()) == before["netns"] if Path("/run/netns").is_dir() \
-        else before["netns"] == []
+    assert mounts_under(workdir) == [] and not Path(workdir).exists()
+    assert processes_mentioning(workdir) == []
+    netns = Path("/run/netns")
+    assert (sorted(entry.name for entry in netns.iterdir()) if netns.is_dir() else []) == before["netns"]
     assert not state_dir.exists()

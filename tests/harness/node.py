@@ -110,7 +110,7 @@ def _read_sysctl(name: str) -> str | None:
         return None
 
 
-def _mounts_under(prefix: str) -> list[str]:
+def mounts_under(prefix: str) -> list[str]:
     found = []
     with open("/proc/self/mountinfo") as rows:
         for row in rows:
@@ -123,15 +123,15 @@ def _mounts_under(prefix: str) -> list[str]:
 def _unmount_all(prefix: str) -> list[str]:
     """Unmounts every mount at or below `prefix`, deepest first; returns the ones that stayed."""
     for _ in range(5):
-        mounts = _mounts_under(prefix)
+        mounts = mounts_under(prefix)
         if not mounts:
             return []
         for mountpoint in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
-    return _mounts_under(prefix)
+    return mounts_under(prefix)
 
 
-def _processes_mentioning(needle: str) -> list[int]:
+def processes_mentioning(needle: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
@@ -165,6 +165,15 @@ class RealNode(RunningPart):
         if result.returncode != 0:
             raise HarnessError(f"real node: importing {image.reference} failed: {result.stderr.strip()}")
         self.images[image.name] = image.reference
+
+    def image_references(self) -> set[str]:
+        return set(self.ctr("images", "list", "--quiet", timeout_s=30).stdout.split())
+
+    def remove_containers(self) -> None:
+        """Removes every container (and its snapshot) from containerd's metadata, which outlives the node."""
+        containers = self.ctr("containers", "list", "--quiet", timeout_s=30).stdout.split()
+        if containers:
+            self.ctr("containers", "delete", *containers, timeout_s=120)
 
     def stop(self) -> None:
         if self._stopped:
@@ -201,20 +210,21 @@ class RealNode(RunningPart):
         if any(proc.name == "containerd" and proc.alive() for proc in self.processes):
             for task in self.ctr("tasks", "list", "-q", timeout_s=10).stdout.split():
                 self.ctr("tasks", "kill", "--signal", "SIGKILL", task, timeout_s=10)
+            self.remove_containers()
         for proc in self.processes:
             if proc.name == "containerd":
                 proc.stop()
         return restore_host()
 
 
-def _host_state_dir() -> Path:
+def host_state_dir() -> Path:
     """What the machine looked like before the node started, kept until the node is gone: a node whose test
     process was killed is cleaned up by the next start from here."""
     return cache_root() / "run" / "real-node"
 
 
 def _save_host_state(workdir: Path) -> None:
-    state = _host_state_dir()
+    state = host_state_dir()
     state.mkdir(parents=True)
     for family in ("iptables", "ip6tables"):
         result = subprocess.run([f"{family}-save"], capture_output=True, text=True, check=False)
@@ -232,14 +242,14 @@ def restore_host() -> list[str]:
     Kills what is left of the node's processes, unmounts its pods' network namespaces and its mounts, deletes
     the bridge, puts back the iptables rules and the sysctls, removes kubelet's cgroups and the workdir.
     """
-    state_dir = _host_state_dir()
+    state_dir = host_state_dir()
     try:
         state = json.loads((state_dir / "state.json").read_text())
     except (OSError, ValueError):
         return []
     problems: list[str] = []
     workdir = Path(state["workdir"])
-    for pid in _processes_mentioning(str(workdir)):
+    for pid in processes_mentioning(str(workdir)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
     # The pods' network namespaces (named by containerd's CNI code under /run/netns) and every mount of
@@ -307,11 +317,18 @@ def _remove_kubepods_cgroups() -> None:
 # --- bring-up ------------------------------------------------------------------------------------------------
 
 
+def containerd_root() -> Path:
+    """containerd's content store and snapshots, kept between nodes: an image imported once (the agent image is
+    5 GB) is there for the next node. Containers are removed when a node stops or starts; old images when a
+    node starts with newer ones."""
+    return cache_root() / "node-containerd"
+
+
 def _containerd_config(workdir: Path, pause: str) -> str:
     # restrict_oom_score_adj: containerd would give sandboxes a negative oom_score_adj, which needs
     # CAP_SYS_RESOURCE; root lacks it on this VM kind and every sandbox fails ("can't get final child's PID").
     return f"""version = 2
-root = "{workdir}/containerd/root"
+root = "{containerd_root()}"
 state = "{workdir}/containerd/state"
 [grpc]
   address = "{workdir}/containerd/containerd.sock"
@@ -434,9 +451,7 @@ def start_real_node(cluster: KubeCluster, install: NodeInstall, images: Sequence
     node = RealNode(name="node", workdir=workdir, cluster=cluster, node_ip=node_ip())
     try:
         _start_containerd(node, install)
-        for image in (install.pause, *images):
-            with progress.step(f"Importing {image.reference} into the node's containerd", expect="~10 s"):
-                node.import_image(image)
+        _hand_images(node, install.pause, images, progress)
         _start_kubelet(node, install, cluster, gpus)
         _start_kube_proxy(node, install, cluster)
         _start_coredns(node, install, cluster)
@@ -450,13 +465,13 @@ def start_real_node(cluster: KubeCluster, install: NodeInstall, images: Sequence
 
 def _clear_the_way(progress: Progress) -> None:
     """One node per machine: refuses while another runs, and first cleans up after one whose process died."""
-    state_file = _host_state_dir() / "state.json"
+    state_file = host_state_dir() / "state.json"
     if state_file.exists():
         try:
             workdir = json.loads(state_file.read_text())["workdir"]
         except (OSError, ValueError, KeyError):
             workdir = ""
-        alive = [pid for pid in _processes_mentioning(workdir) if workdir] if workdir else []
+        alive = [pid for pid in processes_mentioning(workdir) if workdir] if workdir else []
         if any(Path(f"/proc/{pid}/exe").resolve().name in ("kubelet", "containerd") for pid in alive):
             raise HarnessError(f"real node: another real node runs on this machine (its dir {workdir}); stop it "
                                "first (Ctrl-C on its `python -m tests.harness up --real-node`)")
@@ -482,6 +497,26 @@ def _start_containerd(node: RealNode, install: NodeInstall) -> ServerProcess:
     wait_until(proc, lambda: node.ctr("version", timeout_s=5).returncode == 0, "answering on its socket",
                timeout_s=30)
     return proc
+
+
+def _hand_images(node: RealNode, pause: BuiltImage, images: Sequence[BuiltImage], progress: Progress) -> None:
+    """Leaves containerd with exactly the pause image and `images`: imports those it lacks (their references
+    name their inputs' hash, so a present one is the same image), removes the others and any container left
+    behind by a node that did not stop."""
+    node.remove_containers()
+    present = node.image_references()
+    wanted = {pause.reference, *(image.reference for image in images)}
+    stale = sorted(reference for reference in present - wanted)
+    if stale:
+        node.ctr("images", "remove", *stale, timeout_s=120)  # containerd collects their layers
+    node.import_image(pause)  # tiny, and its tag does not name its source
+    for image in images:
+        if image.reference in present:
+            node.images[image.name] = image.reference
+            continue
+        with progress.step(f"Importing {image.reference} into the node's containerd",
+                           expect="~80 s" if image.name == "agent" else "~8 s"):
+            node.import_image(image)
 
 
 def _start_kubelet(node: RealNode, install: NodeInstall, cluster: KubeCluster, gpus: int) -> ServerProcess:
