@@ -179,11 +179,15 @@ def _installers(args: argparse.Namespace) -> dict[str, Callable[[Progress], obje
         installers["elasticsearch"] = ensure_elasticsearch
     if everything or args.real_node:
         from tests.harness.images import IMAGES, ensure_image
-        from tests.harness.node import ensure_node
+        from tests.harness.node import ensure_node, ensure_packages
 
-        # Go builds (kubelet, kube-proxy, CoreDNS) first, then the images (mostly downloads from PyPI).
-        installers["node"] = lambda progress: (ensure_node(progress),
-                                               [ensure_image(progress, name) for name in IMAGES])
+        installers["node"] = ensure_node  # the node's packages; kubelet, kube-proxy, CoreDNS from Go
+        # Mostly downloads and disk (debootstrap, PyPI's torch): they run beside the Go builds.
+        def images(progress: Progress) -> list[object]:
+            ensure_packages(progress)  # buildah, debootstrap
+            return [ensure_image(progress, name) for name in IMAGES]
+
+        installers["images"] = images
     if everything or args.kube or args.kube_full or args.real_node:
         from tests.harness.kube import ensure_kube
 

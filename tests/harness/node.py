@@ -62,24 +62,34 @@ class NodeInstall:
     pause: BuiltImage
 
 
-def _ensure_packages(progress: Progress) -> None:
+def _missing_packages() -> list[str]:
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     if not (CNI_BIN_DIR / "bridge").is_file():
         missing.append("CNI plugins")
-    if not missing:
+    return missing
+
+
+def ensure_packages(progress: Progress) -> None:
+    """The node's and the image builds' Debian packages, installed with apt when missing (root)."""
+    if not _missing_packages():
         return
-    if os.geteuid() != 0:
-        raise HarnessError(f"real node: {', '.join(missing)} missing; as root: apt-get install -y {' '.join(PACKAGES)}")
-    log = cache_root() / "logs" / "apt-node.log"
-    with progress.step(f"Installing the node's Debian packages ({', '.join(PACKAGES)})", expect="~30 s"):
-        run_logged(["apt-get", "update", "-q"], log, "apt-get update")
-        run_logged(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], log,
-                   "apt-get install (real node)")
+    with locked("apt"):  # one apt at a time (the image builds and the node install side by side)
+        missing = _missing_packages()
+        if not missing:
+            return
+        if os.geteuid() != 0:
+            raise HarnessError(f"real node: {', '.join(missing)} missing; as root: apt-get install -y "
+                               f"{' '.join(PACKAGES)}")
+        log = cache_root() / "logs" / "apt-node.log"
+        with progress.step(f"Installing the node's Debian packages ({', '.join(PACKAGES)})", expect="~30 s"):
+            run_logged(["apt-get", "update", "-q"], log, "apt-get update")
+            run_logged(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], log,
+                       "apt-get install (real node)")
 
 
 def ensure_node(progress: Progress) -> NodeInstall:
     """The node's packages, kubelet, kube-proxy, CoreDNS and the pause image (built once, then cached)."""
-    _ensure_packages(progress)
+    ensure_packages(progress)
     kube = go_binaries(progress, "kubelet", KUBE_VERSION, [
         GoTool("kubelet", "k8s.io/kubernetes/cmd/kubelet", expect="~30 s after kube-apiserver, ~4 min alone"),
         GoTool("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy", expect="~10 s"),

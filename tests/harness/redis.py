@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.cache import Progress, cache_root, installed, require_tool, run_logged
+from tests.harness.cache import Progress, cache_root, installed, locked, require_tool, run_logged
 from tests.harness.errors import HarnessError
 from tests.harness.process import RunningPart, free_port, make_workdir, start_server, wait_until
 
@@ -51,7 +51,7 @@ def ensure_redis(progress: Progress) -> RedisInstall:
     if not version:
         if os.geteuid() != 0:
             raise HarnessError("redis: apt has no package lists; run `apt-get update` as root once")
-        with progress.step("Updating apt package lists"):
+        with locked("apt"), progress.step("Updating apt package lists"):
             run_logged(["apt-get", "update"], cache_root() / "logs" / "apt-update.log", "apt-get update")
         version = _candidate_version()
         if not version:
