@@ -51,7 +51,7 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 _SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "net/ipv4/conf/all/route_localnet",
             "net/ipv4/ip_forward")
 _NETNS_DIR = Path("/run/netns")
-_WORKDIR_PREFIX = "borgdqn-node-"  # not "borgdqn-": the stale-dir sweeper must never rmtree through a mount
+_WORKDIR_PREFIX = "borgdqn_node-"  # not "borgdqn-*": the stale-dir sweeper must never rmtree through a mount
 
 
 @dataclass(frozen=True)
