@@ -20,7 +20,6 @@ from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override
 from borgdqn.memory.redis.client import RefusedPassword
 
 EXIT_FAILED = 1
-_COMMANDS = ("train", "eval", "export", "plot", "dashboard", "kibana-setup", "memory-monitor", "indexer")
 
 TRAIN_EPILOG = """\
 configuration: defaults < --config FILE.yaml < BORG_* variables < flags. Any field can be set with
@@ -351,19 +350,18 @@ def _cmd_indexer(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "plot": _cmd_plot,
+                "dashboard": _cmd_dashboard, "kibana-setup": _cmd_kibana_setup,
+                "memory-monitor": _cmd_memory_monitor, "indexer": _cmd_indexer}
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: " + ", ".join(_COMMANDS))
+        parser.error("choose a command: " + ", ".join(commands))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "plot": _cmd_plot,
-                "memory-monitor": _cmd_memory_monitor, "indexer": _cmd_indexer, "dashboard": _cmd_dashboard,
-                "kibana-setup": _cmd_kibana_setup}
-    assert set(commands) == set(_COMMANDS)
     try:
         return commands[args.command](args)
     except (ConfigError, RefusedPassword) as err:  # a refused password is bad input, not an outage

@@ -42,6 +42,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
         (["train", "--config", "/nonexistent/c.yaml"], {}, ["cannot read config file"]),
         (["train", "--agents", "two"], {}, ["invalid int value"]),
         (["eval", "/nonexistent/agent-0.pt"], {}, ["no checkpoint at"]),
+        (["--no-such-option"], {}, ["unrecognized arguments: --no-such-option", "borgdqn --help"]),
+        ([], {}, ["choose a command: train, eval"]),
+        (["train", "--steps", "many"], {}, ["invalid int value", "borgdqn train --help"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], env: dict[str, str], needles: list[str]) -> None:

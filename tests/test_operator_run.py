@@ -449,6 +449,14 @@ def test_cli_defaults_retry_backoff_and_key_value_logs() -> None:
     assert (args.namespace, args.metrics_port, args.liveness_port, args.log_format, args.standalone) == (
         [], 8080, 8081, "json", True)
     assert parse_args(["-n", "a", "--namespace", "b"]).namespace == ["a", "b"]
+    for bad in (["--no-such-option"], ["--metrics-port", "70000"], ["--resync-seconds", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(bad)
+        assert exited.value.code == 2
+    refusal = subprocess.run([sys.executable, "-m", "borg_operator", "--no-such-option"], capture_output=True,
+                             text=True, check=False)
+    assert refusal.returncode == 2 and refusal.stderr.strip().splitlines() == [
+        "borg-operator: error: unrecognized arguments: --no-such-option (borg-operator --help shows the usage)"]
     assert [retry_delay(retry) for retry in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
     record = logging.LogRecord("kopf.objects", logging.WARNING, __file__, 1, "reconcile failed: %s", ("HTTP 500",),
