@@ -14,12 +14,13 @@ by default (`/var/lib/containers/storage`): the archives are the cache, that sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,17 @@ def _buildah_out(args: Sequence[str], log: Path, what: str) -> str:
     return result.stdout.strip()
 
 
+@contextlib.contextmanager
+def _working_container(image: str, log: Path) -> Iterator[str]:
+    """A buildah working container from `image` ("scratch" for none), removed when done."""
+    container = _buildah_out(["from", *([] if image == "scratch" else ["--pull=never"]), image], log,
+                             f"buildah from {image}")
+    try:
+        yield container
+    finally:
+        subprocess.run([_buildah(), "rm", container], capture_output=True, check=False)
+
+
 def _save(reference: str, archive: Path, log: Path) -> None:
     run_logged([_buildah(), "push", "--quiet", reference, f"docker-archive:{archive}:{reference}"], log,
                f"buildah push {reference} to an archive")
@@ -165,23 +177,17 @@ def ensure_base(progress: Progress) -> str:
     rootfs = _base_rootfs(progress)
     log = _log("base")
     with progress.step("Committing the Debian base image with a venv on PATH", expect="~15 s"):
-        container = _buildah_out(["from", "scratch"], log, "buildah from scratch")
-        try:
+        with _working_container("scratch", log) as container:
             _buildah_out(["add", container, str(rootfs), "/"], log, "buildah add (root file system)")
             _buildah_out(["config", "--env", f"PATH={_PATH}", "--env", "LANG=C.UTF-8", container], log,
                          "buildah config")
             _buildah_out(["commit", container, _DEBIAN_IMAGE], log, "buildah commit (debian)")
-        finally:
-            subprocess.run([_buildah(), "rm", container], capture_output=True, check=False)
-        container = _buildah_out(["from", "--pull=never", _DEBIAN_IMAGE], log, "buildah from (debian)")
-        try:
+        with _working_container(_DEBIAN_IMAGE, log) as container:
             _buildah_out(["run", "--network", "host", container, "--", "python3", "-m", "venv", "/opt/venv"], log,
                          "python3 -m venv /opt/venv")
             _buildah_out(["config", "--env", f"PATH=/opt/venv/bin:{_PATH}", "--env", "VIRTUAL_ENV=/opt/venv",
                           container], log, "buildah config (venv)")
             _buildah_out(["commit", container, BASE_IMAGE], log, "buildah commit (base)")
-        finally:
-            subprocess.run([_buildah(), "rm", container], capture_output=True, check=False)
     return BASE_IMAGE
 
 
@@ -198,14 +204,11 @@ def ensure_pause(progress: Progress, pause_source: Path) -> BuiltImage:
             work.mkdir()
             try:
                 run_logged([gcc, "-Os", "-static", "-o", work / "pause", pause_source], log, "gcc pause.c")
-                container = _buildah_out(["from", "scratch"], log, "buildah from scratch")
-                try:
+                with _working_container("scratch", log) as container:
                     _buildah_out(["copy", container, str(work / "pause"), "/pause"], log, "buildah copy pause")
                     _buildah_out(["config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container], log,
                                  "buildah config (pause)")
                     _buildah_out(["commit", container, PAUSE_IMAGE], log, "buildah commit (pause)")
-                finally:
-                    subprocess.run([_buildah(), "rm", container], capture_output=True, check=False)
                 _save(PAUSE_IMAGE, work / "image.tar", log)
                 (work / "image.tar").rename(archive)
             finally:
@@ -272,19 +275,18 @@ def _overlay(full: str, reference: str, log: Path) -> None:
     run_logged([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", wheels, "."], log,
                "pip wheel (borgdqn)", cwd=REPO)
     (wheel,) = wheels.glob("borgdqn-*.whl")
-    container = _buildah_out(["from", "--pull=never", full], log, f"buildah from {full}")
     try:
-        _buildah_out(["copy", container, str(wheel), f"/tmp/{wheel.name}"], log, "buildah copy (wheel)")
-        _buildah_out(["run", "--user", "0:0", container, "--", "python", "-m", "pip", "install", "--quiet",
-                      "--no-deps", "--no-cache-dir", "--force-reinstall", f"/tmp/{wheel.name}"], log,
-                     "pip install borgdqn (in the image)")
-        _buildah_out(["run", "--user", "0:0", container, "--", "rm", f"/tmp/{wheel.name}"], log, "rm (wheel)")
-        # The Dockerfile's own last check, on the new code.
-        _buildah_out(["run", container, "--", "python", "-c", "import torch, ale_py, gymnasium, borgdqn.cli"], log,
-                     "the image's import check")
-        _buildah_out(["commit", "--quiet", container, reference], log, f"buildah commit {reference}")
+        with _working_container(full, log) as container:
+            _buildah_out(["copy", container, str(wheel), f"/tmp/{wheel.name}"], log, "buildah copy (wheel)")
+            _buildah_out(["run", "--user", "0:0", container, "--", "python", "-m", "pip", "install", "--quiet",
+                          "--no-deps", "--no-cache-dir", "--force-reinstall", f"/tmp/{wheel.name}"], log,
+                         "pip install borgdqn (in the image)")
+            _buildah_out(["run", "--user", "0:0", container, "--", "rm", f"/tmp/{wheel.name}"], log, "rm (wheel)")
+            # The Dockerfile's own last check, on the new code.
+            _buildah_out(["run", container, "--", "python", "-c", "import torch, ale_py, gymnasium, borgdqn.cli"],
+                         log, "the image's import check")
+            _buildah_out(["commit", "--quiet", container, reference], log, f"buildah commit {reference}")
     finally:
-        subprocess.run([_buildah(), "rm", container], capture_output=True, check=False)
         shutil.rmtree(wheels, ignore_errors=True)
 
 

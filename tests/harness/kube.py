@@ -299,7 +299,7 @@ def _insecure_healthz(port: int) -> bool:
     return status == 200 and body.strip() == "ok"
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=5) as response:
         return bool(response.status == 200)
 
@@ -400,7 +400,7 @@ class KubeCluster(RunningPart):
             names = [f"kwok-gpu-{index}" for index in range(nodes)]
             for name in names:
                 self.kubectl("apply", "-f", "-", input=json.dumps(fake_gpu_node(name, gpus_per_node, gpu_taint)))
-            wait_until(kwok, lambda: self._nodes_schedulable(names), f"making {nodes} fake nodes Ready",
+            wait_until(kwok, lambda: self.nodes_schedulable(names), f"making {nodes} fake nodes Ready",
                        timeout_s=120)
             self.fake_nodes = names
         except BaseException:
@@ -490,7 +490,7 @@ class KubeCluster(RunningPart):
         self.processes.append(proc)
         return proc
 
-    def _nodes_schedulable(self, names: Sequence[str]) -> bool:
+    def nodes_schedulable(self, names: Sequence[str]) -> bool:
         nodes = {item["metadata"]["name"]: item for item in self.get_json("nodes")["items"]}
         for name in names:
             node = nodes.get(name)
@@ -561,7 +561,7 @@ def start_kube(install: KubeInstall, *, detach: bool = False, node_ip: str | Non
             "--log-level=warn",
         ], workdir / "etcd.log", detach=detach)
         part.processes.append(etcd)
-        wait_until(etcd, lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), "healthy", timeout_s=30)
+        wait_until(etcd, lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"), "healthy", timeout_s=30)
 
         serving_cert, serving_key = pki.issue(
             "apiserver", "kube-apiserver", server=True,

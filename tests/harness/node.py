@@ -33,7 +33,7 @@ from tests.harness.cache import Progress, cache_root, locked, require_tool, run_
 from tests.harness.errors import HarnessError
 from tests.harness.gobuild import GoTool, go_binaries, go_module_dir
 from tests.harness.images import BuiltImage, ensure_pause
-from tests.harness.kube import GPU_RESOURCE, KUBE_LDFLAGS, KUBE_VERSION, KubeCluster
+from tests.harness.kube import GPU_RESOURCE, KUBE_LDFLAGS, KUBE_VERSION, KubeCluster, http_ok
 from tests.harness.process import RunningPart, ServerProcess, free_port, start_server, wait_until
 
 COREDNS_VERSION = "v1.15.0"
@@ -431,20 +431,6 @@ _COREDNS_RBAC = [
 ]
 
 
-def _http_ok(port: int, path: str) -> bool:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-        return bool(response.status == 200)
-
-
-def _node_condition_ready(cluster: KubeCluster, name: str) -> bool:
-    node = cluster.get_json("node", name)
-    ready = [c for c in node.get("status", {}).get("conditions", []) if c["type"] == "Ready"]
-    taints = [t for t in node["spec"].get("taints", []) if t["key"].startswith("node.kubernetes.io/")]
-    return bool(ready and ready[0]["status"] == "True" and not taints)
-
-
 def start_real_node(cluster: KubeCluster, install: NodeInstall, images: Sequence[BuiltImage] = (),
                     gpus: int = 4, progress: Progress | None = None) -> RealNode:
     """Joins a node to `cluster` (which must run with `node_ip` and its control loops) and imports `images`.
@@ -547,7 +533,7 @@ def _start_kubelet(node: RealNode, install: NodeInstall, cluster: KubeCluster, g
         "--v=1",
     ], node.workdir / "kubelet.log")
     node.processes.append(proc)
-    wait_until(proc, lambda: _node_condition_ready(cluster, node.node_name), "Ready (the node registered)",
+    wait_until(proc, lambda: cluster.nodes_schedulable([node.node_name]), "Ready (the node registered)",
                timeout_s=90)
     # The documented way to advertise an extended resource: a JSON patch of the node's status.
     patch = [{"op": "add", "path": f"/status/capacity/{GPU_RESOURCE.replace('/', '~1')}", "value": str(gpus)}]
@@ -579,7 +565,7 @@ def _start_kube_proxy(node: RealNode, install: NodeInstall, cluster: KubeCluster
         f"--metrics-bind-address=127.0.0.1:{free_port()}",
     ], node.workdir / "kube-proxy.log")
     node.processes.append(proc)
-    wait_until(proc, lambda: _http_ok(healthz, "/healthz"), "healthy", timeout_s=60)
+    wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{healthz}/healthz"), "healthy", timeout_s=60)
     return proc
 
 
@@ -596,5 +582,6 @@ def _start_coredns(node: RealNode, install: NodeInstall, cluster: KubeCluster) -
     proc = start_server("coredns", [install.coredns, "-conf", corefile], node.workdir / "coredns.log",
                         cwd=node.workdir)
     node.processes.append(proc)
-    wait_until(proc, lambda: _http_ok(ready, "/ready"), "ready (synced with the apiserver)", timeout_s=60)
+    wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{ready}/ready"), "ready (synced with the apiserver)",
+               timeout_s=60)
     return proc
