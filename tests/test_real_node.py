@@ -1,17 +1,19 @@
 """Tier 3: our images, built from their Dockerfiles, running in real pods on a real kubelet.
 
 The harness joins a node to a control plane of its own (containerd + runc, a CNI bridge, kubelet, kube-proxy,
-CoreDNS; `tests/harness/node.py`) and imports the memory, operator and agent images it built with buildah from the
-repository's Dockerfiles on a debootstrapped Debian base (`tests/harness/images.py`). The harness's Kafka listens
-on the node's address, so pods reach it as a collective's external Kafka.
+CoreDNS, kube-router's NetworkPolicy controller; `tests/harness/node.py`) and imports the memory, operator and
+agent images it built with buildah from the repository's Dockerfiles on a debootstrapped Debian base
+(`tests/harness/images.py`). The harness's Kafka listens on the node's address, so pods reach it as a
+collective's external Kafka.
 
 Proven: the node is Ready with its GPU count, cluster DNS and the `kubernetes` Service work from a pod; every image
 answers `--help` and refuses an unknown argument with one line and exit 2; a collective installed with the two
 Helm charts (the operator itself a pod from its image, in-cluster config, the chart's ServiceAccount) trains in
 namespaces that enforce the `restricted` Pod Security Standard: agents write to and learn from the shared memory,
-`kubectl scale` adds an agent that joins, a deleted agent pod comes back and learns again, the memory pod deleted
-after the agents are scaled to 0 comes back with exactly the steps it stored (AOF on a persistent volume), no pod
-logs a traceback, `helm uninstall` removes every pod, and stopping the node gives the machine back as it was.
+the memory's NetworkPolicy lets the operator read it and refuses a pod it does not list, `kubectl scale` adds an
+agent that joins, a deleted agent pod comes back and learns again, the memory pod deleted after the agents are
+scaled to 0 comes back with exactly the steps it stored (AOF on a persistent volume), no pod logs a traceback,
+`helm uninstall` removes every pod, and stopping the node gives the machine back as it was.
 Stand-ins, named: `nvidia.com/gpu` is a count the node advertises (no device, no CUDA: agents run torch on the CPU),
 the persistent volume is a pre-bound hostPath volume, Elasticsearch and Kibana are off (no ECK).
 """
@@ -327,6 +329,47 @@ def learning(reports: dict[str, pb.TrainingReport]) -> dict[int, set[str]]:
     return agents
 
 
+REDIS_PROBE = """
+import socket, sys, time
+host, listed = sys.argv[1], sys.argv[2] == "listed"
+print("resolved", socket.gethostbyname(host), flush=True)
+deadline = time.monotonic() + (60 if listed else 10)  # a listed pod: until the enforcer has its address
+while True:
+    try:
+        with socket.create_connection((host, 6379), timeout=2) as connection:
+            connection.sendall(b"PING\\r\\n")
+            print("reply", connection.recv(64).decode().strip(), flush=True)
+            sys.exit(0)
+    except OSError as exc:
+        if time.monotonic() > deadline:
+            print("no connection", type(exc).__name__, flush=True)
+            sys.exit(1)
+        time.sleep(1)
+"""
+
+
+def assert_memory_admits_only_listed_pods(real: Real, namespace: str, cr: str) -> None:
+    """Two pods of the memory image in the collective's namespace knock on Redis: one without labels (no policy
+    lists it), one with the operator's `app.kubernetes.io/name` (the policy admits it from any namespace)."""
+    kube = real.kube
+    host = f"{names.memory(cr)}.{namespace}.svc.cluster.local"
+    for case in ("unlisted", "listed"):
+        pod = one_shot_pod(f"redis-probe-{case}", real.image("memory"), ["-c", REDIS_PROBE, host, case],
+                           command=["python"])
+        if case == "listed":
+            pod["metadata"]["labels"] = {names.LABEL_NAME: names.OPERATOR_APP}
+        kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    outcome = {}
+    for case in ("unlisted", "listed"):
+        state = terminated(kube, namespace, f"redis-probe-{case}")
+        outcome[case] = (state["exitCode"], logs(kube, namespace, f"redis-probe-{case}"))
+        kube.kubectl("delete", "pod", f"redis-probe-{case}", "-n", namespace, "--wait=false")
+    listed_code, listed_log = outcome["listed"]
+    assert listed_code == 0 and "reply -NOAUTH" in listed_log, listed_log  # Redis itself answered
+    unlisted_code, unlisted_log = outcome["unlisted"]
+    assert unlisted_code == 1 and "resolved 10." in unlisted_log and "no connection" in unlisted_log, unlisted_log
+
+
 def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_restricted_pod_security(
         real: Real, tmp_path: Path) -> None:
     kube, cr = real.kube, "cart"
@@ -376,6 +419,13 @@ def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_rest
         memory = Memory(kube, namespace, cr)
         wait(lambda: memory.when(lambda c: {0, 1} <= set(c)), "both agents' steps in Redis")
         assert set(learners(lambda a: {0, 1} <= set(a))) == {0, 1}
+
+        # The memory's NetworkPolicy, enforced: the operator (from its namespace) reads the memory for the
+        # status; a pod it does not list cannot open a connection to Redis, the same pod with the operator's
+        # label can.
+        wait(lambda: kube.get_json("borg", cr, "-n", namespace).get("status", {}).get("memory", {}).get("fill"),
+             "the memory's fill in the status (the operator reached Redis)")
+        assert_memory_admits_only_listed_pods(real, namespace, cr)
 
         # kubectl scale: a third agent starts and joins the hive (writes, learns).
         kube.kubectl("scale", f"borgcollective/{cr}", "--replicas=3", "-n", namespace)
@@ -433,6 +483,10 @@ def _rules(dump: str) -> set[str]:
     return found
 
 
+def ipsets() -> list[str]:
+    return sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=True).stdout.split())
+
+
 def test_stopping_the_node_gives_the_machine_back_as_it_was(real: Real) -> None:
     """Runs last in this module: it stops the node the fixture started (stopping twice is a no-op)."""
     state_dir = host_state_dir()
@@ -440,7 +494,10 @@ def test_stopping_the_node_gives_the_machine_back_as_it_was(real: Real) -> None:
     saved = {family: (state_dir / f"{family}.rules").read_text() for family in ("iptables", "ip6tables")}
     running = {family: subprocess.run([f"{family}-save"], capture_output=True, text=True, check=True).stdout
                for family in saved}
-    assert any("KUBE-SERVICES" in rules for rules in _rules(running["iptables"]))  # the node had changed them
+    # The node had changed them: kube-proxy's Services, kube-router's policy chains. (Its ipsets went with the
+    # last NetworkPolicy; the restore destroys those a killed kube-router leaves.)
+    assert any("KUBE-SERVICES" in rules for rules in _rules(running["iptables"]))
+    assert any("KUBE-ROUTER-FORWARD" in rules for rules in _rules(running["iptables"]))
     workdir = str(real.node.workdir)
     assert mounts_under(workdir) and Path(f"/sys/class/net/{BRIDGE}").exists()
 
@@ -450,6 +507,7 @@ def test_stopping_the_node_gives_the_machine_back_as_it_was(real: Real) -> None:
         after = subprocess.run([f"{family}-save"], capture_output=True, text=True, check=True).stdout
         assert _rules(after) == _rules(dump), family
     assert {name: Path("/proc/sys", name).read_text().strip() for name in before["sysctls"]} == before["sysctls"]
+    assert ipsets() == before["ipsets"]
     assert not Path(f"/sys/class/net/{BRIDGE}").exists()
     assert mounts_under(workdir) == [] and not Path(workdir).exists()
     assert processes_mentioning(workdir) == []

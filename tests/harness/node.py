@@ -1,8 +1,9 @@
 """Tier 3: a real Kubernetes node on this machine, joined to a harness control plane, where pods really run.
 
 containerd + runc run the containers, a CNI bridge gives pods addresses, kubelet and kube-proxy are built from
-the Kubernetes module the harness pins, and CoreDNS (a build with only the plugins a test cluster needs) answers
-cluster names on the node's address. The node advertises `nvidia.com/gpu` as a count: there are no devices and
+the Kubernetes module the harness pins, CoreDNS (a build with only the plugins a test cluster needs) answers
+cluster names on the node's address, and kube-router's policy controller (its firewall part only) enforces
+NetworkPolicies with iptables and ipsets. The node advertises `nvidia.com/gpu` as a count: there are no devices and
 no CUDA in it. No registry exists here, so images reach containerd as archives (`tests/harness/images.py`) and
 pods use `imagePullPolicy: Never`.
 
@@ -33,19 +34,20 @@ from tests.harness.cache import Progress, cache_root, locked, require_tool, run_
 from tests.harness.errors import HarnessError
 from tests.harness.gobuild import GoTool, go_binaries, go_module_dir
 from tests.harness.images import BuiltImage, ensure_pause
-from tests.harness.kube import GPU_RESOURCE, KUBE_LDFLAGS, KUBE_VERSION, KubeCluster, http_ok
+from tests.harness.kube import GPU_RESOURCE, KUBE_LDFLAGS, KUBE_VERSION, SERVICE_CIDR, KubeCluster, http_ok
 from tests.harness.process import RunningPart, ServerProcess, free_port, start_server, wait_until
 
 COREDNS_VERSION = "v1.15.0"
+KUBE_ROUTER_VERSION = "v2.1.0"  # the only kube-router the Go module proxy here serves
 NODE_NAME = "borg-node-0"
 BRIDGE = "borg0"
 POD_SUBNET = "10.88.0.0/24"
 CLUSTER_DOMAIN = "cluster.local"
 # Debian packages of the node (root installs them once with apt; nothing starts by itself without systemd).
-PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "buildah", "debootstrap",
-            "gcc")
+PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "ipset", "conntrack", "buildah",
+            "debootstrap", "gcc")
 _TOOLS = ("containerd", "ctr", "runc", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore",
-          "conntrack", "buildah", "debootstrap", "gcc", "ip")
+          "ipset", "conntrack", "buildah", "debootstrap", "gcc", "ip")
 CNI_BIN_DIR = Path("/usr/lib/cni")
 # Host settings kubelet (protectKernelDefaults off) and kube-proxy change, restored when the node stops.
 _SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "net/ipv4/conf/all/route_localnet",
@@ -59,6 +61,7 @@ class NodeInstall:
     kubelet: Path
     kube_proxy: Path
     coredns: Path
+    kube_router: Path
     pause: BuiltImage
 
 
@@ -96,10 +99,13 @@ def ensure_node(progress: Progress) -> NodeInstall:
     ], ldflags=KUBE_LDFLAGS)
     coredns = go_binaries(progress, "coredns", COREDNS_VERSION,
                           [GoTool("coredns", "borgdqn.test/harness/coredns", expect="~2 min")], ldflags="-s -w")
+    kube_router = go_binaries(progress, "kube-router", KUBE_ROUTER_VERSION, [
+        GoTool("kube-router", "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router", expect="~2 min")],
+        ldflags="-s -w")
     source = go_module_dir(progress, "kubelet", "k8s.io/kubernetes")
     pause = ensure_pause(progress, source / "build" / "pause" / "linux" / "pause.c")
     return NodeInstall(kubelet=kube["kubelet"], kube_proxy=kube["kube-proxy"], coredns=coredns["coredns"],
-                       pause=pause)
+                       kube_router=kube_router["kube-router"], pause=pause)
 
 
 def node_ip() -> str:
@@ -243,14 +249,22 @@ def _save_host_state(workdir: Path) -> None:
         (state / f"{family}.rules").write_text(result.stdout)
     netns = sorted(entry.name for entry in _NETNS_DIR.iterdir()) if _NETNS_DIR.is_dir() else []
     sysctls = {name: value for name in _SYSCTLS if (value := _read_sysctl(name)) is not None}
-    (state / "state.json").write_text(json.dumps({"workdir": str(workdir), "netns": netns, "sysctls": sysctls}))
+    (state / "state.json").write_text(json.dumps({"workdir": str(workdir), "netns": netns, "sysctls": sysctls,
+                                                  "ipsets": _ipsets()}))
+
+
+def _ipsets() -> list[str]:
+    result = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise HarnessError(f"real node: ipset list failed: {result.stderr.strip()}")
+    return sorted(result.stdout.split())
 
 
 def restore_host() -> list[str]:
     """Undoes what a node did to the machine (from the state saved when it started); returns what it could not.
 
     Kills what is left of the node's processes, unmounts its pods' network namespaces and its mounts, deletes
-    the bridge, puts back the iptables rules and the sysctls, removes kubelet's cgroups and the workdir.
+    the bridge, puts back the iptables rules, the ipsets and the sysctls, removes kubelet's cgroups and the workdir.
     """
     state_dir = host_state_dir()
     try:
@@ -278,6 +292,11 @@ def restore_host() -> list[str]:
         saved = state_dir / f"{family}.rules"
         if saved.is_file():
             problems.extend(_restore_rules(family, saved.read_text()))
+    # kube-router's sets, destroyable once the restored rules no longer use them.
+    for name in sorted(set(_ipsets()) - set(state.get("ipsets", []))):
+        result = subprocess.run(["ipset", "destroy", name], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            problems.append(f"ipset {name} not destroyed ({result.stderr.strip()})")
     for name, value in state["sysctls"].items():
         try:
             Path("/proc/sys", name).write_text(value)
@@ -451,6 +470,7 @@ def start_real_node(cluster: KubeCluster, install: NodeInstall, images: Sequence
         _start_kubelet(node, install, cluster, gpus)
         _start_kube_proxy(node, install, cluster)
         _start_coredns(node, install, cluster)
+        _start_network_policies(node, install, cluster)
         node.exports = {"BORGDQN_REAL_NODE": node.node_name}
         return node
     except BaseException:
@@ -497,22 +517,22 @@ def _start_containerd(node: RealNode, install: NodeInstall) -> ServerProcess:
 
 def _hand_images(node: RealNode, pause: BuiltImage, images: Sequence[BuiltImage], progress: Progress) -> None:
     """Leaves containerd with exactly the pause image and `images`: imports those it lacks (their references
-    name their inputs' hash, so a present one is the same image), removes the others and any container left
-    behind by a node that did not stop."""
+    name their inputs' hash, so a present one is the same image), then removes the others and any container
+    left behind by a node that did not stop. New before old: an image rebuilt over the same base shares its
+    layers' snapshots with the one it replaces, and the import unpacks only what changed."""
     node.remove_containers()
     present = node.image_references()
-    wanted = {pause.reference, *(image.reference for image in images)}
-    stale = sorted(reference for reference in present - wanted)
-    if stale:
-        node.ctr("images", "remove", *stale, timeout_s=120)  # containerd collects their layers
     node.import_image(pause)  # tiny, and its tag does not name its source
     for image in images:
         if image.reference in present:
             node.images[image.name] = image.reference
             continue
         with progress.step(f"Importing {image.reference} into the node's containerd",
-                           expect="~80 s" if image.name == "agent" else "~8 s"):
+                           expect="~40 s" if image.name == "agent" else "~8 s"):
             node.import_image(image)
+    stale = sorted(present - {pause.reference, *(image.reference for image in images)})
+    if stale:
+        node.ctr("images", "remove", *stale, timeout_s=120)  # containerd collects the layers no image uses
 
 
 def _start_kubelet(node: RealNode, install: NodeInstall, cluster: KubeCluster, gpus: int) -> ServerProcess:
@@ -584,4 +604,49 @@ def _start_coredns(node: RealNode, install: NodeInstall, cluster: KubeCluster) -
     node.processes.append(proc)
     wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{ready}/ready"), "ready (synced with the apiserver)",
                timeout_s=60)
+    return proc
+
+
+# kube-router's policy controller watches these (its informers start for all of them) and writes nothing.
+_KUBE_ROUTER_RBAC = [
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+     "metadata": {"name": "borgdqn-test:kube-router"},
+     "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+                "verbs": ["get", "list", "watch"]},
+               {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+               {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]}]},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+     "metadata": {"name": "borgdqn-test:kube-router"},
+     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "borgdqn-test:kube-router"},
+     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "borgdqn-test:kube-router"}]},
+]
+
+
+def _start_network_policies(node: RealNode, install: NodeInstall, cluster: KubeCluster) -> ServerProcess:
+    """kube-router with only its firewall: the NetworkPolicies of pods on this node become iptables rules and
+    ipsets (routing is the bridge's, Services are kube-proxy's)."""
+    pki = cluster.pki
+    for item in _KUBE_ROUTER_RBAC:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(item))
+    cert, key = pki.issue("kube-router", "borgdqn-test:kube-router")
+    kubeconfig = pki.kubeconfig(node.workdir / "kube-router.kubeconfig", cluster.server, "borgdqn-test:kube-router",
+                                cert, key)
+    health = free_port()
+    proc = start_server("kube-router", [
+        install.kube_router,
+        f"--kubeconfig={kubeconfig}",
+        f"--hostname-override={node.node_name}",
+        "--run-firewall=true",
+        "--run-router=false",
+        "--run-service-proxy=false",
+        "--enable-cni=false",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--health-port={health}",
+        "--metrics-port=0",
+    ], node.workdir / "kube-router.log")
+    node.processes.append(proc)
+    # Healthy from the start; its first full sync is done when FORWARD jumps to its chain.
+    wait_until(proc, lambda: http_ok(f"http://127.0.0.1:{health}/healthz") and "KUBE-ROUTER-FORWARD" in
+               subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, check=False).stdout,
+               "syncing NetworkPolicies into iptables", timeout_s=60)
     return proc
