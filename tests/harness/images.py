@@ -8,21 +8,27 @@
 
 Each image is saved as a docker-archive under `~/.cache/borgdqn/images/`, named by a hash of everything that goes
 into it, so it is built again only when one of its inputs changes; the node imports the archives into its
-containerd, and pods run them with `imagePullPolicy: Never`. buildah keeps its working storage where it keeps it
-by default (`/var/lib/containers/storage`): the archives are the cache, that storage is scratch.
+containerd (as OCI archives without the layers containerd already holds: a rebuilt agent image differs from the
+last one in one small layer), and pods run them with `imagePullPolicy: Never`. buildah keeps its working
+storage where it keeps it by default (`/var/lib/containers/storage`): the archives are the cache, that storage
+is scratch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import tarfile
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tests.harness.cache import Progress, cache_root, installed, locked, require_tool, run_logged
 from tests.harness.errors import HarnessError
@@ -149,6 +155,66 @@ def _working_container(image: str, log: Path) -> Iterator[str]:
 def _save(reference: str, archive: Path, log: Path) -> None:
     run_logged([_buildah(), "push", "--quiet", reference, f"docker-archive:{archive}:{reference}"], log,
                f"buildah push {reference} to an archive")
+
+
+def oci_archive_without(image: BuiltImage, present: Collection[str], out: IO[bytes]) -> int:
+    """Streams `image` to `out` as an OCI image-layout archive that leaves out the layers whose digests are in
+    `present` (what the importing containerd holds already); returns the bytes of layers written.
+
+    buildah's docker-archives hold uncompressed layers named by their digest (checked against the config's
+    diff_ids), so a layer's digest is known without reading it. containerd's import reads the layers the archive
+    holds and unpacks only layers whose snapshot it lacks.
+    """
+    with tarfile.open(image.archive) as source:
+        (entry,) = json.loads(_member_bytes(source, "manifest.json"))
+        config = _member_bytes(source, entry["Config"])
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        layers = [source.getmember(name) for name in entry["Layers"]]
+        digests = ["sha256:" + Path(member.name).name.removesuffix(".tar") for member in layers]
+        if digests != diff_ids:
+            raise HarnessError(f"images: {image.archive.name} does not name its layers by their digests")
+        platform = {key: json.loads(config)[key] for key in ("architecture", "os")}
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": _descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": member.size}
+                       for digest, member in zip(digests, layers, strict=True)],
+        }).encode()
+        index = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{**_descriptor("application/vnd.oci.image.manifest.v1+json", manifest), "platform": platform,
+                           "annotations": {"io.containerd.image.name": image.reference}}],
+        }).encode()
+        written = 0
+        with tarfile.open(fileobj=out, mode="w|") as archive:
+            for name, data in (("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", index),
+                               (_blob_path(manifest), manifest), (_blob_path(config), config)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+            for digest, member in zip(digests, layers, strict=True):
+                if digest in present:
+                    continue
+                info = tarfile.TarInfo("blobs/sha256/" + digest.removeprefix("sha256:"))
+                info.size = member.size
+                archive.addfile(info, source.extractfile(member))
+                written += member.size
+    return written
+
+
+def _member_bytes(source: tarfile.TarFile, name: str) -> bytes:
+    member = source.extractfile(name)
+    if member is None:
+        raise HarnessError(f"images: {name} is not a file in {os.fsdecode(source.name or '')}")
+    return member.read()
+
+
+def _descriptor(media_type: str, data: bytes) -> dict[str, object]:
+    return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _blob_path(data: bytes) -> str:
+    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
 
 
 def _base_rootfs(progress: Progress) -> Path:
