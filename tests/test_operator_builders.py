@@ -47,7 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kafka": {"mode": "external", "bootstrapServers": "kafka-0.shared:9092,kafka-1.shared:9092"},
         "elastic": {"mode": "disabled"},
     },
-    "no-kibana": {"elastic": {"kibana": {"count": 0, "ingress": {"enabled": True}}},
+    "no-kibana": {"elastic": {"kibana": {"count": 0, "ingress": {"enabled": True, "allowInsecure": True}}},
                   "kafka": {"replicas": 3, "storage": {"storageClassName": "standard"}}},
 }
 

@@ -175,6 +175,9 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown-kafka-mode", {"kafka": {"mode": "zookeeper"}}, ["spec.kafka.mode", 'Unsupported value: "zookeeper"']),
     ("external-kafka-without-servers", {"kafka": {"mode": "external"}},
      ["spec.kafka.bootstrapServers", "is required when kafka.mode is external"]),
+    ("kibana-ingress-without-tls",
+     {"elastic": {"kibana": {"ingress": {"enabled": True, "host": "kibana.example.org"}}}},
+     ["spec.elastic.kibana.ingress", "needs host and tlsSecretName when enabled"]),
     ("chunks-too-long", {"memory": {"capacity": 64, "chunkLength": 32}},
      ["spec.memory.chunkLength", "must be at most a quarter of memory.capacity"]),
     ("batch-larger-than-memory", {"memory": {"capacity": 1000}, "agents": {"learner": {"batchSize": 2000}}},
@@ -221,6 +224,20 @@ def test_a_name_at_the_limit_is_accepted(cluster: KubeCluster) -> None:
                        ("r" * MAX_NAME, NO_ECK)):
         assert kubectl_apply(cluster, collective(namespace, name, spec)).returncode == 0, name
         check_name(name, eck="elastic" not in spec, strimzi="kafka" in spec)
+
+
+@pytest.mark.parametrize("ingress", [
+    {"enabled": True, "host": "kibana.example.org", "tlsSecretName": "kibana-tls"},
+    {"enabled": True, "allowInsecure": True},
+    {"enabled": False},
+], ids=["host-and-tls", "insecure-by-choice", "off"])
+def test_a_kibana_ingress_with_tls_or_insecure_by_choice_is_accepted(cluster: KubeCluster,
+                                                                     ingress: dict[str, Any]) -> None:
+    spec = {"elastic": {"kibana": {"ingress": ingress}}}
+    namespace = new_namespace(cluster, "ingress")
+    applied = kubectl_apply(cluster, collective(namespace, "kib", spec))
+    assert applied.returncode == 0, applied.stderr
+    assert parse_spec(spec).elastic.kibana.ingress.enabled is ingress["enabled"]  # the operator agrees
 
 
 # ---------------------------------------------------------------------------------------------- immutables

@@ -190,7 +190,8 @@ def test_kubectl_scale_changes_the_agents_and_kubectl_get_borg_shows_it(
 
 
 def test_what_the_spec_drops_is_pruned_and_only_that(cluster: KubeCluster, namespace: str, operator: Operator) -> None:
-    spec = {"elastic": {"kibana": {"count": 1, "ingress": {"enabled": True, "host": "kibana.example.org"}}}}
+    spec = {"elastic": {"kibana": {"count": 1, "ingress": {"enabled": True, "host": "kibana.example.org",
+                                                           "tlsSecretName": "kibana-tls"}}}}
     apply(cluster, collective("pr", namespace, spec))
     full = settled(cluster, namespace, "pr", spec)
     assert {("Kibana", "pr-kibana"), ("Ingress", "pr-kibana")} <= set(full)

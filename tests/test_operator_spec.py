@@ -279,7 +279,8 @@ def full_spec() -> dict[str, Any]:
         "elastic": {"mode": "disabled", "version": "8.18.0", "count": 3,
                     "storage": {"size": "2Gi", "storageClassName": "slow"},
                     "kibana": {"count": 2, "ingress": {"enabled": True, "host": "kibana.example.org",
-                                                       "className": "nginx", "tlsSecretName": "kibana-tls"}}},
+                                                       "className": "nginx", "tlsSecretName": "kibana-tls",
+                                                       "allowInsecure": True}}},
         "telemetryBufferEvents": 500,
     }
 
@@ -358,6 +359,10 @@ def test_there_is_a_minimal_and_a_full_example() -> None:
     ({"env": {"numEnvs": 0}}, "spec.env.numEnvs: Input should be greater than or equal to 1"),
     ({"kafka": {"mode": "external"}}, "spec.kafka: kafka.bootstrapServers is required when kafka.mode is external"),
     ({"elastic": {"kibana": {"ingress": {"host": 5}}}}, "spec.elastic.kibana.ingress.host: Input should be a valid"),
+    ({"elastic": {"kibana": {"ingress": {"enabled": True, "host": "kibana.example.org"}}}},
+     "spec.elastic.kibana.ingress: needs host and tlsSecretName when enabled"),
+    ({"elastic": {"kibana": {"ingress": {"enabled": True, "tlsSecretName": "kibana-tls"}}}},
+     "spec.elastic.kibana.ingress: needs host and tlsSecretName when enabled"),
     ({"unknownSection": {}}, "spec.unknownSection: unknown field"),
 ], ids=lambda value: str(value)[:40] if isinstance(value, str) else None)
 def test_a_bad_spec_is_one_line_that_names_the_field(spec: dict[str, Any], expected: str) -> None:

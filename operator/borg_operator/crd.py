@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from borg_operator import GROUP, KIND, PLURAL, VERSION, names
-from borg_operator.spec import CollectiveSpec, camel_keys, to_camel
+from borg_operator.spec import INGRESS_NEEDS_HOST_AND_TLS, CollectiveSpec, camel_keys, to_camel
 from borg_operator.status import CONDITION_TYPES, PHASES
 
 Schema = dict[str, Any]
@@ -119,6 +119,10 @@ OBJECT_RULES: dict[str, list[Schema]] = {
         _rule(["network.lstm", "network.lstmHidden"],
               "!self.network.lstm || self.network.lstmHidden == oldSelf.network.lstmHidden",
               f"is immutable while network.lstm is on: {_RECURRENT}", ".network.lstmHidden", transition=True),
+    ],
+    "elastic.kibana.ingress": [
+        _rule(["enabled", "allowInsecure"], "!self.enabled || self.allowInsecure || (has(self.host) && self.host != "
+              "'' && has(self.tlsSecretName) && self.tlsSecretName != '')", INGRESS_NEEDS_HOST_AND_TLS),
     ],
     "kafka": [
         _rule(["mode"], "self.mode != 'external' || (has(self.bootstrapServers) && self.bootstrapServers != '')",

@@ -182,11 +182,23 @@ class KafkaSpec(CrdModel):
         return self
 
 
+INGRESS_NEEDS_HOST_AND_TLS = ("needs host and tlsSecretName when enabled (Kibana's login crosses it), or "
+                              "allowInsecure: true")
+
+
 class IngressSpec(CrdModel):
     enabled: bool = Field(default=False, description="expose Kibana through an Ingress")
     host: str | None = Field(default=None, description="the Ingress host, e.g. kibana.example.org")
     class_name: str | None = Field(default=None, description="ingressClassName; empty: the cluster default")
     tls_secret_name: str | None = Field(default=None, description="TLS secret for the host; empty: no TLS")
+    allow_insecure: bool = Field(default=False, description="allow the Ingress without a host or without TLS "
+                                 "(Kibana's login then crosses the network in clear): a trusted network only")
+
+    @model_validator(mode="after")
+    def _host_and_tls(self) -> IngressSpec:
+        if self.enabled and not self.allow_insecure and not (self.host and self.tls_secret_name):
+            raise ValueError(INGRESS_NEEDS_HOST_AND_TLS)
+        return self
 
 
 class KibanaSpec(CrdModel):
