@@ -168,12 +168,13 @@ def oci_archive_without(image: BuiltImage, present: Collection[str], out: IO[byt
     with tarfile.open(image.archive) as source:
         (entry,) = json.loads(_member_bytes(source, "manifest.json"))
         config = _member_bytes(source, entry["Config"])
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        image_config = json.loads(config)
+        diff_ids = image_config["rootfs"]["diff_ids"]
         layers = [source.getmember(name) for name in entry["Layers"]]
         digests = ["sha256:" + Path(member.name).name.removesuffix(".tar") for member in layers]
         if digests != diff_ids:
             raise HarnessError(f"images: {image.archive.name} does not name its layers by their digests")
-        platform = {key: json.loads(config)[key] for key in ("architecture", "os")}
+        platform = {key: image_config[key] for key in ("architecture", "os")}
         manifest = json.dumps({
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": _descriptor("application/vnd.oci.image.config.v1+json", config),

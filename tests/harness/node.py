@@ -171,17 +171,19 @@ class RealNode(RunningPart):
     def socket(self) -> Path:
         return self.workdir / "containerd" / "containerd.sock"
 
+    def _ctr_command(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args]
+
     def ctr(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        return subprocess.run(self._ctr_command(*args), capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
 
     def import_image(self, image: BuiltImage) -> int:
         """Hands an image to the node's containerd (pods then run it with imagePullPolicy: Never), without the
         layers containerd holds already; returns the bytes of layers it sent."""
         present = set(self.ctr("content", "list", "--quiet", timeout_s=30).stdout.split())
-        with subprocess.Popen(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", "images", "import",
-                               "--all-platforms", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) as ctr:
+        with subprocess.Popen(self._ctr_command("images", "import", "--all-platforms", "-"), stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as ctr:
             assert ctr.stdin is not None and ctr.stderr is not None
             try:
                 sent = oci_archive_without(image, present, ctr.stdin)
@@ -451,16 +453,33 @@ def _corefile(node: RealNode, kubeconfig: Path, health_port: int, ready_port: in
 
 
 # CoreDNS reads Services, EndpointSlices, Namespaces and Pods; nothing else (its usual ClusterRole).
-_COREDNS_RBAC = [
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "borgdqn-test:coredns"},
-     "rules": [{"apiGroups": [""], "resources": ["services", "pods", "namespaces", "endpoints"],
-                "verbs": ["list", "watch"]},
-               {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]},
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-     "metadata": {"name": "borgdqn-test:coredns"},
-     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "borgdqn-test:coredns"},
-     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "borgdqn-test:coredns"}]},
+_COREDNS_RULES = [
+    {"apiGroups": [""], "resources": ["services", "pods", "namespaces", "endpoints"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
 ]
+# kube-router's policy controller watches these (its informers start for all of them) and writes nothing.
+_KUBE_ROUTER_RULES = [
+    {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+]
+
+
+def _client_kubeconfig(node: RealNode, cluster: KubeCluster, name: str, rules: list[dict[str, Any]]) -> Path:
+    """A kubeconfig for the user `borgdqn-test:<name>` (a certificate of the harness CA), bound cluster-wide to
+    a ClusterRole of exactly `rules`."""
+    user = f"borgdqn-test:{name}"
+    rbac = "rbac.authorization.k8s.io"
+    for item in (
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRole", "metadata": {"name": user}, "rules": rules},
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding", "metadata": {"name": user},
+         "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": user},
+         "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}]},
+    ):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(item))
+    cert, key = cluster.pki.issue(name, user)
+    return cluster.pki.kubeconfig(node.workdir / f"{name}.kubeconfig", cluster.server, user, cert, key)
 
 
 def start_real_node(cluster: KubeCluster, install: NodeInstall, images: Sequence[BuiltImage] = (),
@@ -604,12 +623,7 @@ def _start_kube_proxy(node: RealNode, install: NodeInstall, cluster: KubeCluster
 
 
 def _start_coredns(node: RealNode, install: NodeInstall, cluster: KubeCluster) -> ServerProcess:
-    pki = cluster.pki
-    for item in _COREDNS_RBAC:
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(item))
-    cert, key = pki.issue("coredns", "borgdqn-test:coredns")
-    kubeconfig = pki.kubeconfig(node.workdir / "coredns.kubeconfig", cluster.server, "borgdqn-test:coredns", cert,
-                                key)
+    kubeconfig = _client_kubeconfig(node, cluster, "coredns", _COREDNS_RULES)
     health, ready = free_port(), free_port()
     corefile = node.workdir / "Corefile"
     corefile.write_text(_corefile(node, kubeconfig, health, ready))
@@ -621,30 +635,10 @@ def _start_coredns(node: RealNode, install: NodeInstall, cluster: KubeCluster) -
     return proc
 
 
-# kube-router's policy controller watches these (its informers start for all of them) and writes nothing.
-_KUBE_ROUTER_RBAC = [
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-     "metadata": {"name": "borgdqn-test:kube-router"},
-     "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes", "services", "endpoints"],
-                "verbs": ["get", "list", "watch"]},
-               {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
-               {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]}]},
-    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-     "metadata": {"name": "borgdqn-test:kube-router"},
-     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "borgdqn-test:kube-router"},
-     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "borgdqn-test:kube-router"}]},
-]
-
-
 def _start_network_policies(node: RealNode, install: NodeInstall, cluster: KubeCluster) -> ServerProcess:
     """kube-router with only its firewall: the NetworkPolicies of pods on this node become iptables rules and
     ipsets (routing is the bridge's, Services are kube-proxy's)."""
-    pki = cluster.pki
-    for item in _KUBE_ROUTER_RBAC:
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(item))
-    cert, key = pki.issue("kube-router", "borgdqn-test:kube-router")
-    kubeconfig = pki.kubeconfig(node.workdir / "kube-router.kubeconfig", cluster.server, "borgdqn-test:kube-router",
-                                cert, key)
+    kubeconfig = _client_kubeconfig(node, cluster, "kube-router", _KUBE_ROUTER_RULES)
     health = free_port()
     proc = start_server("kube-router", [
         install.kube_router,
