@@ -17,7 +17,7 @@ from typing import Any
 from borgdqn import __version__
 from borgdqn.bad_input import EXIT_BAD_INPUT, OneLineParser
 from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override, read_yaml
-from borgdqn.memory.redis.client import RefusedPassword
+from borgdqn.memory.redis.client import RefusedAccess
 
 EXIT_FAILED = 1
 
@@ -69,7 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "the pods when every agent is done)")  # fmt: skip
     train.add_argument("--memory", metavar="redis://HOST:PORT/DB",
                        help="share the hive's experience through a Redis log there (each agent samples its "
-                            "own replica of it) instead of an embedded memory (password from BORG_REDIS_PASSWORD)")
+                            "own replica of it) instead of an embedded memory (user and password from "
+                            "BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD)")
     train.add_argument("--kafka", metavar="HOST:PORT",
                        help="stream telemetry events (episodes, training, memory) to this Kafka; never slows "
                             "training (telemetry.kafka; HOST:PORT[,HOST:PORT])")  # fmt: skip
@@ -97,7 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "`borgdqn eval OUT` plays it.")  # fmt: skip
     exp.add_argument("run", type=Path, nargs="?", help="a run directory (not with --memory)")
     exp.add_argument("--memory", metavar="redis://HOST:PORT/DB",
-                     help="a collective's memory: export from its model store (password from BORG_REDIS_PASSWORD)")
+                     help="a collective's memory: export from its model store (user and password from "
+                     "BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD)")
     exp.add_argument("--name", help="with --memory: the collective's name (its replay.redis_name)")
     exp.add_argument("--agent", type=int, help="export this agent instead of the best one")
     exp.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
@@ -130,7 +132,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          description="Read the Redis log's size, rates, bytes, per-agent shares and what the "
                          "agents' links report (samples, drops, skips, outages, lag) and "
                          "log them (one key=value line per reading). The password comes from BORG_REDIS_PASSWORD "
-                         "or --password-file, never from the URL.")  # fmt: skip
+                         "or --password-file, never from the URL; the user from BORG_REDIS_USERNAME (unset: "
+                         "Redis' default user). A refused user, password or command exits 1.")  # fmt: skip
     mon.add_argument("--memory", required=True, metavar="redis://HOST:PORT/DB", help="the memory's Redis")
     mon.add_argument("--name", default="hive", help="the memory's name, replay.redis_name (default hive)")
     mon.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between readings (10)")
@@ -262,10 +265,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _from_model_store(url: str, name: str, agent: int | None) -> tuple[bytes, str]:
     """(checkpoint bytes, where they came from) of ``agent`` (None: the best) in collective ``name``'s model store."""
-    from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, connect, safe_address, with_password
+    from borgdqn.memory.redis.client import connect, safe_address, with_credentials
     from borgdqn.memory.redis.model_store import RedisModelStore
 
-    store = RedisModelStore(connect(with_password(url, os.environ.get(REDIS_PASSWORD_ENV, ""))), name, 1)
+    store = RedisModelStore(connect(with_credentials(url)), name, 1)
     try:
         if agent is None:
             best = store.best()
@@ -364,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return commands[args.command](args)
-    except (ConfigError, RefusedPassword) as err:  # a refused password is bad input, not an outage
+    except (ConfigError, RefusedAccess) as err:  # a refused password is bad input, not an outage
         print(f"borgdqn: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ValueError, FileNotFoundError) as err:

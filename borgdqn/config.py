@@ -208,7 +208,8 @@ class ReplayConfig(_Strict):
     )
     redis_url: str = Field(
         default="",
-        description="redis://HOST:PORT/DB of the Redis memory; its password comes from BORG_REDIS_PASSWORD",
+        description="redis://HOST:PORT/DB of the Redis memory; its user and password come from BORG_REDIS_USERNAME "
+        "and BORG_REDIS_PASSWORD",
     )
     redis_name: str = Field(
         default="hive", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="the memory's name (key prefix) on that Redis"

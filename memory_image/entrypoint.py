@@ -5,9 +5,15 @@
     entrypoint.py --help                    this text
 
 The rendered config is the template beside this script (``redis.conf``) with its placeholders filled in,
-``maxmemory`` sized from the memory's capacity (``borgdqn.memory.redis.sizing``) and ``requirepass`` appended.
-It is written with mode 0600 to ``BORG_REDIS_CONF``, and redis-server gets only that file's path: the password
-is in no process's arguments, and ``BORG_REDIS_PASSWORD`` is removed from redis-server's environment.
+``maxmemory`` sized from the memory's capacity (``borgdqn.memory.redis.sizing``) and who may connect appended:
+- with ``BORG_REDIS_USERS_DIR`` (the operator's way): the memory's users (``borgdqn.memory.redis.acl``:
+  borg-agent, borg-monitor, borg-admin, each with its least privilege on ``BORG_MEMORY_NAME``'s keys), their
+  passwords read from the files agent-password, monitor-password and admin-password there (the collective's
+  Secret, mounted) and written as SHA-256 digests only; Redis' default user is off;
+- else one password for Redis' default user (``requirepass``, every command), from the Secret's file or
+  ``BORG_REDIS_PASSWORD``: a memory of your own outside a collective.
+It is written with mode 0600 to ``BORG_REDIS_CONF``, and redis-server gets only that file's path: no password
+is in any process's arguments, and ``BORG_REDIS_PASSWORD`` is removed from redis-server's environment.
 
 Environment (defaults in brackets; docs/memory-image.md has the full story):
     BORG_MEMORY_CAPACITY        steps the memory holds, replay.capacity [250000]
@@ -16,8 +22,11 @@ Environment (defaults in brackets; docs/memory-image.md has the full story):
     BORG_MEMORY_HEADROOM        fraction added to the computed data size [0.5]
     BORG_MEMORY_MODEL_STORE_BYTES  the agents' model store, added to maxmemory, replay.model_store_bytes [1 GiB]
     BORG_MEMORY_MAXMEMORY       bytes (or 512mb, 2gb, ...): overrides the computed maxmemory
-    BORG_REDIS_PASSWORD_FILE    the Secret mounted as a file [/var/run/secrets/borg/redis-password]
-    BORG_REDIS_PASSWORD         the password itself, used when no password file exists
+    BORG_REDIS_USERS_DIR        the users' passwords, one file each (the collective's Secret mounted) [unset]
+    BORG_MEMORY_NAME            with BORG_REDIS_USERS_DIR: the memory's name (replay.redis_name), whose keys
+                                the agents and the monitor may touch
+    BORG_REDIS_PASSWORD_FILE    without users: the Secret mounted as a file [/var/run/secrets/borg/redis-password]
+    BORG_REDIS_PASSWORD         without users: the password itself, used when no password file exists
     BORG_REDIS_BIND [* -::*]  BORG_REDIS_PORT [6379]  BORG_REDIS_DATA_DIR [/data]
     BORG_REDIS_CONF [/run/borg/redis.conf]  BORG_REDIS_SERVER [redis-server]  BORG_REDIS_TEMPLATE [./redis.conf]
 
@@ -36,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from borgdqn.memory.redis.acl import USERS, acl_config
 from borgdqn.memory.redis.sizing import (
     DEFAULT_BYTES_PER_STEP,
     DEFAULT_CHUNK_LENGTH,
@@ -51,7 +61,7 @@ EXIT_BAD_INPUT = 2
 DEFAULT_CAPACITY = 250_000  # replay.capacity's default (borgdqn/config.py)
 DEFAULT_PASSWORD_FILE = "/var/run/secrets/borg/redis-password"
 PASSWORD_ENV = "BORG_REDIS_PASSWORD"
-_FORBIDDEN_ARGS = ("--requirepass", "--masterauth", "--include")
+_FORBIDDEN_ARGS = ("--requirepass", "--masterauth", "--include", "--user", "--aclfile")
 _UNITS = {"": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
 
 
@@ -64,7 +74,7 @@ class Rendered:
     path: Path
     maxmemory: int
     sizing: MemorySizing | None  # None when BORG_MEMORY_MAXMEMORY overrides the computation
-    password_from: str  # where the password came from (a path or the variable's name), for the log
+    password_from: str  # where the passwords came from (a path or the variable's name), for the log
 
 
 def quote(value: str) -> str:
@@ -116,16 +126,20 @@ def parse_bytes(name: str, raw: str) -> int:
     return value
 
 
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        raise BadSetting(f"cannot read the Redis password from {path}: {reason}") from None
+
+
 def read_password(environ: Mapping[str, str]) -> tuple[str, str]:
     """(password, where it came from): the Secret's file if there is one, else BORG_REDIS_PASSWORD."""
     explicit = environ.get("BORG_REDIS_PASSWORD_FILE", "").strip()
     path = Path(explicit or DEFAULT_PASSWORD_FILE)
     if explicit or path.exists():
-        try:
-            password, source = path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
-            raise BadSetting(f"cannot read the Redis password from {path}: {reason}") from None
+        password, source = _read_file(path), str(path)
     else:
         password, source = environ.get(PASSWORD_ENV, ""), PASSWORD_ENV
     if not password:
@@ -133,13 +147,42 @@ def read_password(environ: Mapping[str, str]) -> tuple[str, str]:
             f"no Redis password: mount the Secret at {DEFAULT_PASSWORD_FILE} (or point "
             f"BORG_REDIS_PASSWORD_FILE at it), or set {PASSWORD_ENV}; the memory never runs without one"
         )
+    _check_printable(password, source)
+    return password, source
+
+
+def _check_printable(password: str, source: str) -> None:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
         # A trailing newline is the usual slip (`echo pw > file`); agents would send the password with it.
         raise BadSetting(
             f"the Redis password from {source} holds a control character (a trailing newline?): "
             "create the Secret with `kubectl create secret generic ... --from-literal`"
         )
-    return password, source
+
+
+def users_config(environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """(the users' redis.conf lines, where their passwords came from), or None without BORG_REDIS_USERS_DIR."""
+    raw = environ.get("BORG_REDIS_USERS_DIR", "").strip()
+    if not raw:
+        return None
+    directory = Path(raw)
+    memory = environ.get("BORG_MEMORY_NAME", "").strip()
+    if not memory:
+        raise BadSetting("BORG_REDIS_USERS_DIR needs BORG_MEMORY_NAME: the memory whose keys its users may touch")
+    passwords = {}
+    for user in USERS:
+        path = directory / user.secret_key
+        if not path.exists():
+            raise BadSetting(
+                f"no password for the Redis user {user.name}: {path} is missing (a key "
+                f"{user.secret_key!r} of the collective's Secret)"
+            )
+        passwords[user.secret_key] = _read_file(path)
+        _check_printable(passwords[user.secret_key], str(path))
+    try:
+        return acl_config(memory, passwords), str(directory)
+    except ValueError as err:
+        raise BadSetting(f"Redis users from {directory}: {err}") from None
 
 
 def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
@@ -165,7 +208,13 @@ def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
         except ValueError as err:
             raise BadSetting(f"memory sizing: {err}") from None
         maxmemory = sizing.maxmemory
-    password, source = read_password(environ)
+    users = users_config(environ)
+    if users is None:
+        password, source = read_password(environ)
+        access = f"\n# --- from the Secret ({source}); this file is mode 0600\nrequirepass {quote(password)}\n"
+    else:
+        lines, source = users
+        access = f"\n# --- the memory's users (borgdqn/memory/redis/acl.py), passwords from {source} hashed\n{lines}"
     try:
         text = string.Template(template.read_text()).substitute(
             bind=bind, port=port, data_dir=quote(str(data_dir)), maxmemory=maxmemory
@@ -174,9 +223,11 @@ def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
         raise BadSetting(f"cannot read the config template {template}: {err.strerror or err}") from None
     except (KeyError, ValueError) as err:
         raise BadSetting(f"the config template {template} has a bad placeholder: {err}") from None
-    if re.search(r"^\s*(requirepass|include)\b", text, flags=re.MULTILINE | re.IGNORECASE):
-        raise BadSetting(f"the config template {template} sets requirepass or include itself; the entrypoint does")
-    text += f"\n# --- from the Secret ({source}); this file is mode 0600\nrequirepass {quote(password)}\n"
+    if re.search(r"^\s*(requirepass|include|user|aclfile)\b", text, flags=re.MULTILINE | re.IGNORECASE):
+        raise BadSetting(
+            f"the config template {template} sets requirepass, user, aclfile or include itself; the entrypoint does"
+        )
+    text += access
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -215,7 +266,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     for arg in extra:
         if arg.split("=", 1)[0].lower() in _FORBIDDEN_ARGS:
             raise BadSetting(
-                f"{arg.split('=', 1)[0]} must not be a redis-server argument: the password belongs in "
+                f"{arg.split('=', 1)[0]} must not be a redis-server argument: users and passwords belong in "
                 "the Secret (process arguments are visible to every user)"
             )
     server = environ.get("BORG_REDIS_SERVER", "").strip() or "redis-server"

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from borg_operator import names
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.spec import parse_spec
+from borgdqn.memory.redis.acl import USERS
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds
 from tests.harness.process import ServerProcess, free_port, rss_bytes, start_server, wait_until
@@ -46,7 +47,8 @@ def collective(name: str, namespace: str, spec: dict[str, Any] | None = None,
 
 def expected_children(name: str, namespace: str, spec: dict[str, Any] | None = None) -> set[tuple[str, str]]:
     """(kind, name) of everything the builders render for this spec (the password does not change the set)."""
-    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_password="unused")
+    passwords = {user.secret_key: "unused" for user in USERS}
+    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords)
     return {(child["kind"], child["metadata"]["name"]) for child in rendered}
 
 

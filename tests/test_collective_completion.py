@@ -51,8 +51,9 @@ def cluster(kube: KubeCluster) -> Iterator[KubeCluster]:
 def reconciler(cluster: KubeCluster, redis_server: RedisServer) -> Iterator[Reconciler]:
     from kubernetes.dynamic import DynamicClient
 
-    def fetch(host: str, port: int, password: str | None, name: str, timeout_s: float) -> MemoryFill:
-        return fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, timeout_s)
+    def fetch(host: str, port: int, username: str | None, password: str | None, name: str,
+              timeout_s: float) -> MemoryFill:
+        return fetch_fill("127.0.0.1", redis_server.port, None, redis_server.password, name, timeout_s)
 
     fills = FillReader(timeout_s=5.0, quiet_s=0.0, fetch=fetch)
     with cluster.api_client() as api:

@@ -6,17 +6,20 @@ verbatim, and two agents run the agent container's command and args, ``$(BORG_PO
 container's env (the first two pod names of the agents StatefulSet). What a cluster provides and this machine cannot is
 replaced, and nothing else: the Service addresses (Redis, Kafka, Elasticsearch) and the run dir and /tmp
 emptyDirs go in through borgdqn's documented ``BORG_SECTION__FIELD`` overrides (or, for the sidecar and the
-indexer, by replacing just those argument values); the Redis password comes from the rendered Secret, as its
-secretKeyRef would deliver it.
+indexer, by replacing just those argument values); the Redis passwords come from the rendered Secret, as its
+secretKeyRef and its volume would deliver them. The memory is the memory pod's Redis container as its image runs
+it: the image's entrypoint with the container's env and args, its users (agent, monitor, admin) rendered from the
+Secret's files, execing this machine's redis-server (the Debian build the image installs).
 
-Proven: both members finish their budgets; the shared Redis memory holds each member's steps under the agent id
-its pod name gives (``borgdqn.rl.identity.collective_member``), and its model store each member's last checkpoint;
-the monitor sidecar and both members' telemetry
-reach Elasticsearch through the rendered indexer, attributed to the collective and to each pod; the members
-explored with their own ladder epsilons and played their own games; a member whose container restarts in the same
-pod resumes its finished run instead of refusing its run dir; each member, done, marks itself finished in Redis and
-waits to be released (SIGTERM); a config change rolls the agents, and the new pod of agent k (an empty run dir)
-resumes from the model store with its env-step counter kept and the new config.
+Proven: both members finish their budgets, logged in as the memory's least-privileged agent user (any command its
+ACL lacks would fail them); the monitor reads as the read-only monitor user; the shared Redis memory holds each
+member's steps under the agent id its pod name gives (``borgdqn.rl.identity.collective_member``), and its model
+store each member's last checkpoint; the monitor sidecar and both members' telemetry reach Elasticsearch through
+the rendered indexer, attributed to the collective and to each pod; the members explored with their own ladder
+epsilons and played their own games; a member whose container restarts in the same pod resumes its finished run
+instead of refusing its run dir; each member, done, marks itself finished in Redis and waits to be released
+(SIGTERM); a config change rolls the agents, and the new pod of agent k (an empty run dir) resumes from the model
+store with its env-step counter kept and the new config.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
 from borgdqn.config import BorgConfig
+from borgdqn.memory.redis.acl import MONITOR, USERS
 from borgdqn.memory.redis.model_store import RedisModelStore, read_finished
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
@@ -50,8 +54,10 @@ from borgdqn.telemetry.documents import SHARES_INDEX
 from borgdqn.telemetry.events import INDICES
 from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
 from tests.conditions import eventually
+from tests.harness.cache import Progress
 from tests.harness.kafka import KafkaServer
-from tests.harness.redis import RedisServer
+from tests.harness.process import free_port
+from tests.harness.redis import RedisInstall, ensure_redis
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +87,7 @@ SPEC: dict[str, Any] = {
 # The keys a cluster's addresses and volumes decide; every other key of the agents' config is the ConfigMap's.
 CLUSTER_KEYS = {"replay.redis_url", "telemetry.kafka", "hive.out"}
 CONSOLE_SCRIPT = Path(sys.executable).with_name("borgdqn")  # what `borgdqn` is in the images: the console script
+ENTRYPOINT = Path(__file__).resolve().parents[1] / "memory_image" / "entrypoint.py"  # the memory image's
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -192,6 +199,44 @@ class Processes:
             self.stop(name)
 
 
+def start_memory(children: Mapping[tuple[str, str], dict[str, Any]], cr: str, secrets: Mapping[tuple[str, str], str],
+                 processes: Processes, install: RedisInstall, where: Path) -> redis.Redis:
+    """The memory pod's redis container, started as its image starts it; a client of it as the monitor user.
+    What moves: the Secret volume's mount (a directory of its files), the port, the data and config dirs."""
+    redis_container = container(children, "StatefulSet", f"{cr}-memory", "redis")
+    sts = children[("StatefulSet", f"{cr}-memory")]["spec"]["template"]["spec"]
+    env = pod_env(redis_container, {}, secrets)
+    mount = next(m for m in redis_container["volumeMounts"] if m["mountPath"] == env["BORG_REDIS_USERS_DIR"])
+    volume = next(v["secret"] for v in sts["volumes"] if v["name"] == mount["name"])
+    users_dir = where / "memory-secret"
+    users_dir.mkdir()
+    for item in volume["items"]:
+        (users_dir / item["path"]).write_text(secrets[(volume["secretName"], item["key"])])
+    port = free_port()
+    env.update(BORG_REDIS_USERS_DIR=str(users_dir), BORG_REDIS_SERVER=str(install.server), BORG_REDIS_PORT=str(port),
+               BORG_REDIS_BIND="127.0.0.1", BORG_REDIS_DATA_DIR=str(where / "memory-data"),
+               BORG_REDIS_CONF=str(where / "memory-run" / "redis.conf"),
+               LD_LIBRARY_PATH=install.env()["LD_LIBRARY_PATH"])  # fmt: skip
+    processes.start("memory", [sys.executable, str(ENTRYPOINT), *redis_container["args"]], process_env(env))
+    client = redis.Redis(port=port, username=MONITOR.name, password=(users_dir / MONITOR.secret_key).read_text(),
+                         socket_timeout=5)
+
+    def answers() -> bool:
+        processes.alive("memory")
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    eventually(answers, "the memory's Redis answering its monitor user", 30, 0.1)
+    return client
+
+
+@pytest.fixture(scope="module")
+def redis_install() -> RedisInstall:
+    return ensure_redis(Progress())
+
+
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
@@ -216,10 +261,11 @@ def metrics(run_dir: Path, agent: int, kind: str) -> list[dict[str, Any]]:
 
 
 def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elasticsearch(
-        tmp_path: Path, redis_server: RedisServer, kafka_server: KafkaServer, es_server: Any,
+        tmp_path: Path, redis_install: RedisInstall, kafka_server: KafkaServer, es_server: Any,
         processes: Processes) -> None:  # fmt: skip
     cr = f"dp-{uuid.uuid4().hex[:6]}"  # the collective's name: its memory's name and its telemetry's collective
-    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_password=redis_server.password))
+    passwords = {user.secret_key: f"{user.name}-{uuid.uuid4().hex}" for user in USERS}
+    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords))
     config_text = children[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY]
     rendered = yaml.safe_load(config_text)
     config_file = tmp_path / CONFIG_KEY
@@ -229,20 +275,21 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
             config.hive.out) == (1, "redis", cr, cr, Path(RUN_DIR))  # fmt: skip
     secrets = secret_values(children)
     kafka = kafka_server.bootstrap
-    memory_url = f"redis://127.0.0.1:{redis_server.port}/0"
+    memory = start_memory(children, cr, secrets, processes, redis_install, tmp_path)
+    memory_url = f"redis://127.0.0.1:{memory.connection_pool.connection_kwargs['port']}/0"
 
-    # The memory pod's monitor sidecar: its Redis is on the pod's loopback (here: the harness's port), its
+    # The memory pod's monitor sidecar: its Redis is on the pod's loopback (here: the memory's port), its
     # password the Secret's file.
     monitor = container(children, "StatefulSet", f"{cr}-memory", "monitor")
-    password_file = tmp_path / "redis-password"
-    password_file.write_text(secrets[(names.redis_secret(cr), "password")])  # the Secret volume's file
+    password_file = tmp_path / MONITOR.secret_key
+    password_file.write_text(secrets[(names.redis_secret(cr), MONITOR.secret_key)])  # the Secret volume's file
     monitor_args = argv(monitor, {})
     assert monitor_args[monitor_args.index("--memory") + 1] == "redis://127.0.0.1:6379/0"
     monitor_args = replace_value(monitor_args, "--memory", memory_url)
     monitor_args = replace_value(monitor_args, "--password-file", str(password_file))
     monitor_args = replace_value(monitor_args, "--kafka", kafka)
     assert monitor_args[monitor_args.index("--name") + 1] == cr
-    processes.start("monitor", monitor_args, process_env({}))
+    processes.start("monitor", monitor_args, process_env(pod_env(monitor, {}, secrets)))
 
     # The indexer Deployment's container. The harness's Elasticsearch is plain http with security off, so there
     # is no CA to trust (--ca-file is dropped) and the credentials (ECK's `elastic` user, whose Secret ECK would
@@ -267,7 +314,7 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         (pod_dir / "tmp").mkdir(parents=True)
         env = pod_env(agent, {"metadata.name": pod, "metadata.namespace": NAMESPACE, "spec.nodeName": "node-1"},
                       secrets)  # fmt: skip
-        assert env["BORG_REDIS_PASSWORD"] == redis_server.password and env["HOME"] == "/tmp"
+        assert env["BORG_REDIS_PASSWORD"] == passwords["agent-password"] and env["HOME"] == "/tmp"
         env["HOME"] = str(pod_dir / "tmp")  # the pod's /tmp emptyDir
         cluster = {  # the Services' addresses and the run dir's emptyDir: nothing else is overridden
             "BORG_REPLAY__REDIS_URL": memory_url,
@@ -285,11 +332,7 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         eventually(lambda pod=pod: "waiting to be released" in processes.log(pod) or processes.procs[pod].poll()
                    is not None, f"{pod} done and waiting", 300, 0.5)  # fmt: skip
         processes.alive(pod)
-    finished = redis.Redis.from_url(redis_server.url)
-    try:
-        assert read_finished(finished, cr) == {identity.agent_id: STEPS for _, identity in members}
-    finally:
-        finished.close()
+    assert read_finished(memory, cr) == {identity.agent_id: STEPS for _, identity in members}
     for pod, _ in members:
         assert processes.stop(pod) == 0, processes.log(pod)[-3000:]  # SIGTERM: released, exits cleanly
     for name in ("monitor", "indexer"):
@@ -312,16 +355,12 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
 
     # The shared memory holds exactly each member's steps, counted under the agent id its pod name gives.
     # And its model store each member's last checkpoint, byte for byte the one in the member's run dir.
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        reading = MemoryMonitor(client, cr, LogPublisher()).read()
-        store = RedisModelStore(client, cr, SPEC["memory"]["modelStoreBytes"])
-        entries = store.entries()
-        for pod, identity in members:
-            assert entries[identity.agent_id].env_steps == STEPS
-            assert store.get(identity.agent_id) == agent_checkpoint_path(runs[pod][2], identity.agent_id).read_bytes()
-    finally:
-        client.close()
+    reading = MemoryMonitor(memory, cr, LogPublisher()).read()
+    store = RedisModelStore(memory, cr, SPEC["memory"]["modelStoreBytes"])  # reads only: the monitor user may
+    entries = store.entries()
+    for pod, identity in members:
+        assert entries[identity.agent_id].env_steps == STEPS
+        assert store.get(identity.agent_id) == agent_checkpoint_path(runs[pod][2], identity.agent_id).read_bytes()
     ids = {identity.agent_id: STEPS for _, identity in members}
     assert reading.per_agent == ids and reading.size == reading.inserted == 2 * STEPS
 
@@ -402,14 +441,14 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     assert processes.stop("monitor") == 0 and processes.stop("indexer") == 0
     logs = "".join(processes.log(name) for name in processes.procs)
     logs += "".join(p.read_text() for _, _, run_dir in runs.values() for p in (run_dir / "logs").glob("*.log"))
-    assert "Traceback" not in logs and redis_server.password not in logs
+    assert "Traceback" not in logs and not any(password in logs for password in passwords.values())
 
     # A config change (a new learning rate and a larger budget) rolls the agents: the pod template's checksum
     # changes. The new pod of agent k starts with an empty run dir, resumes from k's checkpoint in the model store
     # with its env-step counter kept, and goes on with the new config.
     changed = {**SPEC, "agents": {**SPEC["agents"], "steps": 2 * STEPS,
                                   "learner": {**SPEC["agents"]["learner"], "lr": 5e-4}}}
-    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_password=redis_server.password))
+    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords))
 
     def checksum(found: Mapping[tuple[str, str], dict[str, Any]]) -> str:
         template = found[("StatefulSet", f"{cr}-agents")]["spec"]["template"]
@@ -435,4 +474,4 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     assert played and min(r["env_steps"] for r in played) > STEPS, "nothing before the roll was played again"
     assert "resumes from the model store" in processes.log(new_pod)
     assert f"resumed env_steps={STEPS}" in (new_run / "logs" / f"agent-{identity.agent_id}.log").read_text()
-    assert "Traceback" not in processes.log(new_pod) and redis_server.password not in processes.log(new_pod)
+    assert "Traceback" not in processes.log(new_pod) and passwords["agent-password"] not in processes.log(new_pod)

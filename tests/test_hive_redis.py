@@ -128,8 +128,8 @@ def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: P
     refused = _train(args, {"BORG_REDIS_PASSWORD": "guess"})
     assert refused.returncode == 2, "a refused password is bad input, not an outage"
     last = refused.stderr.strip().splitlines()[-1]
-    assert last.startswith("borgdqn: error: redis at ") and "refused the password" in last, last
-    assert last.endswith("(check BORG_REDIS_PASSWORD)") and "guess" not in refused.stderr
+    assert last.startswith("borgdqn: error: redis at ") and "refused the user or password" in last, last
+    assert last.endswith("(check BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD)") and "guess" not in refused.stderr
     assert not (tmp_path / "run").exists(), "nothing to --resume after a refused connection"
 
 
@@ -156,8 +156,31 @@ def test_a_password_refused_mid_run_is_fatal_not_an_outage_retried_forever(
         proc.kill()
         admin.close()
     output = log_path.read_text()
-    assert "refused the password" in output and "HiveError" in output, output[-3000:]
+    assert "redis refused this client (invalid username-password pair" in output and "HiveError" in output, \
+        output[-3000:]
     assert "a-new-secret" not in output and server.password not in output and "Traceback" not in output
+
+
+def test_a_command_the_memory_acl_refuses_stops_the_hive_in_one_line(tmp_path: Path,
+                                                                     redis_server: RedisServer) -> None:
+    """A memory whose ACL lacks a command the agents need (here XADD, which the append script runs): the first
+    write is refused, and the hive stops with that reason instead of counting write errors forever."""
+    user, password, name = f"no-xadd-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, f"acl-{uuid.uuid4().hex[:8]}"
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all", "-xadd"])
+    try:
+        out = tmp_path / "run"
+        sets = [f"--set={key}={value}" for key, value in small_config(out, 20_000).items() if key != "hive.live"]
+        refused = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+                          f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
+                         {"BORG_REDIS_USERNAME": user, "BORG_REDIS_PASSWORD": password})
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 1, output[-3000:]
+    assert "redis refused this client (" in output and "can't run this command" in output, output[-3000:]
+    assert password not in output
 
 
 def test_the_redis_url_must_not_carry_the_password() -> None:

@@ -7,6 +7,7 @@ No Docker engine runs here, so the Dockerfile itself is checked statically (the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from borgdqn.memory.redis.acl import ADMIN, AGENT, MONITOR, USERS, acl_config
 from borgdqn.memory.redis.sizing import BASE_BYTES, PER_CHUNK_OVERHEAD, size_memory
 from tests.harness.cache import Progress
 from tests.harness.errors import HarnessError
@@ -86,22 +88,23 @@ class ImageRedis:
     env: dict[str, str]
     port: int
     password: str
+    username: str | None = None  # the user launch() checks with (None: Redis' default user)
     proc: ServerProcess | None = None
 
     @property
     def conf(self) -> Path:
         return Path(self.env["BORG_REDIS_CONF"])
 
-    def client(self, password: str | None = None) -> redis.Redis:
+    def client(self, password: str | None = None, username: str | None = None) -> redis.Redis:
         # No retries of its own: launch() polls, and a refused connection should fail at once.
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, password=password, socket_timeout=5, retry=Retry(NoBackoff(), 0)
-        )
+        return redis.Redis(host="127.0.0.1", port=self.port, username=username, password=password, socket_timeout=5,
+                           retry=Retry(NoBackoff(), 0))  # fmt: skip
 
     def launch(self) -> None:
         proc = start_server("memory-image", [sys.executable, ENTRYPOINT], self.workdir / "redis.log", env=self.env)
         self.proc = proc
-        wait_until(proc, lambda: bool(self.client(self.password).ping()), "answering PING", timeout_s=30)
+        wait_until(proc, lambda: bool(self.client(self.password, self.username).ping()), "answering PING",
+                   timeout_s=30)
 
 
 def image_env(install: RedisInstall, workdir: Path, port: int, **settings: str) -> dict[str, str]:
@@ -114,12 +117,12 @@ def image_env(install: RedisInstall, workdir: Path, port: int, **settings: str) 
 
 
 @contextmanager
-def started(install: RedisInstall, password: str, **settings: str) -> Iterator[ImageRedis]:
+def started(install: RedisInstall, password: str, username: str | None = None, **settings: str) -> Iterator[ImageRedis]:
     """Starts the entrypoint's redis-server on a free port in a temp dir; stops it and removes the dir after."""
     assert not DEFAULT_SECRET.exists(), f"{DEFAULT_SECRET} exists on this machine: the entrypoint would use it"
     workdir = make_workdir("memory-image")
     port = free_port()
-    server = ImageRedis(install=install, workdir=workdir, env={}, port=port, password=password)
+    server = ImageRedis(install=install, workdir=workdir, env={}, port=port, password=password, username=username)
     try:
         secret = settings.pop("secret_file", None)
         if secret is not None:
@@ -209,6 +212,71 @@ def test_the_rendered_config_runs_a_protected_persistent_redis(image_redis: Imag
     assert server.client(server.password).get("kept") == b"across a crash"
 
 
+# Tricky, and each its own: a user must not get in with another's password.
+USER_PASSWORDS = {user.secret_key: f"{TRICKY_PASSWORD}-{user.name}" for user in USERS}
+
+
+@pytest.mark.integration
+def test_with_users_each_client_gets_least_privilege_and_redis_gets_no_password(
+        install: RedisInstall, tmp_path: Path) -> None:  # fmt: skip
+    users_dir = tmp_path / "secret"  # the collective's Secret, mounted
+    users_dir.mkdir()
+    for key, password in USER_PASSWORDS.items():
+        (users_dir / key).write_text(password)
+    with started(install, USER_PASSWORDS[MONITOR.secret_key], MONITOR.name, BORG_REDIS_USERS_DIR=str(users_dir),
+                 BORG_MEMORY_NAME="pong", BORG_REDIS_PASSWORD="ignored-with-users") as server:  # fmt: skip
+        agent = server.client(USER_PASSWORDS[AGENT.secret_key], AGENT.name)
+        monitor = server.client(USER_PASSWORDS[MONITOR.secret_key], MONITOR.name)
+        admin = server.client(USER_PASSWORDS[ADMIN.secret_key], ADMIN.name)
+        own, other = "borg:{pong}:config", "borg:{other}:config"
+
+        # Redis' default user is off: no AUTH, a bare password, or a user with another's password get nothing.
+        assert raw_reply(server.port, b"PING\r\n").startswith(b"-NOAUTH")
+        for password, username in ((USER_PASSWORDS[ADMIN.secret_key], None), ("ignored-with-users", None),
+                                   (USER_PASSWORDS[AGENT.secret_key], ADMIN.name)):  # fmt: skip
+            with pytest.raises(redis.AuthenticationError):
+                server.client(password, username).ping()
+
+        # The agent: the memory's commands on its own memory's keys, and nothing else.
+        assert agent.set(own, b"{}") and agent.xadd("borg:{pong}:log", {"d": b"x"}, id="1-1") == b"1-1"
+        assert agent.register_script("return redis.call('GET', KEYS[1])")(keys=[own]) == b"{}"
+        for refused in (agent.flushall, lambda: agent.config_get("maxmemory"), lambda: agent.keys("*"),
+                        lambda: agent.get(other), lambda: agent.set(other, b"x"), lambda: agent.publish("c", "m"),
+                        lambda: agent.acl_setuser("borg-agent", commands=["+@all"]), agent.shutdown):  # fmt: skip
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        with pytest.raises(redis.ResponseError, match="can't access"):  # a script is held to the caller's ACL
+            agent.register_script("return redis.call('SET', 'borg:{other}:x', 'x')")(keys=[own])
+
+        # The monitor: reads of the memory's keys and INFO; no write.
+        assert monitor.get(own) == b"{}" and monitor.xlen("borg:{pong}:log") == 1 and monitor.info("memory")
+        for refused in (lambda: monitor.set(own, b"x"), lambda: monitor.xadd("borg:{pong}:log", {"d": b"y"}),
+                        lambda: monitor.delete(own), lambda: monitor.get(other)):  # fmt: skip
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+
+        # The administrator: everything.
+        assert admin.set(other, b"x") and admin.config_get("maxmemory")["maxmemory"] != "0"
+        assert admin.acl_whoami() == ADMIN.name
+
+        # The rendered config holds each user's SHA-256, no password.
+        conf = server.conf.read_text()
+        assert "\nrequirepass" not in conf and "\nuser default reset off\n" in conf
+        for user in USERS:
+            password = USER_PASSWORDS[user.secret_key]
+            assert password not in conf and hashlib.sha256(password.encode()).hexdigest() in conf
+        assert not any(p in (server.workdir / "redis.log").read_text() for p in USER_PASSWORDS.values())
+
+
+def test_the_users_rules_refuse_a_missing_or_shared_password() -> None:
+    with pytest.raises(ValueError, match="no password for admin-password"):
+        acl_config("pong", {AGENT.secret_key: "a", MONITOR.secret_key: "m"})
+    with pytest.raises(ValueError, match="must differ"):
+        acl_config("pong", {user.secret_key: "same" for user in USERS})
+    with pytest.raises(ValueError, match="not a memory name"):
+        acl_config("pong *", {user.secret_key: user.name for user in USERS})
+
+
 def run_entrypoint(
     install: RedisInstall, tmp_path: Path, *args: str, **settings: str
 ) -> subprocess.CompletedProcess[str]:
@@ -249,6 +317,11 @@ def test_redis_server_is_given_the_config_path_only_and_no_password_variable(
     ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_MEMORY_HEADROOM": "-1"}, "headroom must be"),
     ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_MEMORY_MAXMEMORY": "12kb"}, "below 1 MiB"),
     ((), {"BORG_REDIS_PASSWORD": "s3cret-pw", "BORG_REDIS_BIND": "0.0.0.0\nrequirepass x"}, "BORG_REDIS_BIND"),
+    ((), {"BORG_REDIS_USERS_DIR": "/nonexistent"}, "BORG_REDIS_USERS_DIR needs BORG_MEMORY_NAME"),
+    ((), {"BORG_REDIS_USERS_DIR": "/nonexistent", "BORG_MEMORY_NAME": "pong"},
+     "borg-agent: /nonexistent/agent-password is missing"),
+    ((), {"BORG_REDIS_USERS_DIR": "/nonexistent", "BORG_MEMORY_NAME": "pong name"}, "no password for the Redis"),
+    (("redis-server", "--user", "x on +@all"), {"BORG_REDIS_PASSWORD": "s3cret-pw"}, "--user must not"),
 ])  # fmt: skip
 def test_the_entrypoint_refuses_bad_settings_in_one_line(
     install: RedisInstall, tmp_path: Path, args: tuple[str, ...], settings: dict[str, str], message: str

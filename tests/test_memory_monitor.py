@@ -324,7 +324,7 @@ def test_the_cli_refuses_bad_input_in_one_line(
         assert redis_server.password not in err
     monkeypatch.setenv("BORG_REDIS_PASSWORD", "guess")
     assert main(["memory-monitor", "--memory", url, "--once"]) == 1
-    assert "refused the password" in capsys.readouterr().err
+    assert "refused the monitor" in capsys.readouterr().err
 
 
 def test_the_monitor_survives_its_redis_going_away(

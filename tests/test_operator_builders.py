@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from borg_operator.builders.kafka import cluster_id
 from borg_operator.builders.memory import build_redis_secret, redis_maxmemory
 from borg_operator.spec import SpecError, kafka_bootstrap, parse_spec, to_borg_config
 from borgdqn.config import build_config
+from borgdqn.memory.redis.acl import USERS
 from borgdqn.memory.redis.sizing import replica_bytes
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds, strimzi_crds
@@ -36,7 +37,7 @@ EXAMPLES = {"minimal": ROOT / "examples" / "borgcollective-minimal.yaml",
             "full": ROOT / "examples" / "borgcollective-pong.yaml"}
 NAMESPACE = "borg"
 # A stand-in password for the golden files (the reconciler generates the real one).
-GOLDEN_PASSWORD = "golden-password-not-a-real-secret"
+GOLDEN_PASSWORDS = {user.secret_key: f"golden-{user.secret_key}-not-a-real-secret" for user in USERS}
 UPDATE = os.environ.get("BORG_UPDATE_GOLDEN") == "1"
 
 # Variants beside the examples, for what the examples leave out.
@@ -58,8 +59,8 @@ def example(which: str) -> tuple[str, dict[str, Any]]:
 
 
 def render(name: str, spec: dict[str, Any], namespace: str = NAMESPACE,
-           password: str = GOLDEN_PASSWORD) -> list[dict[str, Any]]:
-    return build_children(name, namespace, parse_spec(spec), redis_password=password)
+           passwords: Mapping[str, str] = GOLDEN_PASSWORDS) -> list[dict[str, Any]]:
+    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords)
 
 
 def all_renders() -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -205,8 +206,8 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
 
 def test_a_completed_collective_keeps_every_child_but_gives_its_agents_no_pods() -> None:
     name, spec = example("full")
-    running = build_children(name, NAMESPACE, parse_spec(spec), redis_password=GOLDEN_PASSWORD)
-    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_password=GOLDEN_PASSWORD, completed=True)
+    running = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS)
+    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS, completed=True)
     assert by_kind(running, "StatefulSet", "pong-agents")["spec"]["replicas"] == 8
     assert by_kind(completed, "StatefulSet", "pong-agents")["spec"]["replicas"] == 0
     # The memory, Kafka, Elasticsearch, Kibana and the rest stay for inspection, unchanged.
@@ -233,7 +234,10 @@ def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() 
     assert variables["BORG_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert variables["BORG_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert variables["BORG_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    assert variables["BORG_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "pong-minimal-redis", "key": "password"}}
+    # The memory's least-privileged agent user, its password (and no other) from the Secret.
+    assert variables["BORG_REDIS_USERNAME"] == "borg-agent"
+    assert variables["BORG_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "pong-minimal-redis",
+                                                                 "key": "agent-password"}}
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     assert mounts["/etc/borgdqn"]["readOnly"] is True
     assert {"/tmp", "/dev/shm", "/var/lib/borgdqn/run"} <= mounts.keys()
@@ -304,27 +308,51 @@ def test_every_pod_runs_non_root_read_only_without_a_token() -> None:
         assert checked >= 3, which  # at least the agent, Redis and the monitor
 
 
-def test_the_password_is_in_the_secret_and_nowhere_else() -> None:
-    password = "Zq7-unmistakable-password-9Xk"
-    encoded = base64.b64encode(password.encode()).decode()
+def test_the_passwords_are_in_the_secret_and_nowhere_else() -> None:
+    passwords = {user.secret_key: f"Zq7-unmistakable-{user.name}-9Xk" for user in USERS}
+    encoded = {key: base64.b64encode(password.encode()).decode() for key, password in passwords.items()}
     for which in EXAMPLES:
         name, spec = example(which)
-        children = render(name, spec, password=password)
+        children = render(name, spec, passwords=passwords)
         secret = by_kind(children, "Secret")
-        assert secret["data"] == {"password": encoded}
+        assert secret["data"] == {"agent-password": encoded["agent-password"],
+                                  "monitor-password": encoded["monitor-password"],
+                                  "admin-password": encoded["admin-password"]}
         assert secret["immutable"] is True and secret["type"] == "Opaque"
         assert "stringData" not in secret
         for child in children:
             text = json.dumps(child)
-            assert password not in text, f"{which}: {child['kind']}/{child['metadata']['name']}"
-            if child is not secret:
-                assert encoded not in text, f"{which}: {child['kind']}/{child['metadata']['name']}"
+            for key, password in passwords.items():
+                assert password not in text, f"{which}: {child['kind']}/{child['metadata']['name']}"
+                if child is not secret:
+                    assert encoded[key] not in text, f"{which}: {child['kind']}/{child['metadata']['name']}"
 
 
 def test_a_password_redis_would_refuse_is_refused_here() -> None:
     for bad in ("", "with-newline\n"):
-        with pytest.raises(ValueError, match="printable"):
-            build_redis_secret("pong", NAMESPACE, bad)
+        with pytest.raises(ValueError, match="admin-password must be non-empty printable"):
+            build_redis_secret("pong", NAMESPACE, {**GOLDEN_PASSWORDS, "admin-password": bad})
+    with pytest.raises(ValueError, match="monitor-password"):
+        build_redis_secret("pong", NAMESPACE, {"agent-password": "a", "admin-password": "b"})
+
+
+def test_the_memory_pod_renders_every_user_and_its_monitor_holds_only_its_password() -> None:
+    name, spec = example("full")
+    children = render(name, spec)
+    sts = pod_spec(by_kind(children, "StatefulSet", "pong-memory"))
+    redis, monitor = sts["containers"]
+    volumes = {volume["name"]: volume["secret"] for volume in sts["volumes"] if "secret" in volume}
+    mounted = {container["name"]: [volumes[m["name"]] for m in container["volumeMounts"] if m["name"] in volumes]
+               for container in (redis, monitor)}
+    # Redis renders every user from the Secret; the monitor sidecar holds its own password and no other.
+    assert [[item["key"] for item in v["items"]] for v in mounted["redis"]] == [
+        ["agent-password", "monitor-password", "admin-password"]]
+    assert [[item["key"] for item in v["items"]] for v in mounted["monitor"]] == [["monitor-password"]]
+    assert all(v["secretName"] == "pong-redis" and v["defaultMode"] == 0o400 for v in volumes.values())
+    assert env_of(redis)["BORG_REDIS_USERS_DIR"] == "/var/run/secrets/borg"
+    assert env_of(redis)["BORG_MEMORY_NAME"] == "pong"  # the agents' replay.redis_name
+    assert env_of(monitor)["BORG_REDIS_USERNAME"] == "borg-monitor"
+    assert "--user borg-monitor" in redis["readinessProbe"]["exec"]["command"][2]
 
 
 # --- memory --------------------------------------------------------------------------------------------------
@@ -345,14 +373,14 @@ def test_the_memory_statefulset_runs_redis_and_the_monitor() -> None:
     assert "REDISCLI_AUTH" in redis["readinessProbe"]["exec"]["command"][2]
     assert monitor["command"] + monitor["args"] == [
         "borgdqn", "memory-monitor", "--memory", "redis://127.0.0.1:6379/0", "--name", "pong",
-        "--password-file", "/var/run/secrets/borg/redis-password",
+        "--password-file", "/var/run/secrets/borg/monitor-password",
         "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9092", "--collective", "pong"]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert claim["spec"]["storageClassName"] == "fast-ssd"
     volumes = {volume["name"]: volume for volume in pod_spec(sts)["volumes"]}
     assert "data" not in volumes  # the claim template provides it
-    assert volumes["redis-password"]["secret"]["secretName"] == "pong-redis"
+    assert volumes["redis-users"]["secret"]["secretName"] == "pong-redis"
     assert volumes["conf"]["emptyDir"]["medium"] == "Memory"  # the rendered config holds the password
 
     headless = by_kind(children, "Service", "pong-memory-headless")

@@ -40,7 +40,7 @@ def test_fill_matches_the_memory_s_own_stats(redis_server: RedisServer) -> None:
                                          "time": now}),
             # A pod that is gone: what it lost still counts, but it is no live agent (nor one catching up).
             "pong-agents-gone": json.dumps({"dropped_chunks": 10, "caught_up": False, "time": now - 600})})
-        fill = fetch_fill("127.0.0.1", redis_server.port, redis_server.password, name, 1.0)
+        fill = fetch_fill("127.0.0.1", redis_server.port, None, redis_server.password, name, 1.0)
         assert fill.fill == 24 / 64
         assert (fill.links.links, fill.links.catching_up, fill.links.dropped_chunks, fill.links.skipped_chunks,
                 fill.links.outage_s) == (2, 1, 15, 1, 4.5)
@@ -55,27 +55,27 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
     now = [100.0]
     reader = FillReader(timeout_s=0.5, quiet_s=60.0, clock=lambda: now[0])
     try:
-        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == \
+        assert reader.read("127.0.0.1", redis_server.port, None, redis_server.password, name) == \
             (MemoryFill(0.0, LinkTotals()), None)
 
-        fill, why = reader.read("127.0.0.1", redis_server.port, "wrong-password", name)
+        fill, why = reader.read("127.0.0.1", redis_server.port, None, "wrong-password", name)
         assert fill is None and why is not None and "password" in why.lower()
         # Within the quiet period the same memory is not tried again (not even connected to) ...
-        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name)[1] == \
+        assert reader.read("127.0.0.1", redis_server.port, None, redis_server.password, name)[1] == \
             f"not retried yet: {why}"
 
         closed = free_port()
         started = time.monotonic()
-        fill, why = reader.read("127.0.0.1", closed, None, name)
+        fill, why = reader.read("127.0.0.1", closed, None, None, name)
         assert fill is None and why is not None
         assert time.monotonic() - started < 1.5
-        fill, again = reader.read("127.0.0.1", closed, None, name)
+        fill, again = reader.read("127.0.0.1", closed, None, None, name)
         assert fill is None and again == f"not retried yet: {why}"
         # ... and afterwards it is.
         now[0] += 61
-        fill, why = reader.read("127.0.0.1", closed, None, name)
+        fill, why = reader.read("127.0.0.1", closed, None, None, name)
         assert fill is None and why is not None and not why.startswith("not retried yet")
-        assert reader.read("127.0.0.1", redis_server.port, redis_server.password, name) == \
+        assert reader.read("127.0.0.1", redis_server.port, None, redis_server.password, name) == \
             (MemoryFill(0.0, LinkTotals()), None)
     finally:
         reader.close()

@@ -112,8 +112,9 @@ def test_a_collective_becomes_its_children_owned_labelled_with_gpus_and_config(
     assert config["learner"]["lr"] == 0.0003
     assert config["replay"]["redis_url"] == f"redis://pong-memory.{namespace}.svc:6379/0"
     assert pod["metadata"]["annotations"]["borg.dev/config-checksum"] == hashlib.sha256(rendered.encode()).hexdigest()
-    password = base64.b64decode(found[("Secret", "pong-redis")]["data"]["password"]).decode()
-    assert len(password) >= 32
+    passwords = {k: base64.b64decode(v).decode() for k, v in found[("Secret", "pong-redis")]["data"].items()}
+    assert sorted(passwords) == ["admin-password", "agent-password", "monitor-password"]
+    assert all(len(password) >= 32 for password in passwords.values()) and len(set(passwords.values())) == 3
 
     def described() -> dict[str, Any] | None:
         current = status(cluster, namespace, "pong")
@@ -294,11 +295,10 @@ def test_a_deleted_redis_secret_is_reported_and_never_replaced_while_the_memory_
     name = "ls"
     apply(cluster, collective(name, namespace, None))
     found = settled(cluster, namespace, name, None)
-    secret = found[("Secret", f"{name}-redis")]
-    password = secret["data"]["password"]
+    passwords = found[("Secret", f"{name}-redis")]["data"]
 
     cluster.kubectl("delete", "secret", f"{name}-redis", "-n", namespace)
-    poll(lambda: "is gone while StatefulSet ls-memory runs with its password" in
+    poll(lambda: "is gone while StatefulSet ls-memory runs with its passwords" in
          condition(cluster, namespace, name, "Ready").get("message", ""), "Ready says the Secret is gone")
     ready = condition(cluster, namespace, name, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ReconcileError")
@@ -306,14 +306,19 @@ def test_a_deleted_redis_secret_is_reported_and_never_replaced_while_the_memory_
     assert cluster.kubectl("get", "secret", f"{name}-redis", "-n", namespace, check=False).returncode != 0
     warnings = [e for e in events(cluster, namespace, name) if e["reason"] == "SecretMissing"]
     assert [(e["type"], e.get("count", 1)) for e in warnings] == [("Warning", 1)], warnings
-    assert "recreate the Secret with the old password" in warnings[0]["message"]
+    assert "recreate the Secret with the old passwords" in warnings[0]["message"]
 
-    # The Secret restored with the old password: reconciled as before, the error gone, the password kept.
+    # Restored with one user's password only: said, not filled in (the operator never writes a Secret twice).
     restored = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": f"{name}-redis", "namespace": namespace}, "data": {"password": password}}
+                "metadata": {"name": f"{name}-redis", "namespace": namespace},
+                "data": {"agent-password": passwords["agent-password"]}}
     apply(cluster, restored)
+    poll(lambda: "Secret ls-redis has no monitor-password, admin-password" in
+         condition(cluster, namespace, name, "Ready").get("message", ""), "Ready says which keys are missing")
+    # The Secret restored with the old passwords: reconciled as before, the error gone, the passwords kept.
+    apply(cluster, {**restored, "data": passwords})
     poll(lambda: condition(cluster, namespace, name, "Ready").get("reason") != "ReconcileError", "the error gone")
-    assert cluster.get_json("secret", f"{name}-redis", "-n", namespace)["data"]["password"] == password
+    assert cluster.get_json("secret", f"{name}-redis", "-n", namespace)["data"] == passwords
 
 
 @pytest.fixture
@@ -396,7 +401,7 @@ def test_killed_mid_reconcile_the_operator_converges_after_a_restart(
             watcher.join(timeout=60)
         assert killed.is_set()
         seen_at_kill = set(children(cluster, namespace, "kl"))
-        password = cluster.get_json("secret", "kl-redis", "-n", namespace)["data"]["password"]
+        passwords = cluster.get_json("secret", "kl-redis", "-n", namespace)["data"]
         print(f"\nat SIGKILL: {len(seen_at_kill)} of {len(want)} children")
         assert seen_at_kill < want, "the operator finished before the kill: nothing was mid-reconcile"
 
@@ -405,7 +410,7 @@ def test_killed_mid_reconcile_the_operator_converges_after_a_restart(
         # Each child once, owned once; the password is the one the killed run generated.
         uid = cluster.get_json("borgcollective", "kl", "-n", namespace)["metadata"]["uid"]
         assert all([ref["uid"] for ref in obj["metadata"]["ownerReferences"]] == [uid] for obj in found.values())
-        assert found[("Secret", "kl-redis")]["data"]["password"] == password
+        assert found[("Secret", "kl-redis")]["data"] == passwords
         workloads = cluster.get_json("deployments,statefulsets", "-n", namespace)["items"]
         assert sorted((w["kind"], w["metadata"]["name"]) for w in workloads) == [
             ("Deployment", "kl-indexer"), ("StatefulSet", "kl-agents"), ("StatefulSet", "kl-kafka"),

@@ -36,6 +36,7 @@ import redis
 import yaml
 
 from borg_operator import names
+from borgdqn.memory.redis.acl import AGENT, MONITOR
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.telemetry.events import TOPICS, decode_event
 from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor, MemoryNotCreated
@@ -271,15 +272,28 @@ def assert_no_traceback(kube: KubeCluster, running: list[dict[str, Any]]) -> Non
 
 
 class Memory:
-    """The collective's Redis, read from the host through its ClusterIP Service (kube-proxy's rules)."""
+    """The collective's Redis, read from the host through its ClusterIP Service (kube-proxy's rules) as the
+    memory's read-only monitor user."""
 
     def __init__(self, kube: KubeCluster, namespace: str, cr: str) -> None:
         secret = kube.get_json("secret", names.redis_secret(cr), "-n", namespace)
-        password = base64.b64decode(secret["data"]["password"]).decode()
         address = kube.get_json("service", names.memory(cr), "-n", namespace)["spec"]["clusterIP"]
         self.cr = cr
-        self.client = redis.Redis(host=address, port=6379, password=password, socket_timeout=5,
-                                  socket_connect_timeout=5)
+        self.clients = {user.name: redis.Redis(
+            host=address, port=6379, username=user.name, socket_timeout=5, socket_connect_timeout=5,
+            password=base64.b64decode(secret["data"][user.secret_key]).decode()) for user in (AGENT, MONITOR)}
+        self.client = self.clients[MONITOR.name]
+
+    def assert_least_privilege(self) -> None:
+        """The memory pod's Redis runs the users its image rendered: an agent may not run an admin command or
+        touch another memory's keys, the monitor may not write."""
+        agent, monitor = self.clients[AGENT.name], self.clients[MONITOR.name]
+        own = f"borg:{{{self.cr}}}:config"
+        for refused in (agent.flushall, lambda: agent.config_get("maxmemory"),
+                        lambda: agent.get("borg:{another}:config"), lambda: monitor.set(own, b"{}")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        assert monitor.get(own) is not None  # what the memory's users may do, they can
 
     def per_agent(self) -> dict[int, int]:
         """Steps stored now, by agent ({} while Redis does not answer or holds no memory yet)."""
@@ -419,6 +433,7 @@ def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_rest
         memory = Memory(kube, namespace, cr)
         wait(lambda: memory.when(lambda c: {0, 1} <= set(c)), "both agents' steps in Redis")
         assert set(learners(lambda a: {0, 1} <= set(a))) == {0, 1}
+        memory.assert_least_privilege()
 
         # The memory's NetworkPolicy, enforced: the operator (from its namespace) reads the memory for the
         # status; a pod it does not list cannot open a connection to Redis, the same pod with the operator's

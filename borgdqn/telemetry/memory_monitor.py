@@ -15,7 +15,8 @@ It goes to a :class:`Publisher`: the log (:class:`LogPublisher`, one ``key=value
 The monitor outlives its Redis: a failed reading logs one line, and the monitor retries with a growing delay
 (up to ``max_backoff_s``) until the server answers again, then logs one line more and goes on. The password
 comes from ``BORG_REDIS_PASSWORD`` or a file (a Kubernetes Secret mounted as a file), never from process
-arguments, and is never logged.
+arguments, and is never logged; the user from ``BORG_REDIS_USERNAME`` (the memory's read-only ``borg-monitor``).
+A refused user, password or command ends the monitor with one line instead: no wait cures it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, refused_access
 from borgdqn.memory.redis.keys import LogNotCreated, read_state
 from borgdqn.one_line import one_line
 
@@ -265,7 +266,8 @@ class MemoryMonitor:
 
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event | None = None) -> None:
-        """Reads and publishes every ``interval_s`` until ``stop`` is set; never raises for Redis' sake."""
+        """Reads and publishes every ``interval_s`` until ``stop`` is set; rides out Redis' outages, and raises
+        MonitorError (one line) only when Redis refuses its user, password or a command."""
         import redis
 
         stop = stop or threading.Event()
@@ -281,6 +283,8 @@ class MemoryMonitor:
                     log.info("memory monitor: %s; waiting for it", err)
                 state = "absent"
             except (redis.RedisError, OSError, MonitorError) as err:
+                if refused_access(err):  # waiting never cures a wrong password or a forbidden command
+                    raise refused(self.where, err) from None
                 if not state.startswith("down"):
                     down_since = self._clock()
                     log.warning(
@@ -305,6 +309,11 @@ class MemoryMonitor:
             stop.wait(wait)
 
 
+def refused(where: str, err: BaseException) -> MonitorError:
+    return MonitorError(f"redis at {where} refused the monitor ({one_line(err)}): check {REDIS_USERNAME_ENV} and "
+                        "the password")
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def read_password(password_file: Path | None, environ: Mapping[str, str] | None = None) -> str:
     """The Redis password: the file's content, exactly (a mounted Secret), else ``BORG_REDIS_PASSWORD``."""
@@ -317,8 +326,9 @@ def read_password(password_file: Path | None, environ: Mapping[str, str] | None 
     return (os.environ if environ is None else environ).get(REDIS_PASSWORD_ENV, "")
 
 
-def connect(url: str, password: str) -> tuple[Any, str]:
-    """A client of ``url`` (``redis://HOST:PORT/DB``, no password in it) and the address for log lines.
+def connect(url: str, password: str, username: str = "") -> tuple[Any, str]:
+    """A client of ``url`` (``redis://HOST:PORT/DB``, no password in it) as ``username`` (empty: Redis' default
+    user) and the address for log lines.
 
     The client does not retry by itself (the monitor's loop does, with backoff) and waits at most 5 s.
     """
@@ -347,6 +357,7 @@ def connect(url: str, password: str) -> tuple[Any, str]:
         host=parts.hostname,
         port=port,
         db=int(db_text),
+        username=username or None,
         password=password or None,
         ssl=parts.scheme == "rediss",
         socket_timeout=5,
@@ -382,7 +393,7 @@ def serve(
     check_name(name)
     if not (math.isfinite(interval_s) and interval_s > 0):
         raise MonitorConfigError(f"--interval must be > 0 seconds, not {interval_s}")
-    client, where = connect(url, read_password(password_file))
+    client, where = connect(url, read_password(password_file), os.environ.get(REDIS_USERNAME_ENV, ""))
     publisher = publisher or LogPublisher()
     if kafka:
         try:
@@ -395,9 +406,9 @@ def serve(
         if once:
             try:
                 publisher.publish(monitor.read())
-            except redis.AuthenticationError as err:
-                raise MonitorError(f"redis at {where} refused the password ({one_line(err)})") from None
             except redis.RedisError as err:
+                if refused_access(err):
+                    raise refused(where, err) from None
                 raise MonitorError(f"redis at {where} unreachable ({one_line(err)})") from None
             return 0
         stop = threading.Event()

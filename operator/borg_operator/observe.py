@@ -19,6 +19,7 @@ from borg_operator.builders import OWNED_KINDS
 from borg_operator.memory_fill import FillReader
 from borg_operator.spec import REDIS_PORT, CollectiveSpec, memory_host
 from borg_operator.status import MissingApi, Observed
+from borgdqn.memory.redis.acl import MONITOR, USERS
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,20 @@ def unschedulable_messages(pods: Sequence[dict[str, Any]]) -> list[str]:
     return messages
 
 
-def read_password(applier: Applier, namespace: str, cr: str) -> str | None:
-    """The memory's Redis password from the collective's Secret (None: no Secret, or no password in it)."""
+def read_passwords(applier: Applier, namespace: str, cr: str) -> dict[str, str] | None:
+    """The memory's users' passwords from the collective's Secret, by key (None: no Secret); keys that are not a
+    user's, or whose value is not text, are left out."""
     secret = applier.get("v1", "Secret", namespace, names.redis_secret(cr))
-    encoded = ((secret or {}).get("data") or {}).get("password")
-    if not encoded:
+    if secret is None:
         return None
-    return base64.b64decode(encoded).decode()
+    found = {}
+    for user in USERS:
+        encoded = (secret.get("data") or {}).get(user.secret_key)
+        try:
+            found[user.secret_key] = base64.b64decode(encoded or "", validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return {key: value for key, value in found.items() if value}
 
 
 def _ready_replicas(obj: dict[str, Any] | None) -> int:
@@ -84,7 +92,8 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             parts["kibana"] = applier.get(*ECK_KIBANA, namespace, names.kibana(cr))
             parts["indexer"] = applier.get(APPS, "Deployment", namespace, names.indexer(cr))
         if fills is not None and _ready_replicas(parts["memory"]) > 0:
-            fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, read_password(applier, namespace, cr), cr)
+            password = (read_passwords(applier, namespace, cr) or {}).get(MONITOR.secret_key)
+            fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, MONITOR.name, password, cr)
             if fill is not None:
                 parts["memory_fill"], parts["memory_links"] = fill.fill, fill.links
                 parts["memory_finished"] = fill.finished

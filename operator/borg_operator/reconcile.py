@@ -6,7 +6,8 @@ reconcile(body):
   3. every kind the children need must be served (Strimzi's Kafka in strimzi mode, ECK's Elasticsearch and Kibana
      in eck mode); if not -> Ready=False with a reason naming what to install, and nothing is applied (the
      children of the last good spec keep running).
-  4. the Redis password Secret: read; created (with a fresh password) only when missing, never rewritten.
+  4. the Secret of the memory's Redis users' passwords: read; created (fresh passwords) only when missing, never
+     rewritten; one that lacks a user's password -> Ready=False, nothing applied.
   5. server-side apply of every other child, owned by the collective; prune what the spec no longer renders.
   6. the status, recomputed from the children (status.py), written only when it changed; events on transitions.
 
@@ -32,7 +33,7 @@ from borg_operator.apply import API_VERSION, Applier, Owner, describe
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.images import DEFAULT_ALLOWED_IMAGES, image_allowed
 from borg_operator.memory_fill import FillReader
-from borg_operator.observe import observe, read_password
+from borg_operator.observe import observe, read_passwords
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borg_operator.status import (
     Collective,
@@ -44,6 +45,7 @@ from borg_operator.status import (
     status_patch,
     transition_events,
 )
+from borgdqn.memory.redis.acl import USERS
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,24 @@ def check_images(spec: CollectiveSpec, allowed: tuple[str, ...]) -> None:
                             "pods may get the collective's credentials")
 
 
+SECRET_KEYS = ", ".join(user.secret_key for user in USERS)
+
+
 def lost_secret_message(cr: str) -> str:
-    return (f"Secret {names.redis_secret(cr)} is gone while StatefulSet {names.memory(cr)} runs with its password: "
-            "a new password would lock every agent out of the memory, so none is made; recreate the Secret with "
-            "the old password (key: password), or delete the memory StatefulSet (and its volume, losing the "
+    return (f"Secret {names.redis_secret(cr)} is gone while StatefulSet {names.memory(cr)} runs with its passwords: "
+            "new ones would lock every agent out of the memory, so none are made; recreate the Secret with the old "
+            f"passwords (keys: {SECRET_KEYS}), or delete the memory StatefulSet (and its volume, losing the "
             "hive's experience and model store) to start anew")
+
+
+def incomplete_secret_message(cr: str, missing: list[str]) -> str:
+    return (f"Secret {names.redis_secret(cr)} has no {', '.join(missing)}: the memory's Redis users need a password "
+            f"each (keys: {SECRET_KEYS}); Secrets are immutable, so delete it and create it with every key")
+
+
+def fresh_passwords() -> dict[str, str]:
+    """A new password for each of the memory's users (32 random URL-safe bytes each)."""
+    return {user.secret_key: secrets.token_urlsafe(32) for user in USERS}
 
 
 def one_line(err: BaseException) -> str:
@@ -167,8 +182,8 @@ class Reconciler:
         try:
             spec = parse_spec(dict(body.get("spec") or {}))
             check_images(spec, self.allowed_images)
-            password = read_password(self.applier, owner.namespace, owner.name)
-            fresh = password is None
+            passwords = read_passwords(self.applier, owner.namespace, owner.name)
+            fresh = passwords is None
             if fresh and self.applier.get("apps/v1", "StatefulSet", owner.namespace, names.memory(owner.name)):
                 # The memory runs with the old password (and holds the hive's data): a new one would lock every
                 # agent out of it. Say so and change nothing until a person decides.
@@ -177,8 +192,11 @@ class Reconciler:
                 if previous is None or previous.error != error:  # once, not at every resync
                     self._post(owner, Event("Warning", "SecretMissing", error))
                 return Outcome(generation, "error", error=error)
+            lacking = [user.secret_key for user in USERS if passwords is not None and user.secret_key not in passwords]
+            if lacking:
+                return Outcome(generation, "error", error=incomplete_secret_message(owner.name, lacking))
             completed = is_completed(dict(body.get("status") or {}), spec)
-            children = self._render(owner, spec, password or secrets.token_urlsafe(32), completed)
+            children = self._render(owner, spec, passwords or fresh_passwords(), completed)
         except SpecError as err:
             return Outcome(generation, "invalid", error=str(err))
         needed = dict.fromkeys((str(c["apiVersion"]), str(c["kind"])) for c in children)
@@ -190,8 +208,8 @@ class Reconciler:
         secret = next(c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] == secret_name)
         created_secret = fresh and self.applier.create_once(owner, secret)
         if fresh and not created_secret:
-            # Created meanwhile (a run of ours killed after creating it): render again with the stored password.
-            children = self._render(owner, spec, read_password(self.applier, owner.namespace, owner.name) or "",
+            # Created meanwhile (a run of ours killed after creating it): render again with the stored passwords.
+            children = self._render(owner, spec, read_passwords(self.applier, owner.namespace, owner.name) or {},
                                     completed)
         others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] == secret_name)]
         # The Secret is never pruned nor listed (the operator may only get and create Secrets).
@@ -211,8 +229,9 @@ class Reconciler:
                 owner.namespace, owner.name, generation, result.summary())
         return Outcome(generation, "applied")
 
-    def _render(self, owner: Owner, spec: CollectiveSpec, password: str, completed: bool) -> list[dict[str, Any]]:
-        return build_children(owner.name, owner.namespace, spec, redis_password=password, completed=completed)
+    def _render(self, owner: Owner, spec: CollectiveSpec, passwords: Mapping[str, str],
+                completed: bool) -> list[dict[str, Any]]:
+        return build_children(owner.name, owner.namespace, spec, redis_passwords=passwords, completed=completed)
 
     # ------------------------------------------------------------------------------------------ status
     def refresh(self, namespace: str, name: str) -> None:

@@ -1,12 +1,17 @@
-"""Connecting to the memory's Redis: the password from the environment, one-line failures, what an outage is."""
+"""Connecting to the memory's Redis: the user and password from the environment, one-line failures, what an
+outage is."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # where every client (agents, monitor) reads the memory's password
+# The Redis user (acl.py: borg-agent, borg-monitor); unset: Redis' default user, as a plain `requirepass` has.
+REDIS_USERNAME_ENV = "BORG_REDIS_USERNAME"
 
 
 def safe_address(url: str) -> str:
@@ -16,38 +21,49 @@ def safe_address(url: str) -> str:
     return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
 
 
-def with_password(url: str, password: str) -> str:
-    """``url`` with ``password`` in it, for redis-py only: never log or print the result."""
-    parts = urlsplit(url)
+def with_credentials(url: str, environ: Mapping[str, str] | None = None) -> str:
+    """``url`` with the user and password of BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD in it, for redis-py
+    only: never log or print the result."""
+    environ = os.environ if environ is None else environ
+    password, username = environ.get(REDIS_PASSWORD_ENV, ""), environ.get(REDIS_USERNAME_ENV, "")
     if not password:
         return url
-    return urlunsplit(parts._replace(netloc=f":{quote(password, safe='')}@{parts.netloc}"))
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{quote(username, safe='')}:{quote(password, safe='')}@{parts.netloc}"))
 
 
-class RefusedPassword(ConnectionError):
-    """The server is there and refused the password: no retry will change that."""
+class RefusedAccess(ConnectionError):
+    """The server is there and refused the user, its password or a command (the memory's ACL): no retry will
+    change that."""
 
 
-def refused_password(err: BaseException) -> bool:
-    """The server refused the password (or no longer accepts it)."""
+# What Redis 7 answers when a script of ours runs a command or touches a key its caller's ACL does not allow (a
+# plain error reply, where a direct command gets NOPERM).
+_SCRIPT_REFUSED = "user executing the script can't"
+
+
+def refused_access(err: BaseException) -> bool:
+    """The server refused the password (or no longer accepts it), or the user may not run a command."""
     import redis
 
-    return isinstance(err, redis.AuthenticationError | RefusedPassword)
+    if isinstance(err, redis.ResponseError) and _SCRIPT_REFUSED in str(err):
+        return True
+    return isinstance(err, redis.AuthenticationError | redis.exceptions.NoPermissionError | RefusedAccess)
 
 
 def is_outage(err: BaseException) -> bool:
-    """A server that is away (down, restarting, unreachable), as opposed to one that refused a command or the
-    password (redis-py's AuthenticationError is a ConnectionError, but waiting never cures a wrong password)."""
+    """A server that is away (down, restarting, unreachable), as opposed to one that refused the password or a
+    command (redis-py's AuthenticationError is a ConnectionError, but waiting never cures a wrong password)."""
     import redis
 
-    if refused_password(err):
+    if refused_access(err):
         return False
     # BusyLoadingError (a restarted server reading its AOF) is a ConnectionError too.
     return isinstance(err, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError))
 
 
 def connect(url: str, *, timeout_s: float = 30.0) -> Any:
-    """A ``redis.Redis`` for ``url`` (``redis://:PASSWORD@HOST:PORT/DB``) that answered PING, retrying for up to
+    """A ``redis.Redis`` for ``url`` (``redis://[USER]:PASSWORD@HOST:PORT/DB``) that answered PING, retrying for up to
     ``timeout_s``; ConnectionError with one line (the address without the password, and why) after that."""
     import redis
 
@@ -60,7 +76,9 @@ def connect(url: str, *, timeout_s: float = 30.0) -> Any:
             client.ping()
             return client
         except redis.AuthenticationError as exc:
-            raise RefusedPassword(f"redis at {where} refused the password: {exc}") from None
+            raise RefusedAccess(f"redis at {where} refused the user or password: {exc}") from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise RefusedAccess(f"redis at {where} refused a command to this user: {exc}") from None
         except redis.RedisError as exc:
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(

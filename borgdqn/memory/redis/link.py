@@ -35,7 +35,7 @@ import numpy as np
 
 from borgdqn.memory.codec import encode_chunk
 from borgdqn.memory.protocol import MemoryNotReady, MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
-from borgdqn.memory.redis.client import RefusedPassword, is_outage, refused_password
+from borgdqn.memory.redis.client import RefusedAccess, is_outage, refused_access
 from borgdqn.memory.redis.keys import LogKeys, LogShape
 from borgdqn.memory.redis.tail import LogTail
 from borgdqn.memory.redis.writer import LogWriter
@@ -240,9 +240,9 @@ class RedisLink:
         try:
             loop()
         except BaseException as err:
-            if refused_password(err):  # expected, and no bug of ours: one line, no traceback
-                err = RefusedPassword(f"redis refused the password ({' '.join(str(err).split())}): it changed, "
-                                      "or the memory's Secret was replaced")
+            if refused_access(err):  # expected, and no bug of ours: one line, no traceback
+                err = RefusedAccess(f"redis refused this client ({' '.join(str(err).split())}): the password "
+                                    "changed, the memory's Secret was replaced, or its ACL forbids the command")
                 log.error("redis link thread %s failed: %s", threading.current_thread().name, err)
             else:
                 log.error("redis link thread %s failed: %s", threading.current_thread().name, err, exc_info=err)
@@ -343,6 +343,8 @@ class RedisLink:
             self._writer.append(entries, added_ms)
             self.counters.written_chunks += len(entries)
         except redis.ResponseError as err:
+            if refused_access(err):  # the memory's ACL forbids what the log needs: no later write can succeed
+                raise
             # A server-side refusal (e.g. OOM under maxmemory): count it, keep the agent running.
             self.counters.write_errors += 1
             if self.counters.write_errors <= 10:

@@ -7,6 +7,8 @@ is found through `OWNED_KINDS` and the instance labels (`names.instance_selector
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from borg_operator import names
 from borg_operator.builders.agents import build_agents
 from borg_operator.builders.common import Manifest
@@ -43,19 +45,20 @@ def children_kinds() -> list[tuple[str, str]]:
     return [(api_version, kind) for api_version, kind, _ in OWNED_KINDS]
 
 
-def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_password: str,
+def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_passwords: Mapping[str, str],
                    completed: bool = False) -> list[Manifest]:
     """Every child of the collective `namespace/name`, in a stable order: config, secret, memory, kafka, elastic,
     indexer, agents, network. SpecError (one line) when the spec cannot work.
 
-    `redis_password` is the existing Secret's password (the reconciler reads it first and generates one only
-    when there is none): the builders never invent one, so rendering twice gives the same objects. `completed`:
-    every agent finished its budget (`status.completed`), so the agents have no pods.
+    `redis_passwords` are the existing Secret's passwords of the memory's Redis users, by key (the reconciler
+    reads them first and generates them only when there is no Secret): the builders never invent one, so
+    rendering twice gives the same objects. `completed`: every agent finished its budget (`status.completed`),
+    so the agents have no pods.
     """
     names.check_name(name, eck=spec.elastic.mode == "eck", strimzi=spec.kafka.mode == "strimzi")
     return [
         build_config_map(name, namespace, spec),
-        build_redis_secret(name, namespace, redis_password),
+        build_redis_secret(name, namespace, redis_passwords),
         *build_memory(name, namespace, spec),
         *build_kafka(name, namespace, spec),
         *build_elastic(name, namespace, spec),

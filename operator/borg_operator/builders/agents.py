@@ -28,14 +28,14 @@ from borg_operator.builders.common import (
 )
 from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, CollectiveSpec, SpecError
+from borgdqn.memory.redis.acl import AGENT
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import agent_pod_bytes
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # The NVIDIA GPU operator and the cloud GPU node pools taint GPU nodes so that only pods asking for GPUs land
 # there; tolerating the key with any value covers `present`, `true` and the rest.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-REDIS_PASSWORD_ENV = "BORG_REDIS_PASSWORD"  # borgdqn.memory.redis.client reads it
-REDIS_PASSWORD_KEY = "password"
 POD_NAME_ENV = "BORG_POD_NAME"
 
 
@@ -94,7 +94,9 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             env_field(POD_NAME_ENV, "metadata.name"),
             env_field("BORG_POD_NAMESPACE", "metadata.namespace"),
             env_field("BORG_NODE_NAME", "spec.nodeName"),
-            env_secret(REDIS_PASSWORD_ENV, names.redis_secret(cr), REDIS_PASSWORD_KEY),
+            # The memory's borg-agent user: the log's and the model store's commands on this memory's keys only.
+            env(REDIS_USERNAME_ENV, AGENT.name),
+            env_secret(REDIS_PASSWORD_ENV, names.redis_secret(cr), AGENT.secret_key),
             # The root filesystem is read-only: caches that go under $HOME (torch, matplotlib) land in /tmp.
             env("HOME", "/tmp"),
         ],

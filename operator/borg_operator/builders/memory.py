@@ -4,12 +4,12 @@ Services and PodDisruptionBudget. The pod runs the memory image (memory_image/, 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
 from borg_operator import names
-from borg_operator.builders.agents import REDIS_PASSWORD_KEY
 from borg_operator.builders.common import (
     Manifest,
     claim_spec,
@@ -21,31 +21,38 @@ from borg_operator.builders.common import (
     pod_basics,
 )
 from borg_operator.spec import REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
+from borgdqn.memory.redis.acl import MONITOR, USERS, RedisUser
+from borgdqn.memory.redis.client import REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import size_memory
 
-PASSWORD_DIR = "/var/run/secrets/borg"
-PASSWORD_FILE = f"{PASSWORD_DIR}/redis-password"  # the memory image's default BORG_REDIS_PASSWORD_FILE
+PASSWORD_DIR = "/var/run/secrets/borg"  # the image's BORG_REDIS_USERS_DIR: a file per user, named by its key
+MONITOR_PASSWORD_FILE = f"{PASSWORD_DIR}/{MONITOR.secret_key}"
 DATA_DIR = "/data"  # the image's BORG_REDIS_DATA_DIR: the append-only file
 CONF_DIR = "/run/borg"  # the image's BORG_REDIS_CONF lives here: the rendered config, password included
 MONITOR_RESOURCES = ("250m", "256Mi")  # one reading every 10 s: a few pipelined round trips
 # Redis answers PING with -LOADING while it replays the AOF, so the pod turns Ready only once the memory is
-# whole. The password goes to redis-cli in REDISCLI_AUTH, never as an argument (visible to `ps`).
-READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {PASSWORD_FILE})" redis-cli -p {REDIS_PORT} ping)" = PONG')
+# whole. It asks as the read-only borg-monitor; the password goes to redis-cli in REDISCLI_AUTH, never as an
+# argument (visible to `ps`).
+READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {MONITOR_PASSWORD_FILE})" redis-cli --user {MONITOR.name} '
+                 f'-p {REDIS_PORT} ping)" = PONG')
 
 
-def build_redis_secret(cr: str, namespace: str, password: str) -> Manifest:
-    """The Redis password. Immutable: the apiserver itself refuses to change it, so no reconcile can rotate it
-    by accident and lock the agents out of a memory that outlives them (a new password is a new Secret)."""
-    if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
-        # The memory image refuses both (a control character is usually a stray newline); fail here instead.
-        raise ValueError("the Redis password must be non-empty printable text")
+def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) -> Manifest:
+    """The memory's Redis users' passwords, a key each (borgdqn.memory.redis.acl.USERS). Immutable: the apiserver
+    itself refuses to change them, so no reconcile can rotate one by accident and lock the agents out of a
+    memory that outlives them (new passwords are a new Secret)."""
+    for user in USERS:
+        password = passwords.get(user.secret_key, "")
+        if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
+            # The memory image refuses both (a control character is usually a stray newline); fail here instead.
+            raise ValueError(f"the Redis password {user.secret_key} must be non-empty printable text")
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": metadata(cr, namespace, names.redis_secret(cr), names.MEMORY),
         "type": "Opaque",
         "immutable": True,
-        "data": {REDIS_PASSWORD_KEY: base64.b64encode(password.encode()).decode()},
+        "data": {user.secret_key: base64.b64encode(passwords[user.secret_key].encode()).decode() for user in USERS},
     }
 
 
@@ -66,7 +73,7 @@ def _check_memory_limit(spec: CollectiveSpec) -> None:
             "or lower the capacity")
 
 
-def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
+def _redis_container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
     memory = spec.memory
     # The image's redis.conf turns the append-only file on; without persistence an argument turns it off
     # (arguments after the config file override it).
@@ -81,7 +88,10 @@ def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
             env("BORG_MEMORY_CAPACITY", str(memory.capacity)),
             env("BORG_MEMORY_CHUNK_LENGTH", str(memory.chunk_length)),
             env("BORG_MEMORY_MODEL_STORE_BYTES", str(memory.model_store_bytes)),
-            env("BORG_REDIS_PASSWORD_FILE", PASSWORD_FILE),
+            # The memory's users (borgdqn.memory.redis.acl), their passwords from the Secret's files; the keys
+            # they may touch are this memory's (replay.redis_name is the collective's name).
+            env("BORG_REDIS_USERS_DIR", PASSWORD_DIR),
+            env("BORG_MEMORY_NAME", cr),
         ],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"exec": {"command": ["sh", "-c", READY_COMMAND]},
@@ -94,7 +104,7 @@ def _redis_container(spec: CollectiveSpec) -> dict[str, Any]:
         "volumeMounts": [
             {"name": "data", "mountPath": DATA_DIR},
             {"name": "conf", "mountPath": CONF_DIR},
-            {"name": "redis-password", "mountPath": PASSWORD_DIR, "readOnly": True},
+            {"name": "redis-users", "mountPath": PASSWORD_DIR, "readOnly": True},
         ],
     }
 
@@ -107,20 +117,27 @@ def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[st
         # `command` replaces the image's entrypoint, which would render a redis.conf.
         "command": ["borgdqn"],
         "args": ["memory-monitor", "--memory", f"redis://127.0.0.1:{REDIS_PORT}/0", "--name", cr,
-                 "--password-file", PASSWORD_FILE, "--kafka", kafka_bootstrap(cr, namespace, spec.kafka),
+                 "--password-file", MONITOR_PASSWORD_FILE, "--kafka", kafka_bootstrap(cr, namespace, spec.kafka),
                  "--collective", cr],
+        "env": [env(REDIS_USERNAME_ENV, MONITOR.name)],  # read-only: it may not write a key
         "resources": guaranteed(*MONITOR_RESOURCES),
         "securityContext": container_security_context(),
-        "volumeMounts": [{"name": "redis-password", "mountPath": PASSWORD_DIR, "readOnly": True}],
+        # Its own password only: the sidecar never holds the agents' or the administrator's.
+        "volumeMounts": [{"name": "redis-monitor", "mountPath": PASSWORD_DIR, "readOnly": True}],
     }
+
+
+def _secret_volume(name: str, cr: str, users: tuple[RedisUser, ...]) -> dict[str, Any]:
+    items = [{"key": user.secret_key, "path": user.secret_key} for user in users]
+    return {"name": name, "secret": {"secretName": names.redis_secret(cr), "defaultMode": 0o400, "items": items}}
 
 
 def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
     _check_memory_limit(spec)
     memory = spec.memory
     volumes: list[dict[str, Any]] = [
-        {"name": "redis-password", "secret": {"secretName": names.redis_secret(cr), "defaultMode": 0o400,
-                                              "items": [{"key": REDIS_PASSWORD_KEY, "path": "redis-password"}]}},
+        _secret_volume("redis-users", cr, USERS),
+        _secret_volume("redis-monitor", cr, (MONITOR,)),
         # Memory-backed: the rendered config holds the password, which so never touches a disk.
         empty_dir("conf", memory=True, size_limit="1Mi"),
     ]
@@ -137,7 +154,7 @@ def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> M
                 **pod_basics(),
                 # On SIGTERM Redis fsyncs the append-only file and exits; a large one needs more than 30 s.
                 "terminationGracePeriodSeconds": 60,
-                "containers": [_redis_container(spec), _monitor_container(cr, namespace, spec)],
+                "containers": [_redis_container(cr, spec), _monitor_container(cr, namespace, spec)],
                 "volumes": volumes,
             },
         },
