@@ -44,7 +44,7 @@ def test_memory_document_and_one_share_document_per_agent() -> None:
     ev = _event(memory=pb.MemoryReport(size=300, capacity=1000, inserted=500, sampled=64, rejected=1,
                                        bytes_used=4096, per_agent_steps={2: 100, 0: 200}, wall_seconds=5.0,
                                        insert_rate=12.5, dropped_chunks=3, skipped_chunks=2, outage_seconds=1.5,
-                                       replication_lag_p99_ms=42.0))
+                                       replication_lag_p99_ms=42.0, write_errors=4))
     docs = documents(ev)
     assert [(index, doc_id) for index, doc_id, _ in docs] == [
         ("borg-memory", "pong/agent-3/abcd1234:7"), (SHARES_INDEX, "pong/agent-3/abcd1234:7:0"),
@@ -52,7 +52,7 @@ def test_memory_document_and_one_share_document_per_agent() -> None:
     assert docs[0][2] == {**COMMON, "kind": "memory", "size": 300, "capacity": 1000, "inserted": 500, "sampled": 64,
                           "rejected": 1, "bytes_used": 4096, "fill": 0.3, "insert_rate": 12.5, "wall_seconds": 5.0,
                           "dropped_chunks": 3, "skipped_chunks": 2, "outage_seconds": 1.5,
-                          "replication_lag_p99_ms": 42.0}
+                          "replication_lag_p99_ms": 42.0, "write_errors": 4}
     assert docs[1][2] == {**COMMON, "kind": "memory", "agent": 0, "steps": 200, "share": 200 / 300}
     empty = documents(_event(memory=pb.MemoryReport(per_agent_steps={1: 0})))
     assert "fill" not in empty[0][2] and "share" not in empty[1][2]

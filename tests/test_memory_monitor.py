@@ -295,12 +295,12 @@ def test_a_reading_formats_as_key_value_pairs() -> None:
                             inserted=3, sampled=0, rejected=1, insert_rate=1.5, sample_rate=None, used_memory=10,
                             maxmemory=0, chunk_bytes=30, bytes_per_step=10.0, per_agent={1: 2, 0: 1},
                             per_agent_share={1: 2 / 3, 0: 1 / 3}, links=2, catching_up=1, dropped_chunks=4,
-                            skipped_chunks=5, outage_s=1.25, lag_p99_ms=None)  # fmt: skip
+                            write_errors=6, skipped_chunks=5, outage_s=1.25, lag_p99_ms=None)  # fmt: skip
     line = format_reading(reading)
     assert line.startswith("name=hive size=3 capacity=8 fill=0.3750 chunks=1 inserted=3 sampled=0 rejected=1 ")
     assert "insert_rate=1.5 sample_rate=- " in line
     assert line.endswith("per_agent=0:1,1:2 share=0:0.3333,1:0.6667 links=2 catching_up=1 dropped_chunks=4 "
-                         "skipped_chunks=5 outage_s=1.2 lag_p99_ms=-")
+                         "write_errors=6 skipped_chunks=5 outage_s=1.2 lag_p99_ms=-")
 
 
 def test_the_cli_refuses_bad_input_in_one_line(

@@ -34,16 +34,17 @@ def test_fill_matches_the_memory_s_own_stats(redis_server: RedisServer) -> None:
         # The agents' links report what they lost on the way: the status sums it up.
         now = time.time()
         client.hset(f"borg:{{{name}}}:links", mapping={
-            "pong-agents-a": json.dumps({"dropped_chunks": 3, "skipped_chunks": 1, "away_s": 4.5, "caught_up": True,
-                                         "time": now}),
+            "pong-agents-a": json.dumps({"dropped_chunks": 3, "skipped_chunks": 1, "write_errors": 2, "away_s": 4.5,
+                                         "caught_up": True, "time": now}),
             "pong-agents-b": json.dumps({"dropped_chunks": 2, "skipped_chunks": 0, "away_s": 2.0, "caught_up": False,
                                          "time": now}),
             # A pod that is gone: what it lost still counts, but it is no live agent (nor one catching up).
-            "pong-agents-gone": json.dumps({"dropped_chunks": 10, "caught_up": False, "time": now - 600})})
+            "pong-agents-gone": json.dumps({"dropped_chunks": 10, "write_errors": "hostile", "caught_up": False,
+                                            "time": now - 600})})
         fill = fetch_fill("127.0.0.1", redis_server.port, None, redis_server.password, name, 1.0)
         assert fill.fill == 24 / 64
         assert (fill.links.links, fill.links.catching_up, fill.links.dropped_chunks, fill.links.skipped_chunks,
-                fill.links.outage_s) == (2, 1, 15, 1, 4.5)
+                fill.links.outage_s, fill.links.write_errors) == (2, 1, 15, 1, 4.5, 2)
     finally:
         memory._r.close()
         client.close()

@@ -71,13 +71,18 @@ def conditions(status: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def test_what_the_agents_lost_on_the_way_to_the_log_is_in_the_status_and_the_memory_condition() -> None:
-    links = LinkTotals(links=2, dropped_chunks=7, skipped_chunks=3, outage_s=12.34)
+    links = LinkTotals(links=2, dropped_chunks=7, write_errors=2, skipped_chunks=3, outage_s=12.34)
     status = compute_status(Collective.from_body(body()), healthy(memory_fill=0.5, memory_links=links), T0)
-    assert status["memory"] == {"fill": "50%", "droppedChunks": 7, "skippedChunks": 3, "outageSeconds": 12.3}
+    assert status["memory"] == {"fill": "50%", "droppedChunks": 7, "writeErrors": 2, "skippedChunks": 3,
+                                "outageSeconds": 12.3}
     assert conditions(status)["MemoryReady"]["message"].endswith(
-        "50% full; agents dropped 7 chunks, tails skipped 3")
+        "50% full; agents dropped 7 chunks, Redis refused 2 appends, tails skipped 3")
+    refused = LinkTotals(links=2, write_errors=1)
+    status = compute_status(Collective.from_body(body()), healthy(memory_fill=0.5, memory_links=refused), T0)
+    assert "Redis refused 1 appends" in conditions(status)["MemoryReady"]["message"]
     quiet = compute_status(Collective.from_body(body()), healthy(memory_fill=0.5, memory_links=LinkTotals()), T0)
-    assert quiet["memory"] == {"fill": "50%", "droppedChunks": 0, "skippedChunks": 0, "outageSeconds": 0.0}
+    assert quiet["memory"] == {"fill": "50%", "droppedChunks": 0, "writeErrors": 0, "skippedChunks": 0,
+                               "outageSeconds": 0.0}
     assert conditions(quiet)["MemoryReady"]["message"].endswith("50% full")
 
 

@@ -261,7 +261,7 @@ def run_agent(
                 memory_before = (now, stats.inserted, stats.sampled)
                 if link is not None:
                     mem.dropped_chunks, mem.skipped_chunks = link.dropped_chunks, link.skipped_chunks
-                    mem.outage_seconds = link.away_s
+                    mem.outage_seconds, mem.write_errors = link.away_s, link.write_errors
                     if link.lag_p99_ms is not None:
                         mem.replication_lag_p99_ms = link.lag_p99_ms
                 telemetry.emit(mem)

@@ -51,8 +51,8 @@ _TRAINING: dict[str, str] = {
 _MEMORY: dict[str, str] = {
     "size": "long", "capacity": "long", "inserted": "long", "sampled": "long", "rejected": "long",
     "bytes_used": "long", "fill": "double", "insert_rate": "double", "sample_rate": "double",
-    "wall_seconds": "double", "dropped_chunks": "long", "skipped_chunks": "long", "outage_seconds": "double",
-    "replication_lag_p99_ms": "double",
+    "wall_seconds": "double", "dropped_chunks": "long", "write_errors": "long", "skipped_chunks": "long",
+    "outage_seconds": "double", "replication_lag_p99_ms": "double",
 }
 _SHARES: dict[str, str] = {"agent": "integer", "steps": "long", "share": "double"}
 _DROPS: dict[str, str] = {"dropped_events": "long", "first_dropped_seq": "long", "last_dropped_seq": "long"}
@@ -144,7 +144,8 @@ def documents(event: pb.TelemetryEvent) -> list[Document]:
     elif kind == "memory":
         m = event.memory
         body.update(size=m.size, capacity=m.capacity, inserted=m.inserted, sampled=m.sampled, rejected=m.rejected,
-                    bytes_used=m.bytes_used, dropped_chunks=m.dropped_chunks, skipped_chunks=m.skipped_chunks)
+                    bytes_used=m.bytes_used, dropped_chunks=m.dropped_chunks, skipped_chunks=m.skipped_chunks,
+                    write_errors=m.write_errors)
         _put(body, "outage_seconds", m.outage_seconds)
         if m.capacity > 0:
             body["fill"] = m.size / m.capacity

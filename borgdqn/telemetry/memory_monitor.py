@@ -81,6 +81,7 @@ class MemoryReading:
     links: int = 0  # agents whose link reported
     catching_up: int = 0  # of them, replicas still loading the log
     dropped_chunks: int = 0  # own chunks the agents dropped while Redis was away (sum)
+    write_errors: int = 0  # appends Redis refused (e.g. OOM under maxmemory), their chunks lost (sum)
     skipped_chunks: int = 0  # log entries trimmed before a tail read them (sum over tails)
     outage_s: float = 0.0  # the longest time any agent spent without Redis
     lag_p99_ms: float | None = None  # the worst agent's write-to-replica lag, 99th percentile
@@ -113,7 +114,8 @@ def format_reading(reading: MemoryReading) -> str:
         f"used_memory={reading.used_memory}", f"maxmemory={reading.maxmemory}",
         f"chunk_bytes={reading.chunk_bytes}", f"bytes_per_step={reading.bytes_per_step:.1f}",
         f"per_agent={agents}", f"share={shares}", f"links={reading.links}", f"catching_up={reading.catching_up}",
-        f"dropped_chunks={reading.dropped_chunks}", f"skipped_chunks={reading.skipped_chunks}",
+        f"dropped_chunks={reading.dropped_chunks}", f"write_errors={reading.write_errors}",
+        f"skipped_chunks={reading.skipped_chunks}",
         f"outage_s={reading.outage_s:.1f}", f"lag_p99_ms={_number(reading.lag_p99_ms, 1)}",
     ])  # fmt: skip
 
@@ -140,7 +142,7 @@ def memory_report(reading: MemoryReading, wall_seconds: float) -> Any:
         size=reading.size, capacity=reading.capacity, inserted=reading.inserted, sampled=reading.sampled,
         rejected=reading.rejected, bytes_used=reading.used_memory, per_agent_steps=reading.per_agent,
         wall_seconds=wall_seconds, dropped_chunks=reading.dropped_chunks, skipped_chunks=reading.skipped_chunks,
-        outage_seconds=reading.outage_s,
+        outage_seconds=reading.outage_s, write_errors=reading.write_errors,
     )  # fmt: skip
     if reading.lag_p99_ms is not None:
         report.replication_lag_p99_ms = reading.lag_p99_ms
@@ -261,7 +263,8 @@ class MemoryMonitor:
             per_agent=state.per_agent,
             per_agent_share={a: n / size for a, n in state.per_agent.items()} if size else {},
             links=links.links, catching_up=links.catching_up, dropped_chunks=links.dropped_chunks,
-            skipped_chunks=links.skipped_chunks, outage_s=links.outage_s, lag_p99_ms=links.lag_p99_ms,
+            write_errors=links.write_errors, skipped_chunks=links.skipped_chunks, outage_s=links.outage_s,
+            lag_p99_ms=links.lag_p99_ms,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the loop

@@ -497,6 +497,8 @@ def status_schema() -> Schema:
                     "fill": string("how full the memory is, e.g. 37%"),
                     "droppedChunks": integer("own chunks the agents dropped while Redis was away (their outboxes "
                                              "were full)"),
+                    "writeErrors": integer("appends of the agents' chunks that Redis refused (e.g. OOM under its "
+                                           "maxmemory); those chunks are lost"),
                     "skippedChunks": integer("log entries the agents' tails skipped (trimmed before they read them)"),
                     "outageSeconds": {"type": "number",
                                       "description": "the longest time any agent has spent without Redis"},

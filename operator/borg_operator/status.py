@@ -6,7 +6,7 @@ and memory StatefulSets, Kafka, ECK's Elasticsearch and Kibana, the indexer, age
 could not place, APIs the spec needs that the cluster does not serve) into the status the CRD declares:
 
     observedGeneration, phase, conditions[Ready, AgentsReady, MemoryReady, KafkaReady, ElasticReady],
-    agents{replicas, ready, selector}, gpus, memory{fill, droppedChunks, skippedChunks, outageSeconds}
+    agents{replicas, ready, selector}, gpus, memory{fill, droppedChunks, writeErrors, skippedChunks, outageSeconds}
 
 Conditions follow the Kubernetes convention (type/status/reason/message/lastTransitionTime, as Strimzi and ECK
 write them): `lastTransitionTime` moves only when a condition's status does. `status_patch` says what to write,
@@ -225,9 +225,11 @@ def memory_condition(memory: Mapping[str, Any] | None, fill: float | None,
     if fill is None:
         return condition
     message = f"{condition.message}, {fill:.0%} full"
-    if links is not None and (links.dropped_chunks or links.skipped_chunks):
-        # Experience lost on the way (agents' outboxes overflowed while Redis was away, tails fell behind the log).
-        message += f"; agents dropped {links.dropped_chunks} chunks, tails skipped {links.skipped_chunks}"
+    if links is not None and (links.dropped_chunks or links.skipped_chunks or links.write_errors):
+        # Experience lost on the way (agents' outboxes overflowed while Redis was away, Redis refused appends,
+        # tails fell behind the log).
+        message += (f"; agents dropped {links.dropped_chunks} chunks, Redis refused {links.write_errors} appends, "
+                    f"tails skipped {links.skipped_chunks}")
     return Condition(condition.type, condition.status, condition.reason, message)
 
 
@@ -381,7 +383,8 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
         status["memory"] = {"fill": f"{observed.memory_fill:.0%}"}
         if observed.memory_links is not None:
             links = observed.memory_links
-            status["memory"].update(droppedChunks=links.dropped_chunks, skippedChunks=links.skipped_chunks,
+            status["memory"].update(droppedChunks=links.dropped_chunks, writeErrors=links.write_errors,
+                                    skippedChunks=links.skipped_chunks,
                                     outageSeconds=round(links.outage_s, 1))
     return status
 

@@ -139,6 +139,7 @@ class LinkTotals:
     sampled: int = 0  # transitions or sequences sampled from the replicas (sum)
     bad_chunks: int = 0  # log entries that did not decode (the most any tail counted: each tail sees them all)
     dropped_chunks: int = 0  # own chunks dropped while Redis was away (sum)
+    write_errors: int = 0  # appends Redis refused (e.g. OOM under maxmemory): their chunks are lost (sum)
     skipped_chunks: int = 0  # entries trimmed before a tail read them (sum over tails)
     outage_s: float = 0.0  # the longest time any agent spent without Redis
     lag_p99_ms: float | None = None  # the worst agent's write-to-replica lag, 99th percentile
@@ -160,6 +161,7 @@ class LinkTotals:
         lags = [_amount(r.get("lag_p99_ms")) for r in live if r.get("lag_p99_ms") is not None]
         return cls(links=len(live), catching_up=sum(1 for r in live if r.get("caught_up") is False),
                    sampled=total("sampled"), bad_chunks=int(most("bad_chunks")), dropped_chunks=total("dropped_chunks"),
+                   write_errors=total("write_errors"),
                    skipped_chunks=total("skipped_chunks"), outage_s=most("away_s"),
                    lag_p99_ms=max(lags) if lags else None)
 

@@ -71,7 +71,7 @@ class TrainingReport(_message.Message):
     def __init__(self, agent: _Optional[int] = ..., env_steps: _Optional[int] = ..., updates: _Optional[int] = ..., loss: _Optional[float] = ..., mean_q: _Optional[float] = ..., learning_rate: _Optional[float] = ..., updates_per_s: _Optional[float] = ..., env_steps_per_s: _Optional[float] = ..., replay_sample_age: _Optional[float] = ..., epsilon: _Optional[float] = ..., mean_return: _Optional[float] = ..., best_mean_return: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
-    __slots__ = ("size", "capacity", "inserted", "sampled", "rejected", "insert_rate", "sample_rate", "bytes_used", "per_agent_steps", "wall_seconds", "dropped_chunks", "skipped_chunks", "outage_seconds", "replication_lag_p99_ms")
+    __slots__ = ("size", "capacity", "inserted", "sampled", "rejected", "insert_rate", "sample_rate", "bytes_used", "per_agent_steps", "wall_seconds", "dropped_chunks", "skipped_chunks", "outage_seconds", "replication_lag_p99_ms", "write_errors")
     class PerAgentStepsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class MemoryReport(_message.Message):
     SKIPPED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     OUTAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_LAG_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     size: int
     capacity: int
     inserted: int
@@ -107,7 +108,8 @@ class MemoryReport(_message.Message):
     skipped_chunks: int
     outage_seconds: float
     replication_lag_p99_ms: float
-    def __init__(self, size: _Optional[int] = ..., capacity: _Optional[int] = ..., inserted: _Optional[int] = ..., sampled: _Optional[int] = ..., rejected: _Optional[int] = ..., insert_rate: _Optional[float] = ..., sample_rate: _Optional[float] = ..., bytes_used: _Optional[int] = ..., per_agent_steps: _Optional[_Mapping[int, int]] = ..., wall_seconds: _Optional[float] = ..., dropped_chunks: _Optional[int] = ..., skipped_chunks: _Optional[int] = ..., outage_seconds: _Optional[float] = ..., replication_lag_p99_ms: _Optional[float] = ...) -> None: ...
+    write_errors: int
+    def __init__(self, size: _Optional[int] = ..., capacity: _Optional[int] = ..., inserted: _Optional[int] = ..., sampled: _Optional[int] = ..., rejected: _Optional[int] = ..., insert_rate: _Optional[float] = ..., sample_rate: _Optional[float] = ..., bytes_used: _Optional[int] = ..., per_agent_steps: _Optional[_Mapping[int, int]] = ..., wall_seconds: _Optional[float] = ..., dropped_chunks: _Optional[int] = ..., skipped_chunks: _Optional[int] = ..., outage_seconds: _Optional[float] = ..., replication_lag_p99_ms: _Optional[float] = ..., write_errors: _Optional[int] = ...) -> None: ...
 
 class DropReport(_message.Message):
     __slots__ = ("dropped_events", "first_dropped_seq", "last_dropped_seq")
