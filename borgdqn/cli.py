@@ -17,7 +17,7 @@ from typing import Any
 from borgdqn import __version__
 from borgdqn.bad_input import EXIT_BAD_INPUT, OneLineParser
 from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override, read_yaml
-from borgdqn.memory.redis.client import RefusedAccess
+from borgdqn.memory.redis.client import RefusedAccess, UntrustedServer
 
 EXIT_FAILED = 1
 
@@ -102,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      "BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD)")
     exp.add_argument("--name", help="with --memory: the collective's name (its replay.redis_name)")
     exp.add_argument("--agent", type=int, help="export this agent instead of the best one")
+    exp.add_argument("--ca-file", type=Path, metavar="PEM",
+                     help="with a rediss:// --memory: the CA certificate that signed the memory's (the collective's "
+                          "Secret NAME-memory-tls, key ca.crt)")
     exp.add_argument("--out", type=Path, required=True, help="directory to write (created if missing)")
 
     plot = sub.add_parser("plot", help="write PNG learning curves of one or more runs")
@@ -139,6 +142,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between readings (10)")
     mon.add_argument("--once", action="store_true", help="one reading, then exit (1 if none can be made)")
     mon.add_argument("--password-file", type=Path, metavar="PATH", help="read the password from this file")
+    mon.add_argument("--ca-file", type=Path, metavar="PEM",
+                     help="with a rediss:// --memory: the CA certificate that signed the memory's")
     mon.add_argument("--kafka", metavar="HOST:PORT",
                      help="also send each reading to this Kafka as a MemoryReport event (HOST:PORT[,HOST:PORT])")
     mon.add_argument("--collective", metavar="NAME",
@@ -246,7 +251,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.memory is not None:
         if not args.name:
             raise ConfigError("export: --memory needs --name, the collective's name")
-        data, source = _from_model_store(args.memory, args.name, args.agent)
+        data, source = _from_model_store(args.memory, args.name, args.agent, args.ca_file)
         config, state = parse_checkpoint(data, source)
     else:
         path = pick_checkpoint(args.run, args.agent)
@@ -263,12 +268,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_model_store(url: str, name: str, agent: int | None) -> tuple[bytes, str]:
+def _from_model_store(url: str, name: str, agent: int | None, ca_file: Path | None) -> tuple[bytes, str]:
     """(checkpoint bytes, where they came from) of ``agent`` (None: the best) in collective ``name``'s model store."""
     from borgdqn.memory.redis.client import connect, safe_address, with_credentials
     from borgdqn.memory.redis.model_store import RedisModelStore
 
-    store = RedisModelStore(connect(with_credentials(url)), name, 1)
+    store = RedisModelStore(connect(with_credentials(url), ca_file=ca_file), name, 1)
     try:
         if agent is None:
             best = store.best()
@@ -332,7 +337,7 @@ def _cmd_memory_monitor(args: argparse.Namespace) -> int:
 
     try:
         return serve(args.memory, args.name, interval_s=args.interval, once=args.once,
-                     password_file=args.password_file, kafka=args.kafka or "",
+                     password_file=args.password_file, ca_file=args.ca_file, kafka=args.kafka or "",
                      collective=args.collective or "")  # fmt: skip
     except MonitorError as err:
         print(f"borgdqn: failed: {err}", file=sys.stderr)
@@ -367,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return commands[args.command](args)
-    except (ConfigError, RefusedAccess) as err:  # a refused password is bad input, not an outage
+    except (ConfigError, RefusedAccess, UntrustedServer) as err:  # bad input, not an outage
         print(f"borgdqn: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ValueError, FileNotFoundError) as err:

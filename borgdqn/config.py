@@ -208,8 +208,12 @@ class ReplayConfig(_Strict):
     )
     redis_url: str = Field(
         default="",
-        description="redis://HOST:PORT/DB of the Redis memory; its user and password come from BORG_REDIS_USERNAME "
-        "and BORG_REDIS_PASSWORD",
+        description="redis://HOST:PORT/DB of the Redis memory (rediss:// over TLS); its user and password come from "
+        "BORG_REDIS_USERNAME and BORG_REDIS_PASSWORD",
+    )
+    redis_ca_file: Path | None = Field(
+        default=None,
+        description="with a rediss:// URL: the CA certificate (PEM) that signed the memory's (unset: the system's CAs)",
     )
     redis_name: str = Field(
         default="hive", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="the memory's name (key prefix) on that Redis"
@@ -354,6 +358,8 @@ class BorgConfig(_Strict):
             url = urlsplit(self.replay.redis_url)
             if url.scheme not in ("redis", "rediss") or not url.hostname:
                 raise ValueError("replay.redis_url must be redis://HOST:PORT/DB when replay.backend is redis")
+            if self.replay.redis_ca_file is not None and url.scheme != "rediss":
+                raise ValueError("replay.redis_ca_file needs a rediss:// replay.redis_url (TLS)")
             if url.password or url.username:
                 raise ValueError(
                     "replay.redis_url: give the password in BORG_REDIS_PASSWORD, not in the URL "

@@ -28,7 +28,14 @@ from borgdqn.config import BorgConfig, ConfigError, agent_config, dump_config
 from borgdqn.live_view import HiveView, LogHiveView, RichHiveView
 from borgdqn.memory.hive_limits import MAX_REPLICA_STREAMS
 from borgdqn.memory.protocol import ReplayMemory
-from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, RefusedAccess, connect, with_credentials
+from borgdqn.memory.redis.client import (
+    REDIS_PASSWORD_ENV,
+    REDIS_USERNAME_ENV,
+    RefusedAccess,
+    UntrustedServer,
+    connect,
+    with_credentials,
+)
 from borgdqn.memory.redis.keys import LogShape
 from borgdqn.memory.redis.link import LinkSettings, RedisLink
 from borgdqn.memory.redis.model_store import RedisModelStore
@@ -167,9 +174,11 @@ def log_shape(config: BorgConfig, spec: EnvSpec) -> LogShape:
 def connect_redis(config: BorgConfig) -> Any:
     """A client of ``replay.redis_url`` as BORG_REDIS_USERNAME with BORG_REDIS_PASSWORD (never from a URL)."""
     try:
-        return connect(with_credentials(config.replay.redis_url))
+        return connect(with_credentials(config.replay.redis_url), ca_file=config.replay.redis_ca_file)
     except RefusedAccess as err:  # bad input, not an outage: never retried
         raise ConfigError(f"{err} (check {REDIS_USERNAME_ENV} and {REDIS_PASSWORD_ENV})") from None
+    except UntrustedServer as err:
+        raise ConfigError(f"{err} (check replay.redis_ca_file)") from None
 
 
 def check_redis_log(config: BorgConfig, spec: EnvSpec) -> None:

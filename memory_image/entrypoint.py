@@ -25,6 +25,8 @@ Environment (defaults in brackets; docs/memory-image.md has the full story):
     BORG_REDIS_USERS_DIR        the users' passwords, one file each (the collective's Secret mounted) [unset]
     BORG_MEMORY_NAME            with BORG_REDIS_USERS_DIR: the memory's name (replay.redis_name), whose keys
                                 the agents and the monitor may touch
+    BORG_REDIS_TLS_DIR          ca.crt, tls.crt, tls.key (the collective's TLS Secret, mounted): the port speaks
+                                TLS only, with that certificate [unset: plaintext]
     BORG_REDIS_PASSWORD_FILE    without users: the Secret mounted as a file [/var/run/secrets/borg/redis-password]
     BORG_REDIS_PASSWORD         without users: the password itself, used when no password file exists
     BORG_REDIS_BIND [* -::*]  BORG_REDIS_PORT [6379]  BORG_REDIS_DATA_DIR [/data]
@@ -75,6 +77,7 @@ class Rendered:
     maxmemory: int
     sizing: MemorySizing | None  # None when BORG_MEMORY_MAXMEMORY overrides the computation
     password_from: str  # where the passwords came from (a path or the variable's name), for the log
+    tls: bool  # the port speaks TLS only
 
 
 def quote(value: str) -> str:
@@ -160,6 +163,27 @@ def _check_printable(password: str, source: str) -> None:
         )
 
 
+TLS_FILES = ("ca.crt", "tls.crt", "tls.key")  # the Secret's keys (borg_operator.tls)
+
+
+def listen_config(environ: Mapping[str, str], port: int) -> str:
+    """The port lines: plaintext ``port``, or with BORG_REDIS_TLS_DIR a TLS-only port with its certificate."""
+    raw = environ.get("BORG_REDIS_TLS_DIR", "").strip()
+    if not raw:
+        return f"port {port}"
+    directory = Path(raw)
+    for name in TLS_FILES:
+        path = directory / name
+        if not os.access(path, os.R_OK):
+            raise BadSetting(f"BORG_REDIS_TLS_DIR: cannot read {path} (the TLS Secret's key {name!r})")
+    ca, cert, key = (quote(str(directory / name)) for name in TLS_FILES)
+    # Clients prove who they are with their user's password, not a certificate (tls-auth-clients no).
+    return "\n".join([
+        "port 0", f"tls-port {port}", f"tls-cert-file {cert}", f"tls-key-file {key}", f"tls-ca-cert-file {ca}",
+        "tls-auth-clients no", 'tls-protocols "TLSv1.2 TLSv1.3"', "tls-prefer-server-ciphers yes",
+    ])  # fmt: skip
+
+
 def users_config(environ: Mapping[str, str]) -> tuple[str, str] | None:
     """(the users' redis.conf lines, where their passwords came from), or None without BORG_REDIS_USERS_DIR."""
     raw = environ.get("BORG_REDIS_USERS_DIR", "").strip()
@@ -217,7 +241,7 @@ def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
         access = f"\n# --- the memory's users (borgdqn/memory/redis/acl.py), passwords from {source} hashed\n{lines}"
     try:
         text = string.Template(template.read_text()).substitute(
-            bind=bind, port=port, data_dir=quote(str(data_dir)), maxmemory=maxmemory
+            bind=bind, listen=listen_config(environ, port), data_dir=quote(str(data_dir)), maxmemory=maxmemory
         )
     except OSError as err:
         raise BadSetting(f"cannot read the config template {template}: {err.strerror or err}") from None
@@ -234,7 +258,7 @@ def render(environ: Mapping[str, str], template: Path, out: Path) -> Rendered:
         _write_private(out, text)
     except OSError as err:
         raise BadSetting(f"cannot write {err.filename or out}: {err.strerror or err}") from None
-    return Rendered(path=out, maxmemory=maxmemory, sizing=sizing, password_from=source)
+    return Rendered(path=out, maxmemory=maxmemory, sizing=sizing, password_from=source, tls="tls-port" in text)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -285,11 +309,12 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         f"model_store_bytes={sizing.model_store_bytes}"
     )
     log.info(
-        "memory image: config=%s maxmemory=%d (%s) password_from=%s",
+        "memory image: config=%s maxmemory=%d (%s) password_from=%s tls=%s",
         rendered.path,
         rendered.maxmemory,
         how,
         rendered.password_from,
+        "on" if rendered.tls else "off",
     )
     child_env = {k: v for k, v in environ.items() if k != PASSWORD_ENV}
     sys.stderr.flush()

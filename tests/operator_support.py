@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from borg_operator import names
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.spec import parse_spec
+from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
 from borgdqn.memory.redis.acl import USERS
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds
@@ -48,7 +49,8 @@ def collective(name: str, namespace: str, spec: dict[str, Any] | None = None,
 def expected_children(name: str, namespace: str, spec: dict[str, Any] | None = None) -> set[tuple[str, str]]:
     """(kind, name) of everything the builders render for this spec (the password does not change the set)."""
     passwords = {user.secret_key: "unused" for user in USERS}
-    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords)
+    tls = {key: "unused" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
+    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords, memory_tls=tls)
     return {(child["kind"], child["metadata"]["name"]) for child in rendered}
 
 

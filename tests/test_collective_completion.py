@@ -52,7 +52,7 @@ def reconciler(cluster: KubeCluster, redis_server: RedisServer) -> Iterator[Reco
     from kubernetes.dynamic import DynamicClient
 
     def fetch(host: str, port: int, username: str | None, password: str | None, name: str,
-              timeout_s: float) -> MemoryFill:
+              timeout_s: float, ca: str | None) -> MemoryFill:
         return fetch_fill("127.0.0.1", redis_server.port, None, redis_server.password, name, timeout_s)
 
     fills = FillReader(timeout_s=5.0, quiet_s=0.0, fetch=fetch)

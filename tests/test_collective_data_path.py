@@ -9,7 +9,9 @@ emptyDirs go in through borgdqn's documented ``BORG_SECTION__FIELD`` overrides (
 indexer, by replacing just those argument values); the Redis passwords come from the rendered Secret, as its
 secretKeyRef and its volume would deliver them. The memory is the memory pod's Redis container as its image runs
 it: the image's entrypoint with the container's env and args, its users (agent, monitor, admin) rendered from the
-Secret's files, execing this machine's redis-server (the Debian build the image installs).
+Secret's files, its port TLS only with the certificate the operator makes (``borg_operator.tls``), execing this
+machine's redis-server (the Debian build the image installs); every client verifies it with the CA from its own
+pod's Secret volume.
 
 Proven: both members finish their budgets, logged in as the memory's least-privileged agent user (any command its
 ACL lacks would fail them); the monitor reads as the read-only monitor user; the shared Redis memory holds each
@@ -45,6 +47,7 @@ from borg_operator import names
 from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
+from borg_operator.tls import make_memory_tls
 from borgdqn.config import BorgConfig
 from borgdqn.memory.redis.acl import MONITOR, USERS
 from borgdqn.memory.redis.model_store import RedisModelStore, read_finished
@@ -85,7 +88,7 @@ SPEC: dict[str, Any] = {
     "elastic": {"mode": "eck", "count": 1},
 }  # fmt: skip
 # The keys a cluster's addresses and volumes decide; every other key of the agents' config is the ConfigMap's.
-CLUSTER_KEYS = {"replay.redis_url", "telemetry.kafka", "hive.out"}
+CLUSTER_KEYS = {"replay.redis_url", "replay.redis_ca_file", "telemetry.kafka", "hive.out"}
 CONSOLE_SCRIPT = Path(sys.executable).with_name("borgdqn")  # what `borgdqn` is in the images: the console script
 ENTRYPOINT = Path(__file__).resolve().parents[1] / "memory_image" / "entrypoint.py"  # the memory image's
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -199,27 +202,46 @@ class Processes:
             self.stop(name)
 
 
+def secret_mounts(children: Mapping[tuple[str, str], dict[str, Any]], kind: str, name: str, container_name: str,
+                  secrets: Mapping[tuple[str, str], str], where: Path) -> dict[str, Path]:
+    """The container's Secret volumes as the kubelet mounts them, a directory of files each: mountPath -> dir."""
+    pod = children[(kind, name)]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    out = {}
+    for mount in container(children, kind, name, container_name)["volumeMounts"]:
+        if mount["name"] in volumes:
+            volume, local = volumes[mount["name"]], where / f"{container_name}-{mount['name']}"
+            local.mkdir(parents=True)
+            for item in volume["items"]:
+                (local / item["path"]).write_text(secrets[(volume["secretName"], item["key"])])
+            out[mount["mountPath"]] = local
+    return out
+
+
+def moved(value: str, mounts: Mapping[str, Path]) -> str:
+    """``value`` with a mount path in it (a whole path, or a file under it) replaced by the directory standing in
+    for it."""
+    for path, local in mounts.items():
+        value = re.sub(rf"{re.escape(path)}(?=/|$)", str(local).replace("\\", "\\\\"), value)
+    return value
+
+
 def start_memory(children: Mapping[tuple[str, str], dict[str, Any]], cr: str, secrets: Mapping[tuple[str, str], str],
                  processes: Processes, install: RedisInstall, where: Path) -> redis.Redis:
-    """The memory pod's redis container, started as its image starts it; a client of it as the monitor user.
-    What moves: the Secret volume's mount (a directory of its files), the port, the data and config dirs."""
+    """The memory pod's redis container, started as its image starts it; a client of it as the monitor user over
+    TLS. What moves: the Secret volumes' mounts (a directory of their files
+    each), the port, the data and config dirs."""
     redis_container = container(children, "StatefulSet", f"{cr}-memory", "redis")
-    sts = children[("StatefulSet", f"{cr}-memory")]["spec"]["template"]["spec"]
-    env = pod_env(redis_container, {}, secrets)
-    mount = next(m for m in redis_container["volumeMounts"] if m["mountPath"] == env["BORG_REDIS_USERS_DIR"])
-    volume = next(v["secret"] for v in sts["volumes"] if v["name"] == mount["name"])
-    users_dir = where / "memory-secret"
-    users_dir.mkdir()
-    for item in volume["items"]:
-        (users_dir / item["path"]).write_text(secrets[(volume["secretName"], item["key"])])
+    mounts = secret_mounts(children, "StatefulSet", f"{cr}-memory", "redis", secrets, where)
+    env = {name: moved(value, mounts) for name, value in pod_env(redis_container, {}, secrets).items()}
     port = free_port()
-    env.update(BORG_REDIS_USERS_DIR=str(users_dir), BORG_REDIS_SERVER=str(install.server), BORG_REDIS_PORT=str(port),
-               BORG_REDIS_BIND="127.0.0.1", BORG_REDIS_DATA_DIR=str(where / "memory-data"),
-               BORG_REDIS_CONF=str(where / "memory-run" / "redis.conf"),
+    env.update(BORG_REDIS_SERVER=str(install.server), BORG_REDIS_PORT=str(port), BORG_REDIS_BIND="127.0.0.1",
+               BORG_REDIS_DATA_DIR=str(where / "memory-data"), BORG_REDIS_CONF=str(where / "memory-run" / "redis.conf"),
                LD_LIBRARY_PATH=install.env()["LD_LIBRARY_PATH"])  # fmt: skip
     processes.start("memory", [sys.executable, str(ENTRYPOINT), *redis_container["args"]], process_env(env))
-    client = redis.Redis(port=port, username=MONITOR.name, password=(users_dir / MONITOR.secret_key).read_text(),
-                         socket_timeout=5)
+    ca = Path(env["BORG_REDIS_TLS_DIR"]) / "ca.crt"
+    client = redis.Redis(port=port, username=MONITOR.name, socket_timeout=5, ssl=True, ssl_ca_certs=str(ca),
+                         password=(Path(env["BORG_REDIS_USERS_DIR"]) / MONITOR.secret_key).read_text())
 
     def answers() -> bool:
         processes.alive("memory")
@@ -228,7 +250,7 @@ def start_memory(children: Mapping[tuple[str, str], dict[str, Any]], cr: str, se
         except redis.ConnectionError:
             return False
 
-    eventually(answers, "the memory's Redis answering its monitor user", 30, 0.1)
+    eventually(answers, "the memory's Redis answering its monitor user over TLS", 30, 0.1)
     return client
 
 
@@ -265,7 +287,8 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         processes: Processes) -> None:  # fmt: skip
     cr = f"dp-{uuid.uuid4().hex[:6]}"  # the collective's name: its memory's name and its telemetry's collective
     passwords = {user.secret_key: f"{user.name}-{uuid.uuid4().hex}" for user in USERS}
-    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords))
+    tls = make_memory_tls(cr, NAMESPACE)
+    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords, memory_tls=tls))
     config_text = children[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY]
     rendered = yaml.safe_load(config_text)
     config_file = tmp_path / CONFIG_KEY
@@ -276,17 +299,15 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     secrets = secret_values(children)
     kafka = kafka_server.bootstrap
     memory = start_memory(children, cr, secrets, processes, redis_install, tmp_path)
-    memory_url = f"redis://127.0.0.1:{memory.connection_pool.connection_kwargs['port']}/0"
+    memory_url = f"rediss://127.0.0.1:{memory.connection_pool.connection_kwargs['port']}/0"
 
-    # The memory pod's monitor sidecar: its Redis is on the pod's loopback (here: the memory's port), its
-    # password the Secret's file.
+    # The memory pod's monitor sidecar: its Redis is on the pod's loopback (here: the memory's port, over TLS),
+    # its password and the memory's CA the Secrets' files.
     monitor = container(children, "StatefulSet", f"{cr}-memory", "monitor")
-    password_file = tmp_path / MONITOR.secret_key
-    password_file.write_text(secrets[(names.redis_secret(cr), MONITOR.secret_key)])  # the Secret volume's file
-    monitor_args = argv(monitor, {})
-    assert monitor_args[monitor_args.index("--memory") + 1] == "redis://127.0.0.1:6379/0"
+    monitor_mounts = secret_mounts(children, "StatefulSet", f"{cr}-memory", "monitor", secrets, tmp_path)
+    monitor_args = [moved(arg, monitor_mounts) for arg in argv(monitor, {})]
+    assert monitor_args[monitor_args.index("--memory") + 1] == "rediss://127.0.0.1:6379/0"
     monitor_args = replace_value(monitor_args, "--memory", memory_url)
-    monitor_args = replace_value(monitor_args, "--password-file", str(password_file))
     monitor_args = replace_value(monitor_args, "--kafka", kafka)
     assert monitor_args[monitor_args.index("--name") + 1] == cr
     processes.start("monitor", monitor_args, process_env(pod_env(monitor, {}, secrets)))
@@ -316,8 +337,12 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
                       secrets)  # fmt: skip
         assert env["BORG_REDIS_PASSWORD"] == passwords["agent-password"] and env["HOME"] == "/tmp"
         env["HOME"] = str(pod_dir / "tmp")  # the pod's /tmp emptyDir
-        cluster = {  # the Services' addresses and the run dir's emptyDir: nothing else is overridden
+        # The memory's CA certificate, from the agent pod's own Secret volume.
+        ca_file = moved(rendered["replay"]["redis_ca_file"],
+                        secret_mounts(children, "StatefulSet", f"{cr}-agents", "agent", secrets, pod_dir))
+        cluster = {  # the Services' addresses, the volumes' paths: nothing else is overridden
             "BORG_REPLAY__REDIS_URL": memory_url,
+            "BORG_REPLAY__REDIS_CA_FILE": ca_file,
             "BORG_TELEMETRY__KAFKA": kafka,
             "BORG_HIVE__OUT": str(pod_dir / "run"),
         }
@@ -448,7 +473,7 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     # with its env-step counter kept, and goes on with the new config.
     changed = {**SPEC, "agents": {**SPEC["agents"], "steps": 2 * STEPS,
                                   "learner": {**SPEC["agents"]["learner"], "lr": 5e-4}}}
-    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords))
+    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords, memory_tls=tls))
 
     def checksum(found: Mapping[tuple[str, str], dict[str, Any]]) -> str:
         template = found[("StatefulSet", f"{cr}-agents")]["spec"]["template"]

@@ -7,6 +7,7 @@ No Docker engine runs here, so the Dockerfile itself is checked statically (the 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -26,7 +27,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from borg_operator.tls import make_memory_tls
 from borgdqn.memory.redis.acl import ADMIN, AGENT, MONITOR, USERS, acl_config
+from borgdqn.memory.redis.client import connect
 from borgdqn.memory.redis.sizing import BASE_BYTES, PER_CHUNK_OVERHEAD, size_memory
 from tests.harness.cache import Progress
 from tests.harness.errors import HarnessError
@@ -266,6 +269,71 @@ def test_with_users_each_client_gets_least_privilege_and_redis_gets_no_password(
             password = USER_PASSWORDS[user.secret_key]
             assert password not in conf and hashlib.sha256(password.encode()).hexdigest() in conf
         assert not any(p in (server.workdir / "redis.log").read_text() for p in USER_PASSWORDS.values())
+
+
+@pytest.mark.integration
+def test_with_tls_the_port_speaks_tls_only_and_clients_verify_the_operators_certificate(
+        install: RedisInstall, tmp_path: Path) -> None:  # fmt: skip
+    tls_dir = tmp_path / "tls"  # the collective's TLS Secret, mounted, as the operator makes it
+    tls_dir.mkdir()
+    for key, text in make_memory_tls("pong", "borg").items():
+        (tls_dir / key).write_text(text)
+    ca = tls_dir / "ca.crt"
+    port = free_port()
+    env = image_env(install, tmp_path, port, BORG_REDIS_PASSWORD="s3cret-pw", BORG_REDIS_TLS_DIR=str(tls_dir))
+    proc = start_server("memory-image-tls", [sys.executable, ENTRYPOINT], tmp_path / "redis.log", env=env)
+    try:
+        def tls_client(**extra: object) -> redis.Redis:
+            return redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw", ssl=True, socket_timeout=5,
+                               retry=Retry(NoBackoff(), 0), **extra)  # type: ignore[arg-type]
+
+        verified = tls_client(ssl_ca_certs=str(ca), ssl_check_hostname=True)
+        wait_until(proc, lambda: bool(verified.ping()), "answering PING over TLS", timeout_s=30)
+        assert verified.set("k", b"v") and verified.get("k") == b"v"
+        assert "tls=on" in (tmp_path / "redis.log").read_text()
+        # No plaintext on the port: the password never crosses the network in clear.
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw", socket_timeout=5,
+                        retry=Retry(NoBackoff(), 0)).ping()
+        # A client that trusts only the system's CAs, or another collective's CA, refuses the certificate.
+        other = tmp_path / "other-ca.crt"
+        other.write_text(make_memory_tls("other", "borg")["ca.crt"])
+        for refused in (tls_client(ssl_check_hostname=True), tls_client(ssl_ca_certs=str(other))):
+            with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+                refused.ping()
+        # borgdqn's clients: the right CA connects; a wrong one is bad input in one line (exit 2), no retry loop.
+        url = f"rediss://127.0.0.1:{port}/0"
+        assert connect(url.replace("rediss://", "rediss://:s3cret-pw@"), ca_file=ca).ping()
+        wrong = subprocess.run([sys.executable, "-m", "borgdqn", "train", "--env", "CartPole-v1", "--steps", "100",
+                                "--out", str(tmp_path / "train-out"), "--no-live", "--memory", url,
+                                "--set", f"replay.redis_ca_file={other}"],
+                               env={**os.environ, "BORG_REDIS_PASSWORD": "s3cret-pw"}, capture_output=True,
+                               text=True, timeout=120, check=False)  # fmt: skip
+        last = wrong.stderr.strip().splitlines()[-1]
+        assert wrong.returncode == 2 and "TLS certificate did not verify" in last, wrong.stderr[-2000:]
+        assert last.endswith("(check replay.redis_ca_file)") and not (tmp_path / "train-out").exists()
+    finally:
+        proc.stop()
+
+
+def test_the_operators_certificate_names_the_memory_and_its_ca_signs_nothing_else() -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    material = make_memory_tls("pong", "borg")
+    assert sorted(material) == ["ca.crt", "tls.crt", "tls.key"]  # the CA's key is not kept
+    ca, cert = (x509.load_pem_x509_certificate(material[key].encode()) for key in ("ca.crt", "tls.crt"))
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
+    public = ca.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns, ips = names.get_values_for_type(x509.DNSName), [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    assert {"pong-memory", "pong-memory.borg.svc", "pong-memory.borg.svc.cluster.local",
+            "*.pong-memory-headless.borg.svc", "localhost"} <= set(dns)
+    assert ips == ["127.0.0.1", "::1"]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc > datetime.timedelta(days=4 * 365)
+    assert make_memory_tls("pong", "borg")["ca.crt"] != material["ca.crt"]  # a new CA each time
 
 
 def test_the_users_rules_refuse_a_missing_or_shared_password() -> None:

@@ -24,6 +24,7 @@ from borg_operator.builders.config import CONFIG_KEY, config_yaml
 from borg_operator.builders.kafka import cluster_id
 from borg_operator.builders.memory import build_redis_secret, redis_maxmemory
 from borg_operator.spec import SpecError, kafka_bootstrap, parse_spec, to_borg_config
+from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
 from borgdqn.config import build_config
 from borgdqn.memory.redis.acl import USERS
 from borgdqn.memory.redis.sizing import replica_bytes
@@ -38,6 +39,7 @@ EXAMPLES = {"minimal": ROOT / "examples" / "borgcollective-minimal.yaml",
 NAMESPACE = "borg"
 # A stand-in password for the golden files (the reconciler generates the real one).
 GOLDEN_PASSWORDS = {user.secret_key: f"golden-{user.secret_key}-not-a-real-secret" for user in USERS}
+GOLDEN_TLS = {key: f"golden-{key}-not-a-real-pem" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
 UPDATE = os.environ.get("BORG_UPDATE_GOLDEN") == "1"
 
 # Variants beside the examples, for what the examples leave out.
@@ -60,7 +62,7 @@ def example(which: str) -> tuple[str, dict[str, Any]]:
 
 def render(name: str, spec: dict[str, Any], namespace: str = NAMESPACE,
            passwords: Mapping[str, str] = GOLDEN_PASSWORDS) -> list[dict[str, Any]]:
-    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords)
+    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords, memory_tls=GOLDEN_TLS)
 
 
 def all_renders() -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -133,7 +135,8 @@ def test_children_come_in_the_documented_order() -> None:
     kinds = [(c["kind"], c["metadata"]["name"]) for c in render(*example("minimal"))]
     assert kinds == [
         ("ConfigMap", "pong-minimal-config"), ("Secret", "pong-minimal-redis"),
-        ("StatefulSet", "pong-minimal-memory"), ("Service", "pong-minimal-memory-headless"),
+        ("Secret", "pong-minimal-memory-tls"), ("StatefulSet", "pong-minimal-memory"),
+        ("Service", "pong-minimal-memory-headless"),
         ("Service", "pong-minimal-memory"), ("PodDisruptionBudget", "pong-minimal-memory"),
         ("StatefulSet", "pong-minimal-kafka"), ("Service", "pong-minimal-kafka-headless"),
         ("Service", "pong-minimal-kafka"),
@@ -206,8 +209,10 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
 
 def test_a_completed_collective_keeps_every_child_but_gives_its_agents_no_pods() -> None:
     name, spec = example("full")
-    running = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS)
-    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS, completed=True)
+    running = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
+                             memory_tls=GOLDEN_TLS)
+    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
+                               memory_tls=GOLDEN_TLS, completed=True)
     assert by_kind(running, "StatefulSet", "pong-agents")["spec"]["replicas"] == 8
     assert by_kind(completed, "StatefulSet", "pong-agents")["spec"]["replicas"] == 0
     # The memory, Kafka, Elasticsearch, Kibana and the rest stay for inspection, unchanged.
@@ -244,7 +249,13 @@ def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() 
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "pong-minimal-config"
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
-    assert all("emptyDir" in volumes[mount["name"]] for path, mount in mounts.items() if path != "/etc/borgdqn")
+    # The memory's CA certificate (not its key) to verify the memory's TLS certificate with.
+    assert volumes["memory-ca"]["secret"] == {"secretName": "pong-minimal-memory-tls", "defaultMode": 0o400,
+                                              "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert mounts["/var/run/secrets/borg-tls"] == {"name": "memory-ca", "mountPath": "/var/run/secrets/borg-tls",
+                                                   "readOnly": True}
+    assert all("emptyDir" in volumes[mount["name"]] for path, mount in mounts.items()
+               if path not in ("/etc/borgdqn", "/var/run/secrets/borg-tls"))
 
 
 def test_the_config_map_is_what_borgdqn_reads_and_its_checksum_rolls_the_agents(tmp_path: Path) -> None:
@@ -275,7 +286,8 @@ def test_config_yaml_carries_the_cluster_addresses() -> None:
     spec = parse_spec(VARIANTS["cpu-external"])
     config = yaml.safe_load(config_yaml("cpu-external", NAMESPACE, spec))
     assert config["replay"]["backend"] == "redis"
-    assert config["replay"]["redis_url"] == "redis://cpu-external-memory.borg.svc:6379/0"
+    assert config["replay"]["redis_url"] == "rediss://cpu-external-memory.borg.svc:6379/0"  # TLS only
+    assert config["replay"]["redis_ca_file"] == "/var/run/secrets/borg-tls/ca.crt"
     assert config["replay"]["redis_name"] == "cpu-external"
     assert config["telemetry"] == {"kafka": "kafka-0.shared:9092,kafka-1.shared:9092",
                                    "collective": "cpu-external", "buffer_events": 10_000}
@@ -314,7 +326,7 @@ def test_the_passwords_are_in_the_secret_and_nowhere_else() -> None:
     for which in EXAMPLES:
         name, spec = example(which)
         children = render(name, spec, passwords=passwords)
-        secret = by_kind(children, "Secret")
+        secret = by_kind(children, "Secret", f"{name}-redis")
         assert secret["data"] == {"agent-password": encoded["agent-password"],
                                   "monitor-password": encoded["monitor-password"],
                                   "admin-password": encoded["admin-password"]}
@@ -345,10 +357,17 @@ def test_the_memory_pod_renders_every_user_and_its_monitor_holds_only_its_passwo
     mounted = {container["name"]: [volumes[m["name"]] for m in container["volumeMounts"] if m["name"] in volumes]
                for container in (redis, monitor)}
     # Redis renders every user from the Secret; the monitor sidecar holds its own password and no other.
-    assert [[item["key"] for item in v["items"]] for v in mounted["redis"]] == [
-        ["agent-password", "monitor-password", "admin-password"]]
-    assert [[item["key"] for item in v["items"]] for v in mounted["monitor"]] == [["monitor-password"]]
-    assert all(v["secretName"] == "pong-redis" and v["defaultMode"] == 0o400 for v in volumes.values())
+    # Redis serves TLS with the certificate and its key; the monitor gets the CA only.
+    assert [(v["secretName"], [item["key"] for item in v["items"]]) for v in mounted["redis"]] == [
+        ("pong-redis", ["agent-password", "monitor-password", "admin-password"]),
+        ("pong-memory-tls", ["ca.crt", "tls.crt", "tls.key"])]
+    assert [(v["secretName"], [item["key"] for item in v["items"]]) for v in mounted["monitor"]] == [
+        ("pong-redis", ["monitor-password"]), ("pong-memory-tls", ["ca.crt"])]
+    assert all(v["defaultMode"] == 0o400 for v in volumes.values())
+    assert env_of(redis)["BORG_REDIS_TLS_DIR"] == "/var/run/secrets/borg-tls"
+    assert "--tls --cacert /var/run/secrets/borg-tls/ca.crt" in redis["readinessProbe"]["exec"]["command"][2]
+    tls = by_kind(children, "Secret", "pong-memory-tls")
+    assert tls["immutable"] is True and sorted(tls["data"]) == ["ca.crt", "tls.crt", "tls.key"]
     assert env_of(redis)["BORG_REDIS_USERS_DIR"] == "/var/run/secrets/borg"
     assert env_of(redis)["BORG_MEMORY_NAME"] == "pong"  # the agents' replay.redis_name
     assert env_of(monitor)["BORG_REDIS_USERNAME"] == "borg-monitor"
@@ -372,7 +391,8 @@ def test_the_memory_statefulset_runs_redis_and_the_monitor() -> None:
     assert redis["readinessProbe"]["exec"]["command"][0] == "sh"
     assert "REDISCLI_AUTH" in redis["readinessProbe"]["exec"]["command"][2]
     assert monitor["command"] + monitor["args"] == [
-        "borgdqn", "memory-monitor", "--memory", "redis://127.0.0.1:6379/0", "--name", "pong",
+        "borgdqn", "memory-monitor", "--memory", "rediss://127.0.0.1:6379/0",
+        "--ca-file", "/var/run/secrets/borg-tls/ca.crt", "--name", "pong",
         "--password-file", "/var/run/secrets/borg/monitor-password",
         "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9092", "--collective", "pong"]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
@@ -485,7 +505,7 @@ def test_strimzi_mode_renders_a_kafka_with_a_kraft_node_pool() -> None:
 def test_external_kafka_and_disabled_elastic_render_neither() -> None:
     children = render("cpu-external", VARIANTS["cpu-external"])
     kinds = [c["kind"] for c in children]
-    assert kinds == ["ConfigMap", "Secret", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
+    assert kinds == ["ConfigMap", "Secret", "Secret", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
                      "StatefulSet", "NetworkPolicy"]
     monitor = pod_spec(by_kind(children, "StatefulSet", "cpu-external-memory"))["containers"][1]
     assert monitor["args"][monitor["args"].index("--kafka") + 1] == "kafka-0.shared:9092,kafka-1.shared:9092"

@@ -111,7 +111,7 @@ def test_namespaced_rules_are_enough_to_reconcile_and_refuse_the_rest(
     assert listed.returncode != 0 and 'cannot list resource "secrets"' in listed.stderr
     allowed = as_token(cluster, kubeconfig, "get", "secret", "rb-redis", "-n", watched, "-o", "json")
     assert allowed.returncode == 0
-    assert base64.b64decode(json.loads(allowed.stdout)["data"]["password"])
+    assert base64.b64decode(json.loads(allowed.stdout)["data"]["agent-password"])
 
     # ... and the apiserver's answer for the rest.
     identity = f"system:serviceaccount:{home}:{name}"
@@ -147,7 +147,7 @@ def test_cluster_wide_rules_serve_every_namespace_without_anything_cluster_scope
         records = [json.loads(line) for line in operator.output().splitlines() if line.strip()]
         assert any(r.get("object", {}).get("name") == "cw" and r["message"] == "Handler 'reconcile' succeeded."
                    for r in records), records[-5:]
-        assert any(r["message"].startswith(f"reconciled {anywhere}/cw generation 1: 16 created") for r in records)
+        assert any(r["message"].startswith(f"reconciled {anywhere}/cw generation 1: 17 created") for r in records)
         identity = f"system:serviceaccount:{home}:{name}"
         assert can_i(cluster, identity, "list", "borgcollectives.borg.dev", "--all-namespaces")
         for refused in (["list", "secrets", "--all-namespaces"], ["list", "nodes"], ["list", "namespaces"],

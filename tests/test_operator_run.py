@@ -110,11 +110,18 @@ def test_a_collective_becomes_its_children_owned_labelled_with_gpus_and_config(
     rendered = found[("ConfigMap", "pong-config")]["data"]["borgdqn.yaml"]
     config = yaml.safe_load(rendered)
     assert config["learner"]["lr"] == 0.0003
-    assert config["replay"]["redis_url"] == f"redis://pong-memory.{namespace}.svc:6379/0"
+    assert config["replay"]["redis_url"] == f"rediss://pong-memory.{namespace}.svc:6379/0"
     assert pod["metadata"]["annotations"]["borg.dev/config-checksum"] == hashlib.sha256(rendered.encode()).hexdigest()
     passwords = {k: base64.b64decode(v).decode() for k, v in found[("Secret", "pong-redis")]["data"].items()}
     assert sorted(passwords) == ["admin-password", "agent-password", "monitor-password"]
     assert all(len(password) >= 32 for password in passwords.values()) and len(set(passwords.values())) == 3
+    # The memory's certificate, signed by a CA of the collective's own whose key the operator did not keep.
+    tls = found[("Secret", "pong-memory-tls")]
+    assert tls["immutable"] is True and sorted(tls["data"]) == ["ca.crt", "tls.crt", "tls.key"]
+    ca = base64.b64decode(tls["data"]["ca.crt"]).decode()
+    annotations = [found[("StatefulSet", part)]["spec"]["template"]["metadata"]["annotations"]
+                   for part in ("pong-memory", "pong-agents")]
+    assert {a[names.MEMORY_CA_ANNOTATION] for a in annotations} == {hashlib.sha256(ca.encode()).hexdigest()}
 
     def described() -> dict[str, Any] | None:
         current = status(cluster, namespace, "pong")
@@ -402,6 +409,8 @@ def test_killed_mid_reconcile_the_operator_converges_after_a_restart(
         assert killed.is_set()
         seen_at_kill = set(children(cluster, namespace, "kl"))
         passwords = cluster.get_json("secret", "kl-redis", "-n", namespace)["data"]
+        listed = cluster.kubectl("get", "secret", "kl-memory-tls", "-n", namespace, "-o", "json", check=False)
+        tls = json.loads(listed.stdout) if listed.returncode == 0 else None
         print(f"\nat SIGKILL: {len(seen_at_kill)} of {len(want)} children")
         assert seen_at_kill < want, "the operator finished before the kill: nothing was mid-reconcile"
 
@@ -411,6 +420,8 @@ def test_killed_mid_reconcile_the_operator_converges_after_a_restart(
         uid = cluster.get_json("borgcollective", "kl", "-n", namespace)["metadata"]["uid"]
         assert all([ref["uid"] for ref in obj["metadata"]["ownerReferences"]] == [uid] for obj in found.values())
         assert found[("Secret", "kl-redis")]["data"] == passwords
+        if tls:  # made before the kill: kept, not made anew
+            assert found[("Secret", "kl-memory-tls")]["data"] == tls["data"]
         workloads = cluster.get_json("deployments,statefulsets", "-n", namespace)["items"]
         assert sorted((w["kind"], w["metadata"]["name"]) for w in workloads) == [
             ("Deployment", "kl-indexer"), ("StatefulSet", "kl-agents"), ("StatefulSet", "kl-kafka"),

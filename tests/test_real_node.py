@@ -279,10 +279,16 @@ class Memory:
         secret = kube.get_json("secret", names.redis_secret(cr), "-n", namespace)
         address = kube.get_json("service", names.memory(cr), "-n", namespace)["spec"]["clusterIP"]
         self.cr = cr
+        tls = kube.get_json("secret", names.memory_tls_secret(cr), "-n", namespace)
+        # TLS only, verified against the collective's CA; by the Service's IP, which the certificate does not name
+        # (it names the Service's DNS names, which the host cannot resolve): the chain is checked, not the name.
         self.clients = {user.name: redis.Redis(
             host=address, port=6379, username=user.name, socket_timeout=5, socket_connect_timeout=5,
-            password=base64.b64decode(secret["data"][user.secret_key]).decode()) for user in (AGENT, MONITOR)}
+            password=base64.b64decode(secret["data"][user.secret_key]).decode(), ssl=True,
+            ssl_ca_data=base64.b64decode(tls["data"]["ca.crt"]).decode(), ssl_check_hostname=False)
+            for user in (AGENT, MONITOR)}
         self.client = self.clients[MONITOR.name]
+        self.last_error: str | None = None
 
     def assert_least_privilege(self) -> None:
         """The memory pod's Redis runs the users its image rendered: an agent may not run an admin command or
@@ -293,13 +299,18 @@ class Memory:
                         lambda: agent.get("borg:{another}:config"), lambda: monitor.set(own, b"{}")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 refused()
+        plain = redis.Redis(host=self.clients[MONITOR.name].connection_pool.connection_kwargs["host"], port=6379,
+                            socket_timeout=5, socket_connect_timeout=5)
+        with pytest.raises(redis.ConnectionError):  # no plaintext on the memory's port
+            plain.ping()
         assert monitor.get(own) is not None  # what the memory's users may do, they can
 
     def per_agent(self) -> dict[int, int]:
         """Steps stored now, by agent ({} while Redis does not answer or holds no memory yet)."""
         try:
             return MemoryMonitor(self.client, self.cr, LogPublisher()).read().per_agent
-        except (redis.RedisError, MemoryNotCreated):  # the memory pod restarting; no agent has linked yet
+        except (redis.RedisError, MemoryNotCreated) as err:  # the memory pod restarting; no agent has linked yet
+            self.last_error = f"{type(err).__name__}: {err}"
             return {}
 
     def when(self, test: Callable[[dict[int, int]], bool]) -> dict[int, int] | None:
@@ -343,16 +354,19 @@ def learning(reports: dict[str, pb.TrainingReport]) -> dict[int, set[str]]:
     return agents
 
 
+# The memory speaks TLS only; this probe asks whether Redis answers at all, so it does not verify the certificate.
 REDIS_PROBE = """
-import socket, sys, time
+import socket, ssl, sys, time
 host, listed = sys.argv[1], sys.argv[2] == "listed"
 print("resolved", socket.gethostbyname(host), flush=True)
 deadline = time.monotonic() + (60 if listed else 10)  # a listed pod: until the enforcer has its address
+unverified = ssl.create_default_context()
+unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
 while True:
     try:
-        with socket.create_connection((host, 6379), timeout=2) as connection:
+        with unverified.wrap_socket(socket.create_connection((host, 6379), timeout=2)) as connection:
             connection.sendall(b"PING\\r\\n")
-            print("reply", connection.recv(64).decode().strip(), flush=True)
+            print("reply", connection.recv(64).decode().strip(), connection.version(), flush=True)
             sys.exit(0)
     except OSError as exc:
         if time.monotonic() > deadline:
@@ -379,7 +393,8 @@ def assert_memory_admits_only_listed_pods(real: Real, namespace: str, cr: str) -
         outcome[case] = (state["exitCode"], logs(kube, namespace, f"redis-probe-{case}"))
         kube.kubectl("delete", "pod", f"redis-probe-{case}", "-n", namespace, "--wait=false")
     listed_code, listed_log = outcome["listed"]
-    assert listed_code == 0 and "reply -NOAUTH" in listed_log, listed_log  # Redis itself answered
+    assert listed_code == 0 and "reply -NOAUTH" in listed_log, listed_log  # Redis itself answered, over TLS
+    assert "TLSv1.3" in listed_log or "TLSv1.2" in listed_log, listed_log
     unlisted_code, unlisted_log = outcome["unlisted"]
     assert unlisted_code == 1 and "resolved 10." in unlisted_log and "no connection" in unlisted_log, unlisted_log
 
@@ -408,10 +423,17 @@ def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_rest
         found = [pod for pod in pods(kube, namespace) if pod["metadata"]["name"] == f"{names.memory(cr)}-0"]
         return found[0] if found and ready(found[0]) else None
 
+    seen: dict[str, Memory] = {}
+
     def picture() -> str:
+        memory_logs = "".join(
+            kube.kubectl("logs", f"{names.memory(cr)}-0", "-c", part, "-n", namespace, "--tail=20", check=False).stdout
+            for part in ("redis", "monitor"))
         return (kube.kubectl("get", "borg,pods,pvc", "-n", namespace, "-o", "wide", check=False).stdout
                 + kube.kubectl("get", "borg", cr, "-n", namespace, "-o", "jsonpath={.status.conditions}",
-                               check=False).stdout)
+                               check=False).stdout
+                + f"\nthe test's memory client, last error: {seen['memory'].last_error if seen else None}\n"
+                + memory_logs)
 
     def wait(check: Callable[[], Any], what: str, timeout_s: float = 180) -> Any:
         try:
@@ -430,7 +452,7 @@ def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_rest
         wait(lambda: members_ready(2), "2 agent pods Ready")
 
         # The agents write to the shared memory, and learn from it: each reports a loss on Kafka.
-        memory = Memory(kube, namespace, cr)
+        memory = seen["memory"] = Memory(kube, namespace, cr)
         wait(lambda: memory.when(lambda c: {0, 1} <= set(c)), "both agents' steps in Redis")
         assert set(learners(lambda a: {0, 1} <= set(a))) == {0, 1}
         memory.assert_least_privilege()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, refused_access
+from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LogNotCreated, read_state
 from borgdqn.one_line import one_line
 
@@ -286,7 +286,7 @@ class MemoryMonitor:
                     log.info("memory monitor: %s; waiting for it", err)
                 state = "absent"
             except (redis.RedisError, OSError, MonitorError) as err:
-                if refused_access(err):  # waiting never cures a wrong password or a forbidden command
+                if refused_access(err) or untrusted_server(err):  # waiting cures neither
                     raise refused(self.where, err) from None
                 if not state.startswith("down"):
                     down_since = self._clock()
@@ -313,6 +313,10 @@ class MemoryMonitor:
 
 
 def refused(where: str, err: BaseException) -> MonitorError:
+    """What no retry cures: a refused user, password or command, or a certificate that does not verify."""
+    if untrusted_server(err):
+        return MonitorError(f"redis at {where}: its TLS certificate did not verify ({one_line(err)}): check "
+                            "--ca-file")
     return MonitorError(f"redis at {where} refused the monitor ({one_line(err)}): check {REDIS_USERNAME_ENV} and "
                         "the password")
 
@@ -329,9 +333,9 @@ def read_password(password_file: Path | None, environ: Mapping[str, str] | None 
     return (os.environ if environ is None else environ).get(REDIS_PASSWORD_ENV, "")
 
 
-def connect(url: str, password: str, username: str = "") -> tuple[Any, str]:
-    """A client of ``url`` (``redis://HOST:PORT/DB``, no password in it) as ``username`` (empty: Redis' default
-    user) and the address for log lines.
+def connect(url: str, password: str, username: str = "", ca_file: Path | None = None) -> tuple[Any, str]:
+    """A client of ``url`` (``redis://HOST:PORT/DB``, no password in it; ``rediss://`` over TLS, verified against
+    ``ca_file``, else the system's CAs) as ``username`` (empty: Redis' default user) and the address for log lines.
 
     The client does not retry by itself (the monitor's loop does, with backoff) and waits at most 5 s.
     """
@@ -352,6 +356,8 @@ def connect(url: str, password: str, username: str = "") -> tuple[Any, str]:
         )
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise MonitorConfigError(f"--memory: {url!r} is not a redis://HOST:PORT/DB URL")
+    if ca_file is not None and parts.scheme != "rediss":
+        raise MonitorConfigError("--ca-file needs a rediss:// --memory (TLS)")
     db_text = parts.path.strip("/") or "0"
     if not db_text.isdigit():
         raise MonitorConfigError(f"--memory: database {db_text!r} in {url!r} is not a number")
@@ -363,6 +369,8 @@ def connect(url: str, password: str, username: str = "") -> tuple[Any, str]:
         username=username or None,
         password=password or None,
         ssl=parts.scheme == "rediss",
+        ssl_ca_certs=None if ca_file is None else str(ca_file),
+        ssl_check_hostname=parts.scheme == "rediss",
         socket_timeout=5,
         socket_connect_timeout=5,
         retry=Retry(NoBackoff(), 0),
@@ -383,6 +391,7 @@ def serve(
     interval_s: float = 10.0,
     once: bool = False,
     password_file: Path | None = None,
+    ca_file: Path | None = None,
     publisher: Publisher | None = None,
     kafka: str = "",
     collective: str = "",
@@ -396,7 +405,7 @@ def serve(
     check_name(name)
     if not (math.isfinite(interval_s) and interval_s > 0):
         raise MonitorConfigError(f"--interval must be > 0 seconds, not {interval_s}")
-    client, where = connect(url, read_password(password_file), os.environ.get(REDIS_USERNAME_ENV, ""))
+    client, where = connect(url, read_password(password_file), os.environ.get(REDIS_USERNAME_ENV, ""), ca_file)
     publisher = publisher or LogPublisher()
     if kafka:
         try:
@@ -410,7 +419,7 @@ def serve(
             try:
                 publisher.publish(monitor.read())
             except redis.RedisError as err:
-                if refused_access(err):
+                if refused_access(err) or untrusted_server(err):
                     raise refused(where, err) from None
                 raise MonitorError(f"redis at {where} unreachable ({one_line(err)})") from None
             return 0

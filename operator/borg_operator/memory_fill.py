@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from borgdqn.memory.redis.keys import LinkTotals, LogNotCreated, read_state
 from borgdqn.memory.redis.model_store import read_finished
@@ -44,15 +45,16 @@ def read_fill(client: object, name: str) -> MemoryFill:
 
 
 def fetch_fill(host: str, port: int, username: str | None, password: str | None, name: str,
-               timeout_s: float) -> MemoryFill:
-    """Connects as ``username`` (the memory's read-only borg-monitor; None: Redis' default user), reads the fill,
-    disconnects (raises on any failure)."""
+               timeout_s: float, ca: str | None = None) -> MemoryFill:
+    """Connects as ``username`` (the memory's read-only borg-monitor; None: Redis' default user), over TLS verified
+    against the CA certificate ``ca`` (PEM) when given, reads the fill, disconnects (raises on any failure)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    tls: dict[str, Any] = {} if ca is None else {"ssl": True, "ssl_ca_data": ca, "ssl_check_hostname": True}
     client = redis.Redis(host=host, port=port, username=username, password=password or None, socket_timeout=timeout_s,
-                         socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+                         socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **tls)
     try:
         return read_fill(client, name)
     finally:
@@ -69,7 +71,7 @@ class FillReader:
     """Reads fills with a deadline; after a failure, the same memory is left alone for `quiet_s`."""
 
     def __init__(self, timeout_s: float = 1.0, quiet_s: float = 60.0,
-                 fetch: Callable[[str, int, str | None, str | None, str, float], MemoryFill] = fetch_fill,
+                 fetch: Callable[[str, int, str | None, str | None, str, float, str | None], MemoryFill] = fetch_fill,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.quiet_s = quiet_s
@@ -80,8 +82,8 @@ class FillReader:
         self._failures: dict[tuple[str, int, str], _Failure] = {}
         self._lock = threading.Lock()
 
-    def read(self, host: str, port: int, username: str | None, password: str | None,
-             name: str) -> tuple[MemoryFill | None, str | None]:
+    def read(self, host: str, port: int, username: str | None, password: str | None, name: str,
+             ca: str | None = None) -> tuple[MemoryFill | None, str | None]:
         """(fill, None), or (None, why not) when unknown (failed now, or recently)."""
         where = (host, port, name)
         now = self._clock()
@@ -89,7 +91,7 @@ class FillReader:
             failure = self._failures.get(where)
             if failure is not None and failure.until > now:
                 return None, f"not retried yet: {failure.reason}"
-        future = self._pool.submit(self._fetch, host, port, username, password, name, self.timeout_s)
+        future = self._pool.submit(self._fetch, host, port, username, password, name, self.timeout_s, ca)
         try:
             fill = future.result(timeout=self.timeout_s * 2)
         except concurrent.futures.TimeoutError:

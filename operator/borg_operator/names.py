@@ -32,6 +32,9 @@ KIBANA_SETUP = "kibana-setup"
 
 # Annotations the builders write.
 CONFIG_CHECKSUM_ANNOTATION = "borg.dev/config-checksum"
+# The sha256 of the memory's CA certificate on the memory's and the agents' pod templates: a new certificate (the
+# TLS Secret deleted and made anew) rolls both, so that no pod keeps trusting or serving the old one.
+MEMORY_CA_ANNOTATION = "borg.dev/memory-ca-checksum"
 
 # Name limits. A StatefulSet's pods carry `controller-revision-hash: <sts>-<10 chars>`, a label value (<= 63),
 # so a StatefulSet name may have at most 52 characters: `<cr>-memory` leaves 45. ECK refuses Elasticsearch and
@@ -60,6 +63,10 @@ def config(cr: str) -> str:
 
 def redis_secret(cr: str) -> str:
     return f"{cr}-redis"
+
+
+def memory_tls_secret(cr: str) -> str:
+    return f"{cr}-memory-tls"
 
 
 def kafka(cr: str) -> str:

@@ -19,6 +19,7 @@ from borg_operator.builders import OWNED_KINDS
 from borg_operator.memory_fill import FillReader
 from borg_operator.spec import REDIS_PORT, CollectiveSpec, memory_host
 from borg_operator.status import MissingApi, Observed
+from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
 from borgdqn.memory.redis.acl import MONITOR, USERS
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,18 @@ def read_passwords(applier: Applier, namespace: str, cr: str) -> dict[str, str] 
     return {key: value for key, value in found.items() if value}
 
 
+def read_memory_tls(applier: Applier, namespace: str, cr: str) -> dict[str, str] | None:
+    """The memory's CA, certificate and key from its TLS Secret (None: no Secret, or one that lacks a key)."""
+    secret = applier.get("v1", "Secret", namespace, names.memory_tls_secret(cr))
+    found = {}
+    for key in (CA_FILE, CERT_FILE, KEY_FILE):
+        try:
+            found[key] = base64.b64decode(((secret or {}).get("data") or {}).get(key) or "", validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return found if all(found.values()) else None
+
+
 def _ready_replicas(obj: dict[str, Any] | None) -> int:
     try:
         return int(((obj or {}).get("status") or {}).get("readyReplicas") or 0)
@@ -93,7 +106,8 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             parts["indexer"] = applier.get(APPS, "Deployment", namespace, names.indexer(cr))
         if fills is not None and _ready_replicas(parts["memory"]) > 0:
             password = (read_passwords(applier, namespace, cr) or {}).get(MONITOR.secret_key)
-            fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, MONITOR.name, password, cr)
+            ca = (read_memory_tls(applier, namespace, cr) or {}).get(CA_FILE)
+            fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, MONITOR.name, password, cr, ca)
             if fill is not None:
                 parts["memory_fill"], parts["memory_links"] = fill.fill, fill.links
                 parts["memory_finished"] = fill.finished

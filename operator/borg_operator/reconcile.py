@@ -33,7 +33,7 @@ from borg_operator.apply import API_VERSION, Applier, Owner, describe
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.images import DEFAULT_ALLOWED_IMAGES, image_allowed
 from borg_operator.memory_fill import FillReader
-from borg_operator.observe import observe, read_passwords
+from borg_operator.observe import observe, read_memory_tls, read_passwords
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borg_operator.status import (
     Collective,
@@ -45,6 +45,7 @@ from borg_operator.status import (
     status_patch,
     transition_events,
 )
+from borg_operator.tls import make_memory_tls
 from borgdqn.memory.redis.acl import USERS
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,11 @@ class Reconciler:
             lacking = [user.secret_key for user in USERS if passwords is not None and user.secret_key not in passwords]
             if lacking:
                 return Outcome(generation, "error", error=incomplete_secret_message(owner.name, lacking))
+            # A missing certificate is made anew: the pods roll onto it (their templates carry its CA's checksum).
+            tls = read_memory_tls(self.applier, owner.namespace, owner.name)
             completed = is_completed(dict(body.get("status") or {}), spec)
-            children = self._render(owner, spec, passwords or fresh_passwords(), completed)
+            children = self._render(owner, spec, passwords or fresh_passwords(),
+                                    tls or make_memory_tls(owner.name, owner.namespace), completed)
         except SpecError as err:
             return Outcome(generation, "invalid", error=str(err))
         needed = dict.fromkeys((str(c["apiVersion"]), str(c["kind"])) for c in children)
@@ -204,20 +208,20 @@ class Reconciler:
         if missing:
             return Outcome(generation, "blocked", missing=missing)
 
-        secret_name = names.redis_secret(owner.name)
-        secret = next(c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] == secret_name)
-        created_secret = fresh and self.applier.create_once(owner, secret)
-        if fresh and not created_secret:
-            # Created meanwhile (a run of ours killed after creating it): render again with the stored passwords.
+        # The Secrets are created once, never applied again, pruned nor listed (the operator may only get and
+        # create Secrets): the passwords' when there was none, the certificate's likewise.
+        create = {names.redis_secret(owner.name): fresh, names.memory_tls_secret(owner.name): tls is None}
+        secrets_ = [c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] in create]
+        created = [s for s in secrets_ if create[s["metadata"]["name"]] and self.applier.create_once(owner, s)]
+        if len(created) < sum(create.values()):
+            # Created meanwhile (a run of ours killed after creating one): render again with what is stored.
             children = self._render(owner, spec, read_passwords(self.applier, owner.namespace, owner.name) or {},
-                                    completed)
-        others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] == secret_name)]
-        # The Secret is never pruned nor listed (the operator may only get and create Secrets).
+                                    read_memory_tls(self.applier, owner.namespace, owner.name) or {}, completed)
+        others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] in create)]
         kinds = [(api_version, kind) for api_version, kind, _ in OWNED_KINDS if kind != "Secret"]
         selector = ",".join(f"{k}={v}" for k, v in sorted(names.instance_selector(owner.name).items()))
         result = self.applier.apply(owner, others, kinds=kinds, selector=selector)
-        if created_secret:
-            result.created.insert(0, describe(secret))
+        result.created[:0] = [describe(secret) for secret in created]
         for change, count in (("created", len(result.created)), ("configured", len(result.configured)),
                               ("pruned", len(result.pruned))):
             if count:
@@ -229,9 +233,10 @@ class Reconciler:
                 owner.namespace, owner.name, generation, result.summary())
         return Outcome(generation, "applied")
 
-    def _render(self, owner: Owner, spec: CollectiveSpec, passwords: Mapping[str, str],
+    def _render(self, owner: Owner, spec: CollectiveSpec, passwords: Mapping[str, str], tls: Mapping[str, str],
                 completed: bool) -> list[dict[str, Any]]:
-        return build_children(owner.name, owner.namespace, spec, redis_passwords=passwords, completed=completed)
+        return build_children(owner.name, owner.namespace, spec, redis_passwords=passwords, memory_tls=tls,
+                              completed=completed)
 
     # ------------------------------------------------------------------------------------------ status
     def refresh(self, namespace: str, name: str) -> None:

@@ -39,6 +39,8 @@ REDIS_PORT = 6379
 KAFKA_PORT = 9092
 CONFIG_PATH = "/etc/borgdqn/borgdqn.yaml"
 RUN_DIR = "/var/lib/borgdqn/run"
+MEMORY_TLS_DIR = "/var/run/secrets/borg-tls"  # the memory's TLS Secret in the pods that dial or serve it
+MEMORY_CA_FILE = f"{MEMORY_TLS_DIR}/ca.crt"
 
 
 class SpecError(ValueError):
@@ -272,7 +274,8 @@ def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfi
             epsilon_ladder=agents.epsilon_ladder,
             replay=ReplayConfig(
                 backend="redis",
-                redis_url=f"redis://{memory_host(name, namespace)}:{REDIS_PORT}/0",
+                redis_url=f"rediss://{memory_host(name, namespace)}:{REDIS_PORT}/0",
+                redis_ca_file=Path(MEMORY_CA_FILE),
                 redis_name=name,
                 capacity=memory.capacity,
                 chunk_length=memory.chunk_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -51,23 +52,36 @@ def refused_access(err: BaseException) -> bool:
     return isinstance(err, redis.AuthenticationError | redis.exceptions.NoPermissionError | RefusedAccess)
 
 
+class UntrustedServer(ConnectionError):
+    """The server's TLS certificate did not verify (another CA, another name): no retry will change that."""
+
+
+def untrusted_server(err: BaseException) -> bool:
+    return isinstance(err, UntrustedServer) or "certificate verify failed" in str(err).lower()
+
+
 def is_outage(err: BaseException) -> bool:
     """A server that is away (down, restarting, unreachable), as opposed to one that refused the password or a
     command (redis-py's AuthenticationError is a ConnectionError, but waiting never cures a wrong password)."""
     import redis
 
-    if refused_access(err):
+    if refused_access(err) or untrusted_server(err):
         return False
     # BusyLoadingError (a restarted server reading its AOF) is a ConnectionError too.
     return isinstance(err, (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError))
 
 
-def connect(url: str, *, timeout_s: float = 30.0) -> Any:
-    """A ``redis.Redis`` for ``url`` (``redis://[USER]:PASSWORD@HOST:PORT/DB``) that answered PING, retrying for up to
-    ``timeout_s``; ConnectionError with one line (the address without the password, and why) after that."""
+def connect(url: str, *, ca_file: Path | None = None, timeout_s: float = 30.0) -> Any:
+    """A ``redis.Redis`` for ``url`` (``redis://[USER]:PASSWORD@HOST:PORT/DB``; ``rediss://`` over TLS, the server's
+    certificate and name verified against ``ca_file``, else the system's CAs) that answered PING, retrying for up
+    to ``timeout_s``; ConnectionError with one line (the address without the password, and why) after that."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    tls: dict[str, Any] = {}
+    if urlsplit(url).scheme == "rediss":
+        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True,
+               "ssl_ca_certs": None if ca_file is None else str(ca_file)}
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, **tls)
     where = safe_address(url)
     deadline = time.monotonic() + timeout_s
     delay = 0.1
@@ -80,6 +94,9 @@ def connect(url: str, *, timeout_s: float = 30.0) -> Any:
         except redis.exceptions.NoPermissionError as exc:
             raise RefusedAccess(f"redis at {where} refused a command to this user: {exc}") from None
         except redis.RedisError as exc:
+            if untrusted_server(exc):
+                raise UntrustedServer(f"redis at {where}: its TLS certificate did not verify "
+                                      f"({' '.join(str(exc).split())})") from None
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(
                     f"redis at {where} unreachable after {timeout_s:.0f}s: {' '.join(str(exc).split())}"

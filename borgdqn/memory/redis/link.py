@@ -35,7 +35,7 @@ import numpy as np
 
 from borgdqn.memory.codec import encode_chunk
 from borgdqn.memory.protocol import MemoryNotReady, MemoryStats, SequenceBatch, TrajectoryChunk, TransitionBatch
-from borgdqn.memory.redis.client import RefusedAccess, is_outage, refused_access
+from borgdqn.memory.redis.client import RefusedAccess, UntrustedServer, is_outage, refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LogKeys, LogShape
 from borgdqn.memory.redis.tail import LogTail
 from borgdqn.memory.redis.writer import LogWriter
@@ -243,6 +243,10 @@ class RedisLink:
             if refused_access(err):  # expected, and no bug of ours: one line, no traceback
                 err = RefusedAccess(f"redis refused this client ({' '.join(str(err).split())}): the password "
                                     "changed, the memory's Secret was replaced, or its ACL forbids the command")
+                log.error("redis link thread %s failed: %s", threading.current_thread().name, err)
+            elif untrusted_server(err):
+                err = UntrustedServer(f"redis's TLS certificate did not verify ({' '.join(str(err).split())}): "
+                                      "the memory's certificate changed, or replay.redis_ca_file is not its CA")
                 log.error("redis link thread %s failed: %s", threading.current_thread().name, err)
             else:
                 log.error("redis link thread %s failed: %s", threading.current_thread().name, err, exc_info=err)

@@ -19,6 +19,7 @@ from borg_operator.builders.kafka import build_kafka
 from borg_operator.builders.memory import build_memory, build_redis_secret
 from borg_operator.builders.network import build_network
 from borg_operator.spec import CollectiveSpec
+from borg_operator.tls import CA_FILE
 
 __all__ = ["OWNED_KINDS", "Manifest", "build_children", "children_kinds", "config_checksum", "config_yaml"]
 
@@ -46,23 +47,24 @@ def children_kinds() -> list[tuple[str, str]]:
 
 
 def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_passwords: Mapping[str, str],
-                   completed: bool = False) -> list[Manifest]:
+                   memory_tls: Mapping[str, str], completed: bool = False) -> list[Manifest]:
     """Every child of the collective `namespace/name`, in a stable order: config, secret, memory, kafka, elastic,
     indexer, agents, network. SpecError (one line) when the spec cannot work.
 
     `redis_passwords` are the existing Secret's passwords of the memory's Redis users, by key (the reconciler
-    reads them first and generates them only when there is no Secret): the builders never invent one, so
-    rendering twice gives the same objects. `completed`: every agent finished its budget (`status.completed`),
+    reads them first and generates them only when there is no Secret), `memory_tls` the memory's CA, certificate
+    and key (borg_operator.tls, likewise): the builders never invent one, so rendering twice gives the same
+    objects. `completed`: every agent finished its budget (`status.completed`),
     so the agents have no pods.
     """
     names.check_name(name, eck=spec.elastic.mode == "eck", strimzi=spec.kafka.mode == "strimzi")
     return [
         build_config_map(name, namespace, spec),
         build_redis_secret(name, namespace, redis_passwords),
-        *build_memory(name, namespace, spec),
+        *build_memory(name, namespace, spec, memory_tls),
         *build_kafka(name, namespace, spec),
         *build_elastic(name, namespace, spec),
         *build_indexer(name, namespace, spec),
-        build_agents(name, namespace, spec, completed=completed),
+        build_agents(name, namespace, spec, memory_ca=memory_tls[CA_FILE], completed=completed),
         *build_network(name, namespace, spec),
     ]

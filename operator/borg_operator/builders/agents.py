@@ -23,11 +23,13 @@ from borg_operator.builders.common import (
     env_field,
     env_secret,
     guaranteed,
+    memory_ca_checksum,
+    memory_ca_volume,
     metadata,
     pod_basics,
 )
 from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
-from borg_operator.spec import CONFIG_PATH, RUN_DIR, CollectiveSpec, SpecError
+from borg_operator.spec import CONFIG_PATH, MEMORY_TLS_DIR, RUN_DIR, CollectiveSpec, SpecError
 from borgdqn.memory.redis.acl import AGENT
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import agent_pod_bytes
@@ -108,12 +110,14 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             # torch's shared-memory tensors; the runtime's default /dev/shm is 64 MiB.
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "memory-ca", "mountPath": MEMORY_TLS_DIR, "readOnly": True},
         ],
     }
 
 
-def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, completed: bool = False) -> Manifest:
-    """``completed``: every agent finished its budget (the status says so): no pod is left, the GPUs go back."""
+def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: str, completed: bool = False) -> Manifest:
+    """``completed``: every agent finished its budget (the status says so): no pod is left, the GPUs go back.
+    ``memory_ca``: the memory's CA certificate (PEM), whose checksum the pod template carries."""
     agents = spec.agents
     pod_spec: dict[str, Any] = {
         **pod_basics(),
@@ -125,6 +129,7 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, completed: bo
             empty_dir("tmp"),
             # Memory-backed, so it counts against the container's memory limit: no separate cap needed.
             empty_dir("dshm", memory=True),
+            memory_ca_volume(cr),
         ],
     }
     tolerations = _tolerations(spec)
@@ -149,7 +154,8 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, completed: bo
                 "metadata": {
                     "labels": names.labels(cr, names.AGENT),
                     # A changed config (a learning rate, a policy) changes the template, so the pods roll.
-                    "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(cr, namespace, spec)},
+                    "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(cr, namespace, spec),
+                                    names.MEMORY_CA_ANNOTATION: memory_ca_checksum(memory_ca)},
                 },
                 "spec": pod_spec,
             },

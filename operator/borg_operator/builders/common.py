@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from borg_operator import names
 from borg_operator.spec import StorageSpec
+from borg_operator.tls import CA_FILE
 
 Manifest = dict[str, Any]
 
@@ -74,6 +76,21 @@ def env_field(name: str, field_path: str) -> dict[str, Any]:
 
 def env_secret(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def secret_volume(name: str, secret: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A volume of some keys of a Secret, a file each (named as the key), readable by the owner only."""
+    items = [{"key": key, "path": key} for key in keys]
+    return {"name": name, "secret": {"secretName": secret, "defaultMode": 0o400, "items": items}}
+
+
+def memory_ca_checksum(memory_ca: str) -> str:
+    return hashlib.sha256(memory_ca.encode()).hexdigest()
+
+
+def memory_ca_volume(cr: str) -> dict[str, Any]:
+    """The memory's CA certificate only (not its key): what every client of the memory verifies it with."""
+    return secret_volume("memory-ca", names.memory_tls_secret(cr), (CA_FILE,))
 
 
 def empty_dir(name: str, *, memory: bool = False, size_limit: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The replay memory: Secret `<cr>-redis`, StatefulSet `<cr>-memory` (Redis + the monitor sidecar), its
+"""The replay memory: Secrets `<cr>-redis` (its users' passwords) and `<cr>-memory-tls` (its CA and certificate),
+StatefulSet `<cr>-memory` (Redis + the monitor sidecar), its
 Services and PodDisruptionBudget. The pod runs the memory image (memory_image/, docs/memory-image.md)."""
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from borg_operator.builders.common import (
     empty_dir,
     env,
     guaranteed,
+    memory_ca_checksum,
+    memory_ca_volume,
     metadata,
     pod_basics,
+    secret_volume,
 )
-from borg_operator.spec import REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
-from borgdqn.memory.redis.acl import MONITOR, USERS, RedisUser
+from borg_operator.spec import MEMORY_CA_FILE, MEMORY_TLS_DIR, REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
+from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
+from borgdqn.memory.redis.acl import MONITOR, USERS
 from borgdqn.memory.redis.client import REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import size_memory
 
@@ -33,8 +38,8 @@ MONITOR_RESOURCES = ("250m", "256Mi")  # one reading every 10 s: a few pipelined
 # Redis answers PING with -LOADING while it replays the AOF, so the pod turns Ready only once the memory is
 # whole. It asks as the read-only borg-monitor; the password goes to redis-cli in REDISCLI_AUTH, never as an
 # argument (visible to `ps`).
-READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {MONITOR_PASSWORD_FILE})" redis-cli --user {MONITOR.name} '
-                 f'-p {REDIS_PORT} ping)" = PONG')
+READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {MONITOR_PASSWORD_FILE})" redis-cli --tls --cacert {MEMORY_CA_FILE} '
+                 f'--user {MONITOR.name} -p {REDIS_PORT} ping)" = PONG')
 
 
 def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) -> Manifest:
@@ -53,6 +58,22 @@ def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) ->
         "type": "Opaque",
         "immutable": True,
         "data": {user.secret_key: base64.b64encode(passwords[user.secret_key].encode()).decode() for user in USERS},
+    }
+
+
+def build_memory_tls_secret(cr: str, namespace: str, material: Mapping[str, str]) -> Manifest:
+    """The memory's CA certificate, server certificate and key (borg_operator.tls, made once by the reconciler).
+    Immutable, as the passwords are: a new certificate is a new Secret."""
+    missing = [key for key in (CA_FILE, CERT_FILE, KEY_FILE) if not material.get(key)]
+    if missing:
+        raise ValueError(f"the memory's TLS Secret needs {', '.join(missing)}")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(cr, namespace, names.memory_tls_secret(cr), names.MEMORY),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {key: base64.b64encode(material[key].encode()).decode() for key in (CA_FILE, CERT_FILE, KEY_FILE)},
     }
 
 
@@ -92,6 +113,8 @@ def _redis_container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             # they may touch are this memory's (replay.redis_name is the collective's name).
             env("BORG_REDIS_USERS_DIR", PASSWORD_DIR),
             env("BORG_MEMORY_NAME", cr),
+            # TLS only on the port: the passwords and the experience never cross the network in clear.
+            env("BORG_REDIS_TLS_DIR", MEMORY_TLS_DIR),
         ],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"exec": {"command": ["sh", "-c", READY_COMMAND]},
@@ -105,6 +128,7 @@ def _redis_container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             {"name": "data", "mountPath": DATA_DIR},
             {"name": "conf", "mountPath": CONF_DIR},
             {"name": "redis-users", "mountPath": PASSWORD_DIR, "readOnly": True},
+            {"name": "memory-tls", "mountPath": MEMORY_TLS_DIR, "readOnly": True},
         ],
     }
 
@@ -116,28 +140,27 @@ def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[st
         "imagePullPolicy": "IfNotPresent",
         # `command` replaces the image's entrypoint, which would render a redis.conf.
         "command": ["borgdqn"],
-        "args": ["memory-monitor", "--memory", f"redis://127.0.0.1:{REDIS_PORT}/0", "--name", cr,
+        "args": ["memory-monitor", "--memory", f"rediss://127.0.0.1:{REDIS_PORT}/0", "--ca-file", MEMORY_CA_FILE,
+                 "--name", cr,
                  "--password-file", MONITOR_PASSWORD_FILE, "--kafka", kafka_bootstrap(cr, namespace, spec.kafka),
                  "--collective", cr],
         "env": [env(REDIS_USERNAME_ENV, MONITOR.name)],  # read-only: it may not write a key
         "resources": guaranteed(*MONITOR_RESOURCES),
         "securityContext": container_security_context(),
         # Its own password only: the sidecar never holds the agents' or the administrator's.
-        "volumeMounts": [{"name": "redis-monitor", "mountPath": PASSWORD_DIR, "readOnly": True}],
+        "volumeMounts": [{"name": "redis-monitor", "mountPath": PASSWORD_DIR, "readOnly": True},
+                         {"name": "memory-ca", "mountPath": MEMORY_TLS_DIR, "readOnly": True}],
     }
 
 
-def _secret_volume(name: str, cr: str, users: tuple[RedisUser, ...]) -> dict[str, Any]:
-    items = [{"key": user.secret_key, "path": user.secret_key} for user in users]
-    return {"name": name, "secret": {"secretName": names.redis_secret(cr), "defaultMode": 0o400, "items": items}}
-
-
-def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memory_ca: str) -> Manifest:
     _check_memory_limit(spec)
     memory = spec.memory
     volumes: list[dict[str, Any]] = [
-        _secret_volume("redis-users", cr, USERS),
-        _secret_volume("redis-monitor", cr, (MONITOR,)),
+        secret_volume("redis-users", names.redis_secret(cr), tuple(user.secret_key for user in USERS)),
+        secret_volume("redis-monitor", names.redis_secret(cr), (MONITOR.secret_key,)),
+        secret_volume("memory-tls", names.memory_tls_secret(cr), (CA_FILE, CERT_FILE, KEY_FILE)),
+        memory_ca_volume(cr),
         # Memory-backed: the rendered config holds the password, which so never touches a disk.
         empty_dir("conf", memory=True, size_limit="1Mi"),
     ]
@@ -149,7 +172,8 @@ def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> M
         # object; a collective re-created under the same name picks its memory up again.
         "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
         "template": {
-            "metadata": {"labels": names.labels(cr, names.MEMORY)},
+            "metadata": {"labels": names.labels(cr, names.MEMORY),
+                         "annotations": {names.MEMORY_CA_ANNOTATION: memory_ca_checksum(memory_ca)}},
             "spec": {
                 **pod_basics(),
                 # On SIGTERM Redis fsyncs the append-only file and exits; a large one needs more than 30 s.
@@ -210,6 +234,6 @@ def build_memory_pdb(cr: str, namespace: str) -> Manifest:
     }
 
 
-def build_memory(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifest]:
-    return [build_memory_statefulset(cr, namespace, spec), *build_memory_services(cr, namespace),
-            build_memory_pdb(cr, namespace)]
+def build_memory(cr: str, namespace: str, spec: CollectiveSpec, tls: Mapping[str, str]) -> list[Manifest]:
+    return [build_memory_tls_secret(cr, namespace, tls), build_memory_statefulset(cr, namespace, spec, tls[CA_FILE]),
+            *build_memory_services(cr, namespace), build_memory_pdb(cr, namespace)]

@@ -1,0 +1,72 @@
+"""The memory's TLS: a CA of the collective's own and the memory's server certificate, made once by the operator
+(as ECK makes Elasticsearch's) and kept in the Secret `<cr>-memory-tls` (ca.crt, tls.crt, tls.key).
+
+The CA's private key signs the server certificate and is then thrown away: nothing can sign another certificate
+under this CA, so a stolen Secret lets nobody impersonate more than the memory itself. A new certificate (expiry,
+a compromised key) is a new CA: delete the Secret, and the next reconcile makes both anew; the pods pick them up
+when they restart (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+from borg_operator import names
+
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"  # the Secret's keys, as cert-manager and ECK name them
+VALID_DAYS = 5 * 365
+LOOPBACK = ("localhost", "127.0.0.1", "::1")  # the memory pod's own monitor sidecar and readiness probe
+
+
+def memory_hostnames(cr: str, namespace: str) -> list[str]:
+    """Every name a client may dial the memory by: its Services (short, namespaced and fully qualified), its pod
+    through the headless Service, and the pod's loopback."""
+    service, headless = names.memory(cr), names.memory_headless(cr)
+    out = []
+    for host in (service, f"*.{headless}"):
+        out += [host, f"{host}.{namespace}", f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"]
+    return out + list(LOOPBACK)
+
+
+def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = None) -> dict[str, str]:
+    """{ca.crt, tls.crt, tls.key} as PEM text: a fresh CA (ECDSA P-256; its key discarded) and the memory's server
+    certificate for `memory_hostnames`, valid for VALID_DAYS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = now or datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=VALID_DAYS)  # clock skew
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"borg-dqn {namespace}/{cr} memory CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    alt_names: list[x509.GeneralName] = []
+    for host in memory_hostnames(cr, namespace):
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.memory(cr))]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    pem = serialization.Encoding.PEM
+    return {
+        CA_FILE: ca.public_bytes(pem).decode(),
+        CERT_FILE: cert.public_bytes(pem).decode(),
+        KEY_FILE: key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
+    }
