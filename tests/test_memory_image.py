@@ -345,6 +345,45 @@ def test_the_users_rules_refuse_a_missing_or_shared_password() -> None:
         acl_config("pong *", {user.secret_key: user.name for user in USERS})
 
 
+@pytest.mark.integration
+def test_a_torn_append_only_file_is_repaired_at_its_tail_and_refused_in_its_middle(install: RedisInstall) -> None:
+    """A crash mid-write tears the AOF's last command: Redis drops that command, keeps the rest and says so
+    (aof-load-truncated). Damage before the end is no tear but corruption: Redis refuses to start and says why,
+    rather than serve a memory with a hole in it."""
+    with started(install, "s3cret-pw", BORG_REDIS_PASSWORD="s3cret-pw", BORG_MEMORY_MAXMEMORY="96mb") as server:
+        assert server.proc is not None
+        client = server.client("s3cret-pw")
+        for i in range(100):
+            client.set(f"kept-{i}", b"x" * 100)
+        aof_dir = server.workdir / "data" / "appendonlydir"
+        wait_until(server.proc, lambda: any(b"kept-99" in f.read_bytes() for f in aof_dir.glob("*.incr.aof")),
+                   "the last key in the AOF", timeout_s=10)
+        server.proc.kill()
+        (incr,) = aof_dir.glob("*.incr.aof")
+        whole = incr.read_bytes()
+        incr.write_bytes(whole + b"*3\r\n$3\r\nSET\r\n$4\r\ntorn")  # a command cut off mid-write
+
+        server.launch()
+        log = server.proc.log.read_text() if server.proc else ""
+        assert "Truncating the AOF appendonly.aof.1.incr.aof" in log, log[-2000:]
+        assert "loaded anyway because aof-load-truncated is enabled" in log, log[-2000:]
+        client = server.client("s3cret-pw")
+        assert client.dbsize() == 100 and client.get("kept-99") == b"x" * 100
+
+        server.proc.kill()
+        command = whole.rindex(b"*", 0, whole.index(b"kept-50"))  # the SET of kept-50: not a command any more
+        incr.write_bytes(whole[:command] + b"!" + whole[command + 1 :])
+        refused = start_server("memory-image", [sys.executable, ENTRYPOINT], server.workdir / "refused.log",
+                               env=server.env)
+        try:
+            assert refused.popen is not None and refused.popen.wait(timeout=30) != 0
+        finally:
+            refused.kill()
+        said = (server.workdir / "refused.log").read_text()
+        assert "Bad file format reading the append only file" in said, said[-2000:]
+        server.proc = None  # nothing left running
+
+
 def run_entrypoint(
     install: RedisInstall, tmp_path: Path, *args: str, **settings: str
 ) -> subprocess.CompletedProcess[str]:

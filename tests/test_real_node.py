@@ -426,9 +426,12 @@ def test_a_collective_trains_scales_heals_and_uninstalls_in_real_pods_under_rest
     seen: dict[str, Memory] = {}
 
     def picture() -> str:
+        pod = f"{names.memory(cr)}-0"
         memory_logs = "".join(
-            kube.kubectl("logs", f"{names.memory(cr)}-0", "-c", part, "-n", namespace, "--tail=20", check=False).stdout
+            kube.kubectl("logs", pod, "-c", part, "-n", namespace, "--tail=40", check=False).stdout
             for part in ("redis", "monitor"))
+        memory_logs += kube.kubectl("exec", pod, "-c", "redis", "-n", namespace, "--", "ls", "-la", "/data",
+                                    "/data/appendonlydir", check=False).stdout
         return (kube.kubectl("get", "borg,pods,pvc", "-n", namespace, "-o", "wide", check=False).stdout
                 + kube.kubectl("get", "borg", cr, "-n", namespace, "-o", "jsonpath={.status.conditions}",
                                check=False).stdout

@@ -42,6 +42,10 @@ READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {MONITOR_PASSWORD_FILE})" redis-
                  f'--user {MONITOR.name} -p {REDIS_PORT} ping)" = PONG')
 
 
+ALIVE_COMMAND = (f'case "$(redis-cli --tls --cacert {MEMORY_CA_FILE} -p {REDIS_PORT} --no-auth-warning ping 2>&1)" '
+                 'in PONG|*NOAUTH*|*LOADING*) exit 0;; *) exit 1;; esac')
+
+
 def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) -> Manifest:
     """The memory's Redis users' passwords, a key each (borgdqn.memory.redis.acl.USERS). Immutable: the apiserver
     itself refuses to change them, so no reconcile can rotate one by accident and lock the agents out of a
@@ -119,8 +123,10 @@ def _redis_container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"exec": {"command": ["sh", "-c", READY_COMMAND]},
                            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
-        # Redis listens while it loads a large AOF, so a TCP check does not kill a slow but healthy start.
-        "livenessProbe": {"tcpSocket": {"port": "redis"}, "initialDelaySeconds": 10,
+        # Alive while Redis answers a TLS client at all: -NOAUTH (no user given) or -LOADING (a large AOF loading)
+        # count, so a slow but healthy start is not killed. (A bare TCP check would make Redis log a failed TLS
+        # handshake every period.)
+        "livenessProbe": {"exec": {"command": ["sh", "-c", ALIVE_COMMAND]}, "initialDelaySeconds": 10,
                           "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6},
         "resources": guaranteed(memory.resources.cpu, memory.resources.memory),
         "securityContext": container_security_context(),
