@@ -75,18 +75,26 @@ def _updates(out: Path, agent: int) -> int:
 KILLS = 5
 
 
+def _endless_hive(tmp_path: Path, server: RedisServer, kind: str) -> tuple[subprocess.Popen[str], Path, str]:
+    """A 2-agent CartPole hive on ``server``'s memory with a budget it will not reach (the test stops it), its
+    output in ``tmp_path/train.log``: (process, run dir, memory name)."""
+    out, name = tmp_path / "run", f"{kind}-{uuid.uuid4().hex[:8]}"
+    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
+    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
+    with (tmp_path / "train.log").open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    return proc, out, name
+
+
 def test_agents_survive_redis_killed_five_times_and_the_memory_keeps_every_acknowledged_chunk(
         tmp_path: Path, redis_server_aof: RedisServer) -> None:
     """Redis SIGKILLed (a crash) and restarted KILLS times in a row while two agents write and learn. With
     appendfsync always, every chunk an agent was told is stored survives every crash: the log's chunk counter is at
     least the sum of what the agents' links count as written (more only by appends whose reply a crash cut off)."""
-    server, out, name = redis_server_aof, tmp_path / "run", f"crash-{uuid.uuid4().hex[:8]}"
-    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
-    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
-           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
-    log_file = (tmp_path / "train.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    server = redis_server_aof
+    proc, out, name = _endless_hive(tmp_path, server, "crash")
     client = redis.Redis.from_url(server.url)
     agent_logs = [out / "logs" / f"agent-{a}.log" for a in (0, 1)]
 
@@ -120,7 +128,6 @@ def test_agents_survive_redis_killed_five_times_and_the_memory_keeps_every_ackno
     finally:
         if proc.poll() is None:
             proc.kill()
-        log_file.close()
         client.close()
     assert proc.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -144,14 +151,8 @@ def test_agents_ride_out_a_hung_redis_and_its_log_stays_whole(tmp_path: Path, re
     """Redis hangs (SIGSTOP: connections open, no answer) for 10 s while two agents write and learn: they learn on
     from their replicas, write again once it answers, and the log's counters agree with its entries (no append
     half applied)."""
-    server, out, name = redis_server_aof, tmp_path / "run", f"hang-{uuid.uuid4().hex[:8]}"
-    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
-    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
-           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
-    log_path = tmp_path / "train.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    server, log_path = redis_server_aof, tmp_path / "train.log"
+    proc, out, name = _endless_hive(tmp_path, server, "hang")
     client = redis.Redis.from_url(server.url)
 
     def inserted() -> int:
@@ -199,14 +200,8 @@ def test_a_password_refused_mid_run_is_fatal_not_an_outage_retried_forever(
         tmp_path: Path, redis_server_aof: RedisServer) -> None:
     """The memory's password changes under a running agent (a replaced Secret): its link's reconnect is refused,
     and the agent stops with that reason instead of waiting, as for an outage, for a server that is there."""
-    server, out, name = redis_server_aof, tmp_path / "run", f"pw-{uuid.uuid4().hex[:8]}"
-    sets = [f"--set={key}={value}" for key, value in small_config(out, 10_000_000).items() if key != "hive.live"]
-    cmd = [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
-           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{server.port}/0"]
-    log_path = tmp_path / "train.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "BORG_REDIS_PASSWORD": server.password})
+    server, log_path = redis_server_aof, tmp_path / "train.log"
+    proc, out, _ = _endless_hive(tmp_path, server, "pw")
     admin = redis.Redis.from_url(server.url)
     try:
         eventually(lambda: proc.poll() is None and min(_updates(out, 0), _updates(out, 1)) > 0,

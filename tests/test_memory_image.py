@@ -264,11 +264,27 @@ def test_with_users_each_client_gets_least_privilege_and_redis_gets_no_password(
 
         # The rendered config holds each user's SHA-256, no password.
         conf = server.conf.read_text()
-        assert "\nrequirepass" not in conf and "\nuser default reset off\n" in conf
+        assert "\nrequirepass" not in conf and "\nuser default reset off " in conf
         for user in USERS:
             password = USER_PASSWORDS[user.secret_key]
             assert password not in conf and hashlib.sha256(password.encode()).hexdigest() in conf
         assert not any(p in (server.workdir / "redis.log").read_text() for p in USER_PASSWORDS.values())
+
+        # What the agents wrote through scripts and transactions (MULTI/EXEC in the append-only file) comes back
+        # after a crash: Redis replays the file as its default user, whose rights must cover it.
+        written = ["borg:{pong}:s1", "borg:{pong}:s2", "borg:{pong}:t1", "borg:{pong}:t2"]
+        agent.register_script("redis.call('SET', KEYS[1], 'a'); redis.call('SET', KEYS[2], 'b')")(keys=written[:2])
+        agent.pipeline(transaction=True).set(written[2], "c").set(written[3], "d").execute()
+        assert server.proc is not None
+        aof_dir = server.workdir / "data" / "appendonlydir"
+        wait_until(server.proc, lambda: any(b"borg:{pong}:t2" in f.read_bytes() for f in aof_dir.glob("*.incr.aof")),
+                   "the transaction in the AOF", timeout_s=10)
+        server.proc.kill()
+        server.launch()
+        reloaded = server.client(USER_PASSWORDS[MONITOR.secret_key], MONITOR.name)
+        assert [reloaded.get(key) for key in written] == [b"a", b"b", b"c", b"d"]
+        assert reloaded.get(own) == b"{}" and reloaded.xlen("borg:{pong}:log") == 1
+        assert "CRITICAL" not in (server.workdir / "redis.log").read_text()
 
 
 @pytest.mark.integration

@@ -5,7 +5,8 @@ operator hands out their passwords, the tests hold each user to them).
                   tail.py, model_store.py and link.py, on its own memory's keys (``borg:{name}:*``) only
     borg-monitor  the memory monitor sidecar and the operator's status: reads of those keys and INFO, nothing else
     borg-admin    the memory pod's own administrator (a person with ``kubectl exec``): every command
-    default       off: a client that does not say who it is gets ``-NOAUTH`` for everything
+    default       off: a client that does not say who it is gets ``-NOAUTH`` for everything (its rights are
+                  those of the server replaying its own append-only file, see DEFAULT_OFF)
 
 Nothing but ``borg-admin`` may run an administrative or dangerous command (FLUSHALL, CONFIG, SHUTDOWN, DEBUG,
 KEYS, CLIENT KILL, ...), touch another memory's keys, or use pub/sub. Each password is a key of the collective's
@@ -63,8 +64,11 @@ MONITOR = RedisUser(
 )
 ADMIN = RedisUser(name="borg-admin", secret_key="admin-password", commands=(), everything=True)
 USERS = (AGENT, MONITOR, ADMIN)
-# Redis' built-in user: off, so that every client must name one of the users above.
-DEFAULT_OFF = "user default reset off"
+# Redis' built-in user: off, so that every client must name one of the users above (off: nobody can log in as
+# it, with any password). Its rights stay whole because Redis 7.0 replays the append-only file as this user: with
+# none, every MULTI/EXEC in the file (the effects of our scripts) is refused at load and the memory comes back
+# without them (tests/test_memory_image.py restarts a memory the agents wrote to through their scripts).
+DEFAULT_OFF = "user default reset off ~* &* +@all"
 
 
 def acl_config(memory: str, passwords: Mapping[str, str]) -> str:

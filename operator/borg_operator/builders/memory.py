@@ -55,14 +55,8 @@ def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) ->
         if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
             # The memory image refuses both (a control character is usually a stray newline); fail here instead.
             raise ValueError(f"the Redis password {user.secret_key} must be non-empty printable text")
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(cr, namespace, names.redis_secret(cr), names.MEMORY),
-        "type": "Opaque",
-        "immutable": True,
-        "data": {user.secret_key: base64.b64encode(passwords[user.secret_key].encode()).decode() for user in USERS},
-    }
+    return _immutable_secret(cr, namespace, names.redis_secret(cr),
+                             {user.secret_key: passwords[user.secret_key] for user in USERS})
 
 
 def build_memory_tls_secret(cr: str, namespace: str, material: Mapping[str, str]) -> Manifest:
@@ -71,13 +65,18 @@ def build_memory_tls_secret(cr: str, namespace: str, material: Mapping[str, str]
     missing = [key for key in (CA_FILE, CERT_FILE, KEY_FILE) if not material.get(key)]
     if missing:
         raise ValueError(f"the memory's TLS Secret needs {', '.join(missing)}")
+    return _immutable_secret(cr, namespace, names.memory_tls_secret(cr),
+                             {key: material[key] for key in (CA_FILE, CERT_FILE, KEY_FILE)})
+
+
+def _immutable_secret(cr: str, namespace: str, name: str, data: Mapping[str, str]) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": metadata(cr, namespace, names.memory_tls_secret(cr), names.MEMORY),
+        "metadata": metadata(cr, namespace, name, names.MEMORY),
         "type": "Opaque",
         "immutable": True,
-        "data": {key: base64.b64encode(material[key].encode()).decode() for key in (CA_FILE, CERT_FILE, KEY_FILE)},
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
     }
 
 
