@@ -328,6 +328,42 @@ def test_a_deleted_redis_secret_is_reported_and_never_replaced_while_the_memory_
     assert cluster.get_json("secret", f"{name}-redis", "-n", namespace)["data"] == passwords
 
 
+def test_managed_children_deleted_one_by_one_come_back(cluster: KubeCluster, namespace: str,
+                                                       operator: Operator) -> None:  # fmt: skip
+    """A person (or a script) deletes the collective's children one by one: the memory's Service, the config, the
+    memory's StatefulSet and its TLS Secret come back by the next reconcile (a child's watch or the resync). The TLS
+    Secret comes back as a new certificate, and the memory's and the agents' pod templates roll onto its CA. (The
+    passwords' Secret is reported instead of made anew: the test above.)"""
+    name = "dc"
+    apply(cluster, collective(name, namespace, None))
+    found = settled(cluster, namespace, name, None)
+
+    def ca_checksums() -> set[str]:
+        return {cluster.get_json("statefulset", part, "-n", namespace)["spec"]["template"]["metadata"]["annotations"]
+                [names.MEMORY_CA_ANNOTATION] for part in (f"{name}-memory", f"{name}-agents")}
+
+    before = ca_checksums()
+    for kind, child in (("Service", f"{name}-memory"), ("ConfigMap", f"{name}-config"),
+                        ("StatefulSet", f"{name}-memory"), ("Secret", f"{name}-memory-tls")):
+        old = found[(kind, child)]["metadata"]["uid"]
+        started = time.monotonic()
+        cluster.kubectl("delete", kind.lower(), child, "-n", namespace, "--wait=true")
+
+        def back(kind: str = kind, child: str = child, old: str = old) -> dict[str, Any] | None:
+            now = children(cluster, namespace, name).get((kind, child))
+            return now if now is not None and now["metadata"]["uid"] != old else None
+
+        poll(back, f"{kind} {child} made anew", timeout_s=30)
+        print(f"\n{kind} {child} deleted -> made anew in {time.monotonic() - started:.1f}s")
+    after = poll(lambda: ca_checksums() if ca_checksums() != before and len(ca_checksums()) == 1 else None,
+                 "the memory and the agents rolled onto the new CA", timeout_s=30)
+    tls = children(cluster, namespace, name)[("Secret", f"{name}-memory-tls")]
+    assert after == {hashlib.sha256(base64.b64decode(tls["data"]["ca.crt"])).hexdigest()}
+    assert set(settled(cluster, namespace, name, None)) == set(found)
+    ready = condition(cluster, namespace, name, "Ready")
+    assert ready.get("reason") != "ReconcileError", ready
+
+
 @pytest.fixture
 def without_strimzi(cluster: KubeCluster) -> Iterator[None]:
     """No Strimzi CRDs for the test's duration: those another test installed are put back afterwards."""
