@@ -333,6 +333,35 @@ def test_elasticsearch_outage_loses_nothing_and_commits_nothing_meanwhile(
     es.close()
 
 
+def test_elasticsearch_hung_during_indexing_loses_nothing_and_duplicates_nothing(
+        kafka_server: Any, es_server_own: Any, names: tuple[str, str, str]) -> None:  # fmt: skip
+    """Elasticsearch hangs (SIGSTOP: connections open, no answer) while the indexer sends it events: each bulk
+    request times out and is retried; the ones a hung Elasticsearch received are applied when it resumes, and
+    their retries must not index anything twice. Nothing is committed before Elasticsearch acknowledges it."""
+    prefix, collective, group = names
+    es = Elasticsearch(es_server_own.url, request_timeout=30)
+    events = make_events(collective, 300)
+    run = IndexerThread(settings_for(kafka_server, es_server_own.url, prefix, group, request_timeout_s=2.0))
+    try:
+        es_server_own.hang()
+        try:
+            produce_events(kafka_server.bootstrap, prefix, events)
+            eventually(lambda: run.stats.consumed > 0 and run.stats.retries >= 2, "bulk requests timing out", 60)
+            assert run.stats.indexed == 0 and committed(kafka_server.bootstrap, group) == {}
+        finally:
+            es_server_own.hang(False)
+        eventually(lambda: run.stats.indexed == 300, "every event indexed once Elasticsearch answers", 120)
+        eventually(lambda: committed(kafka_server.bootstrap, group) == end_offsets(kafka_server.bootstrap, prefix),
+                   "offsets committed to the end", 30)
+    finally:
+        stats = run.stop()
+    assert stats.malformed == stats.rejected == 0
+    want = expected_docs(events)
+    assert count(es, collective) == sum(map(len, want.values()))  # no document twice
+    assert stored(es, collective) == want  # and none missing
+    es.close()
+
+
 def _indexer_cmd(kafka_server: Any, es_server: Any, prefix: str, group: str) -> list[str]:
     return [sys.executable, "-m", "borgdqn", "indexer", "--kafka", kafka_server.bootstrap, "--es", es_server.url,
             "--group", group, "--topic-prefix", prefix, "--batch", "100", "--report-every", "1"]

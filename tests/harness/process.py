@@ -206,7 +206,14 @@ class RunningPart:
         """Every (address, port) that a process of this part listens on."""
         return listening_sockets([pid for proc in self.processes for pid in group_pids(proc.pgid)])
 
+    def hang(self, hung: bool = True) -> None:
+        """SIGSTOP every process (a server that hangs: connections stay open, nothing answers), or SIGCONT."""
+        for proc in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pgid, signal.SIGSTOP if hung else signal.SIGCONT)
+
     def stop(self) -> None:
+        self.hang(False)  # a stopped process would not hear SIGTERM
         for proc in reversed(self.processes):
             proc.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

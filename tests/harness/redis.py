@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +106,6 @@ class RedisServer(RunningPart):
         """SIGKILL, as a crash: no shutdown save; the workdir (AOF, config) stays for `launch`."""
         for proc in self.processes:
             proc.kill()
-
-    def hang(self, hung: bool = True) -> None:
-        """SIGSTOP (a server that hangs: connections stay open, nothing answers), or SIGCONT to resume it."""
-        for proc in self.processes:
-            os.killpg(proc.pgid, signal.SIGSTOP if hung else signal.SIGCONT)
 
 
 def start_redis(install: RedisInstall, *, aof: bool = False, appendfsync: str = "everysec",
