@@ -61,6 +61,7 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
 
         fill, why = reader.read("127.0.0.1", redis_server.port, None, "wrong-password", name)
         assert fill is None and why is not None and "password" in why.lower()
+        assert reader.refusal("127.0.0.1", redis_server.port, name) == why  # a refusal: the status says it
         # Within the quiet period the same memory is not tried again (not even connected to) ...
         assert reader.read("127.0.0.1", redis_server.port, None, redis_server.password, name)[1] == \
             f"not retried yet: {why}"
@@ -70,6 +71,7 @@ def test_reader_gives_up_quickly_and_leaves_a_failed_memory_alone_for_a_while(re
         fill, why = reader.read("127.0.0.1", closed, None, None, name)
         assert fill is None and why is not None
         assert time.monotonic() - started < 1.5
+        assert reader.refusal("127.0.0.1", closed, name) is None  # away is no refusal
         fill, again = reader.read("127.0.0.1", closed, None, None, name)
         assert fill is None and again == f"not retried yet: {why}"
         # ... and afterwards it is.

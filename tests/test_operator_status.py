@@ -86,6 +86,15 @@ def test_what_the_agents_lost_on_the_way_to_the_log_is_in_the_status_and_the_mem
     assert conditions(quiet)["MemoryReady"]["message"].endswith("50% full")
 
 
+def test_a_memory_that_refuses_the_operators_user_makes_memory_ready_false() -> None:
+    refused = "AuthenticationError: invalid username-password pair or user is disabled."
+    status = compute_status(Collective.from_body(body()), healthy(memory_refused=refused), T0)
+    memory = conditions(status)["MemoryReady"]
+    assert (memory["status"], memory["reason"]) == ("False", "AccessRefused")
+    assert memory["message"].endswith(f"the memory refuses the operator's monitor user: {refused}")
+    assert conditions(status)["Ready"]["status"] == "False"
+
+
 def test_all_children_ready_make_a_running_collective_with_every_declared_field() -> None:
     status = compute_status(Collective.from_body(body()), healthy(memory_fill=0.374), T0)
 

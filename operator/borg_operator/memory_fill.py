@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from borgdqn.memory.redis.client import refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LinkTotals, LogNotCreated, read_state
 from borgdqn.memory.redis.model_store import read_finished
 
@@ -65,6 +66,7 @@ def fetch_fill(host: str, port: int, username: str | None, password: str | None,
 class _Failure:
     until: float
     reason: str
+    refused: bool  # the memory refused the user, its password, a command or the certificate: no wait cures it
 
 
 class FillReader:
@@ -95,16 +97,23 @@ class FillReader:
         try:
             fill = future.result(timeout=self.timeout_s * 2)
         except concurrent.futures.TimeoutError:
-            reason = f"no answer from {host}:{port} within {self.timeout_s * 2:g}s"
+            reason, refused = f"no answer from {host}:{port} within {self.timeout_s * 2:g}s", False
         except Exception as err:  # any failure only means: the fill is unknown
             reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            refused = refused_access(err) or untrusted_server(err)
         else:
             with self._lock:
                 self._failures.pop(where, None)
             return fill, None
         with self._lock:
-            self._failures[where] = _Failure(until=now + self.quiet_s, reason=reason)
+            self._failures[where] = _Failure(until=now + self.quiet_s, reason=reason, refused=refused)
         return None, reason
+
+    def refusal(self, host: str, port: int, name: str) -> str | None:
+        """Why the memory refused the last read (user, password, command or certificate), while that stands."""
+        with self._lock:
+            failure = self._failures.get((host, port, name))
+        return failure.reason if failure is not None and failure.refused else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

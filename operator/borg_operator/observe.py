@@ -108,6 +108,7 @@ def observe(applier: Applier, cr: str, namespace: str, spec: CollectiveSpec | No
             password = (read_passwords(applier, namespace, cr) or {}).get(MONITOR.secret_key)
             ca = (read_memory_tls(applier, namespace, cr) or {}).get(CA_FILE)
             fill, why = fills.read(memory_host(cr, namespace), REDIS_PORT, MONITOR.name, password, cr, ca)
+            parts["memory_refused"] = fills.refusal(memory_host(cr, namespace), REDIS_PORT, cr)
             if fill is not None:
                 parts["memory_fill"], parts["memory_links"] = fill.fill, fill.links
                 parts["memory_finished"] = fill.finished

@@ -109,6 +109,7 @@ class Observed:
     memory_fill: float | None = None  # None: not known (memory not ready, not reachable)
     memory_links: LinkTotals | None = None  # what the agents' links to the log report (known with the fill)
     memory_finished: Mapping[int, int] | None = None  # agent id -> env steps when it finished (known with the fill)
+    memory_refused: str | None = None  # why the memory refused the operator's read (password, ACL, certificate)
     error: str | None = None  # the last reconcile failed with this (one line)
     observed_generation: int | None = None  # the generation the children were last reconciled to
     selector: str = ""  # the agents' label selector (label selector syntax), for the scale subresource
@@ -219,9 +220,13 @@ def _statefulset_condition(type_: str, what: str, obj: Mapping[str, Any] | None,
 
 
 def memory_condition(memory: Mapping[str, Any] | None, fill: float | None,
-                     links: LinkTotals | None = None) -> Condition:
+                     links: LinkTotals | None = None, refused: str | None = None) -> Condition:
     condition = _statefulset_condition("MemoryReady", "memory pods", memory,
                                        "the memory StatefulSet does not exist yet")
+    if refused is not None:
+        # The memory's users or certificate do not match its Secrets: the agents are refused the same way.
+        return _false("MemoryReady", "AccessRefused",
+                      f"{condition.message}; the memory refuses the operator's monitor user: {refused}")
     if fill is None:
         return condition
     message = f"{condition.message}, {fill:.0%} full"
@@ -346,7 +351,7 @@ def compute_status(collective: Collective, observed: Observed, now: datetime.dat
         completed, complete = _completion(spec, observed, collective.status)
         parts = [
             agents_condition(spec, observed.agents, observed.unschedulable, completed),
-            memory_condition(observed.memory, observed.memory_fill, observed.memory_links),
+            memory_condition(observed.memory, observed.memory_fill, observed.memory_links, observed.memory_refused),
             kafka_condition(spec, observed.kafka, observed.missing),
             elastic_condition(spec, observed),
         ]
