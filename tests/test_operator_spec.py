@@ -226,8 +226,9 @@ def test_the_default_spec_becomes_a_valid_config_with_the_clusters_addresses() -
                                                                        EpsilonLadder())
     assert config.policy == EpsilonGreedyPolicySpec()
     replay = config.replay
-    assert (replay.backend, replay.redis_url, replay.redis_name) == ("redis", "redis://pong-memory.games.svc:6379/0",
+    assert (replay.backend, replay.redis_url, replay.redis_name) == ("redis", "rediss://pong-memory.games.svc:6379/0",
                                                                      "pong")
+    assert str(replay.redis_ca_file) == "/var/run/secrets/borg-tls/ca.crt"  # TLS only, verified against its CA
     assert (replay.capacity, replay.chunk_length, replay.outbox_steps) == (1_000_000, 32, 20_000)
     assert replay.beta == LinearSchedule(start=0.4, end=1.0, steps=10_000_000)
     assert (config.hive.agents, config.hive.steps, config.hive.threads_per_agent) == (1, 50_000_000, 4)
@@ -313,7 +314,7 @@ def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() 
     assert config.hive.assimilation.epsilon_floor_bounds == (0.01, 0.2)  # camelCase undone
     for ours, theirs in REPLAY_FIELDS.items():
         assert getattr(config.replay, theirs) == getattr(spec.memory, ours), ours
-    assert config.replay.redis_url == "redis://breakout-memory.ml.svc:6379/0"
+    assert config.replay.redis_url == "rediss://breakout-memory.ml.svc:6379/0"
     assert (config.hive.steps, config.hive.seed, config.hive.threads_per_agent) == (1000, 42, 8)
     assert config.telemetry.kafka == "kafka-0.example:9092,kafka-1.example:9092"
     assert config.telemetry.buffer_events == 500
