@@ -142,6 +142,9 @@ def _build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between readings (10)")
     mon.add_argument("--once", action="store_true", help="one reading, then exit (1 if none can be made)")
     mon.add_argument("--password-file", type=Path, metavar="PATH", help="read the password from this file")
+    mon.add_argument("--kafka-tls", action="store_true",
+                     help="TLS to Kafka; with BORG_KAFKA_USERNAME/BORG_KAFKA_PASSWORD a SASL/SCRAM-SHA-512 login")
+    mon.add_argument("--kafka-ca-file", type=Path, metavar="PEM", help="with --kafka-tls: the brokers' CA")
     mon.add_argument("--ca-file", type=Path, metavar="PEM",
                      help="with a rediss:// --memory: the CA certificate that signed the memory's")
     mon.add_argument("--kafka", metavar="HOST:PORT",
@@ -160,6 +163,9 @@ def _build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--topic-prefix", default="borg.telemetry.", metavar="PREFIX",
                      help="topics are PREFIX<kind> (default borg.telemetry.)")  # fmt: skip
     idx.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificate(s) to trust (ECK's self-signed)")
+    idx.add_argument("--kafka-tls", action="store_true",
+                     help="TLS to Kafka; with BORG_KAFKA_USERNAME/BORG_KAFKA_PASSWORD a SASL/SCRAM-SHA-512 login")
+    idx.add_argument("--kafka-ca-file", type=Path, metavar="PEM", help="with --kafka-tls: the brokers' CA")
     idx.add_argument("--replicas", type=int, default=0, help="replicas of each index (default 0)")
     idx.add_argument("--batch", type=int, default=5000, metavar="N", help="Kafka records per bulk request (5000)")
     idx.add_argument("--report-every", type=float, default=10.0, metavar="S", help="seconds between progress lines")
@@ -338,7 +344,8 @@ def _cmd_memory_monitor(args: argparse.Namespace) -> int:
     try:
         return serve(args.memory, args.name, interval_s=args.interval, once=args.once,
                      password_file=args.password_file, ca_file=args.ca_file, kafka=args.kafka or "",
-                     collective=args.collective or "")  # fmt: skip
+                     collective=args.collective or "", kafka_tls=args.kafka_tls,
+                     kafka_ca_file=args.kafka_ca_file)  # fmt: skip
     except MonitorError as err:
         print(f"borgdqn: failed: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -350,7 +357,8 @@ def _cmd_indexer(args: argparse.Namespace) -> int:
     try:
         settings = IndexerSettings.from_env(args.kafka, args.es, group=args.group, topic_prefix=args.topic_prefix,
                                             ca_file=args.ca_file, replicas=args.replicas, batch_max=args.batch,
-                                            report_every_s=args.report_every)  # fmt: skip
+                                            report_every_s=args.report_every, kafka_tls=args.kafka_tls,
+                                            kafka_ca_file=args.kafka_ca_file)  # fmt: skip
     except IndexerConfigError as err:
         raise ConfigError(str(err)) from None
     run_indexer(settings)

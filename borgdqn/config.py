@@ -322,6 +322,13 @@ class TelemetryConfig(_Strict):
         le=10_000_000,
         description="events each process holds while Kafka is away; then the oldest are dropped (and counted)",
     )
+    kafka_tls: bool = Field(
+        default=False,
+        description="TLS to Kafka; with BORG_KAFKA_USERNAME and BORG_KAFKA_PASSWORD also a SASL/SCRAM-SHA-512 login",
+    )
+    kafka_ca_file: Path | None = Field(
+        default=None, description="with kafka_tls: the CA certificate (PEM) of the brokers (unset: the system's CAs)"
+    )
 
     @field_validator("kafka")
     @classmethod
@@ -334,6 +341,12 @@ class TelemetryConfig(_Strict):
         if value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", value):
             raise ValueError("use 1-63 letters, digits, '_', '.', '-'")
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> TelemetryConfig:
+        if self.kafka_ca_file is not None and not self.kafka_tls:
+            raise ValueError("telemetry.kafka_ca_file needs telemetry.kafka_tls")
+        return self
 
 
 class BorgConfig(_Strict):

@@ -57,6 +57,7 @@ from borgdqn.rl.checkpoint import (
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.identity import collective_member, hive_agent
 from borgdqn.rl.networks import build_q_network
+from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,11 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
         resume = holds_run(config.hive.out) or restore_from_store(config, member, spec)
     if config.env.num_envs > STREAMS_PER_AGENT:
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
+    if config.telemetry.kafka:  # the login and TLS settings must fit before any process starts
+        try:
+            KafkaAccess.of(tls=config.telemetry.kafka_tls, ca_file=config.telemetry.kafka_ca_file)
+        except KafkaAccessError as err:
+            raise ConfigError(f"telemetry: {err}") from None
     # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.
     if config.replay.backend == "redis":
         check_redis_log(config, spec)

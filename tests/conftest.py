@@ -80,6 +80,18 @@ def kafka_server(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
     yield from start_part(request, lambda progress: start_kafka(ensure_kafka(progress)))
 
 
+@pytest.fixture(scope="module")
+def kafka_server_secure(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
+    """A Kafka that also listens with SASL_SSL: `.secure_bootstrap`, `.ca_file` (its certificate's CA), `.users`
+    (SCRAM-SHA-512 name -> password: `borg-agent`, `borg-indexer`). About 5 s to start."""
+    import secrets
+
+    from tests.harness.kafka import ensure_kafka, start_kafka
+
+    users = {name: secrets.token_urlsafe(18) for name in ("borg-agent", "borg-indexer")}
+    yield from start_part(request, lambda progress: start_kafka(ensure_kafka(progress), users=users))
+
+
 @pytest.fixture
 def kafka_server_own(request: pytest.FixtureRequest) -> Iterator[RunningPart]:
     """A Kafka of the test's own, for tests that stop it (`.halt()`/`.kill()`) and `.launch()` it again on the

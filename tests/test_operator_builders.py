@@ -290,7 +290,8 @@ def test_config_yaml_carries_the_cluster_addresses() -> None:
     assert config["replay"]["redis_ca_file"] == "/var/run/secrets/borg-tls/ca.crt"
     assert config["replay"]["redis_name"] == "cpu-external"
     assert config["telemetry"] == {"kafka": "kafka-0.shared:9092,kafka-1.shared:9092",
-                                   "collective": "cpu-external", "buffer_events": 10_000}
+                                   "collective": "cpu-external", "buffer_events": 10_000,
+                                   "kafka_tls": False, "kafka_ca_file": None}
     assert config["hive"]["agents"] == 1
 
 

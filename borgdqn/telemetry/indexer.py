@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from borgdqn.telemetry.documents import ALL_INDICES, index_templates
 from borgdqn.telemetry.documents import documents as event_documents
 from borgdqn.telemetry.events import KINDS, BadEvent, decode_event
+from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class IndexerSettings:
     backoff_max_s: float = 30.0
     request_timeout_s: float = 60.0
     max_poll_interval_ms: int = 600_000  # an Elasticsearch outage longer than this costs a rebalance (and replay)
+    kafka_access: KafkaAccess = field(default_factory=KafkaAccess)  # TLS and the SASL login to Kafka
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -108,11 +110,17 @@ class IndexerSettings:
 
     @classmethod
     def from_env(cls, kafka: str, es_url: str, env: Mapping[str, str] | None = None, **kwargs: Any) -> IndexerSettings:
-        """Settings with the Elasticsearch credentials from the environment (never from argv)."""
+        """Settings with the Elasticsearch credentials and the Kafka login from the environment (never from argv);
+        ``kafka_tls`` and ``kafka_ca_file`` say how to reach Kafka (kafka_access.py)."""
         env = os.environ if env is None else env
+        tls, ca_file = kwargs.pop("kafka_tls", False), kwargs.pop("kafka_ca_file", None)
+        try:
+            access = KafkaAccess.of(tls=tls, ca_file=ca_file, environ=env)
+        except KafkaAccessError as err:
+            raise IndexerConfigError(str(err)) from None
         return cls(kafka=kafka, es_url=es_url, es_username=env.get(ES_USERNAME_ENV) or None,
                    es_password=env.get(ES_PASSWORD_ENV) or None, es_api_key=env.get(ES_API_KEY_ENV) or None,
-                   **kwargs).validate()  # fmt: skip
+                   kafka_access=access, **kwargs).validate()  # fmt: skip
 
 
 @dataclass
@@ -188,7 +196,7 @@ class Indexer:
         self._consumer = AIOKafkaConsumer(
             *s.topics, bootstrap_servers=s.kafka, group_id=s.group, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=s.batch_max, max_poll_interval_ms=s.max_poll_interval_ms,
-            client_id=f"{s.group}-{os.getpid()}")  # fmt: skip
+            client_id=f"{s.group}-{os.getpid()}", **s.kafka_access.client_options())  # fmt: skip
         try:
             if not await self._retrying("install index templates", self._install_templates):
                 return self.stats

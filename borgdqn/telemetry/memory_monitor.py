@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LogNotCreated, read_state
 from borgdqn.one_line import one_line
+from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,12 @@ class KafkaPublisher:
     Kafka is away. ``wall_seconds`` counts from the publisher's start."""
 
     def __init__(self, bootstrap: str, collective: str, *, index: int = 0, max_buffered: int = 10_000,
-                 close_timeout_s: float = 5.0) -> None:  # fmt: skip
+                 close_timeout_s: float = 5.0, access: KafkaAccess | None = None) -> None:  # fmt: skip
         from borgdqn.telemetry.events import Source
         from borgdqn.telemetry.producer import TelemetryProducer
 
         self.producer = TelemetryProducer(bootstrap, Source.new(collective, "memory", index),
-                                          max_buffered=max_buffered)  # fmt: skip
+                                          max_buffered=max_buffered, access=access)  # fmt: skip
         self._started = time.monotonic()
         self._close_timeout_s = close_timeout_s
 
@@ -395,6 +396,8 @@ def serve(
     publisher: Publisher | None = None,
     kafka: str = "",
     collective: str = "",
+    kafka_tls: bool = False,
+    kafka_ca_file: Path | None = None,
 ) -> int:
     """``borgdqn memory-monitor``: one reading (``once``) or readings until SIGTERM/SIGINT; returns 0.
 
@@ -405,11 +408,15 @@ def serve(
     check_name(name)
     if not (math.isfinite(interval_s) and interval_s > 0):
         raise MonitorConfigError(f"--interval must be > 0 seconds, not {interval_s}")
+    try:
+        access = KafkaAccess.of(tls=kafka_tls, ca_file=kafka_ca_file)
+    except KafkaAccessError as err:
+        raise MonitorConfigError(f"--kafka-tls/--kafka-ca-file: {err}") from None
     client, where = connect(url, read_password(password_file), os.environ.get(REDIS_USERNAME_ENV, ""), ca_file)
     publisher = publisher or LogPublisher()
     if kafka:
         try:
-            publisher = FanOutPublisher(publisher, KafkaPublisher(kafka, collective or name))
+            publisher = FanOutPublisher(publisher, KafkaPublisher(kafka, collective or name, access=access))
         except ValueError as err:  # a bad address or collective name
             client.close()
             raise MonitorConfigError(f"--kafka/--collective: {err}") from None

@@ -44,6 +44,7 @@ from borgdqn.config import parse_kafka_bootstrap as parse_bootstrap
 from borgdqn.one_line import one_line
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.telemetry.events import KINDS, TOPICS, Kind, Source, encode_event, header
+from borgdqn.telemetry.kafka_access import KafkaAccess
 
 if TYPE_CHECKING:
     from borgdqn.config import BorgConfig
@@ -172,6 +173,7 @@ class TelemetryProducer:
         create_topics: bool = True,
         request_timeout_ms: int = 10_000,
         backoff_s: tuple[float, float] = (0.5, 30.0),
+        access: KafkaAccess | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be >= 1, not {max_buffered}")
@@ -188,6 +190,7 @@ class TelemetryProducer:
         self._request_timeout_ms = request_timeout_ms
         self._backoff_min, self._backoff_max = backoff_s
         self._key = source.source_id.encode()
+        self._access = access or KafkaAccess()  # TLS and the SASL login (kafka_access.py)
 
         self._lock = threading.Lock()
         self._queue: deque[_Item] = deque()  # new events, oldest first
@@ -511,6 +514,7 @@ class TelemetryProducer:
             max_batch_size=64 * 1024,
             request_timeout_ms=self._request_timeout_ms,
             retry_backoff_ms=500,
+            **self._access.client_options(),
         )
         try:
             await asyncio.wait_for(producer.start(), timeout=self._request_timeout_ms / 1000 + 5)
@@ -528,7 +532,8 @@ class TelemetryProducer:
 
         self._topics_tried = time.monotonic()
         timeout_s = self._request_timeout_ms / 1000
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=self._request_timeout_ms)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=self._request_timeout_ms,
+                                    **self._access.client_options())
         try:
             await asyncio.wait_for(admin.start(), timeout=timeout_s)
             existing = set(await asyncio.wait_for(admin.list_topics(), timeout=timeout_s))
@@ -593,4 +598,5 @@ def producer_for(config: BorgConfig, role: str, index: int, name: str = "") -> T
         return None
     collective = telemetry.collective or collective_from_path(config.hive.out)
     source = Source.new(collective, role, index, name=name)
-    return TelemetryProducer(telemetry.kafka, source, max_buffered=telemetry.buffer_events)
+    access = KafkaAccess.of(tls=telemetry.kafka_tls, ca_file=telemetry.kafka_ca_file)
+    return TelemetryProducer(telemetry.kafka, source, max_buffered=telemetry.buffer_events, access=access)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 
 from borg_operator import names
 
@@ -30,8 +31,16 @@ def memory_hostnames(cr: str, namespace: str) -> list[str]:
 
 
 def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = None) -> dict[str, str]:
-    """{ca.crt, tls.crt, tls.key} as PEM text: a fresh CA (ECDSA P-256; its key discarded) and the memory's server
-    certificate for `memory_hostnames`, valid for VALID_DAYS."""
+    """{ca.crt, tls.crt, tls.key} as PEM text: a fresh CA and the memory's server certificate for
+    `memory_hostnames`, valid for VALID_DAYS."""
+    return make_server_tls(f"borg-dqn {namespace}/{cr} memory CA", names.memory(cr), memory_hostnames(cr, namespace),
+                           now)
+
+
+def make_server_tls(ca_name: str, server: str, hostnames: Sequence[str],
+                    now: datetime.datetime | None = None) -> dict[str, str]:  # fmt: skip
+    """{ca.crt, tls.crt, tls.key} as PEM text: a fresh CA ``ca_name`` (ECDSA P-256; its key discarded) and the
+    certificate of ``server`` for ``hostnames`` (names or IP addresses), valid for VALID_DAYS."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,8 +49,8 @@ def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = Non
     now = now or datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=VALID_DAYS)  # clock skew
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"borg-dqn {namespace}/{cr} memory CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ca = (x509.CertificateBuilder().subject_name(issuer).issuer_name(issuer).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
@@ -50,14 +59,14 @@ def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = Non
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))  # fmt: skip
     alt_names: list[x509.GeneralName] = []
-    for host in memory_hostnames(cr, namespace):
+    for host in hostnames:
         try:
             alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             alt_names.append(x509.DNSName(host))
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.memory(cr))]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server)]))
+            .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)

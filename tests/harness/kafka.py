@@ -14,7 +14,7 @@ import socket
 import struct
 import subprocess
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.harness.cache import Progress, cache_root, installed, require_tool, run_logged, run_maven
@@ -98,10 +98,21 @@ class KafkaServer(RunningPart):
     controller_port: int = 0
     detach: bool = False
     host: str = "127.0.0.1"  # the address clients are told to use (a real node's pods: the node's address)
+    secure_port: int = 0  # with `users`: a SASL_SSL (SCRAM-SHA-512) listener besides the plaintext one
+    users: dict[str, str] = field(default_factory=dict)  # SCRAM user -> password
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def secure_bootstrap(self) -> str:
+        return f"{self.host}:{self.secure_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA of the secure listener's certificate (for 127.0.0.1 and localhost)."""
+        return self.workdir / "tls" / "ca.crt"
 
     def launch(self) -> None:
         """Starts the broker from the (formatted) workdir and waits until it serves Metadata; after `halt` or
@@ -137,18 +148,40 @@ def _cluster_id() -> str:
             return text
 
 
+def _secure_listener(part: KafkaServer) -> dict[str, str]:
+    """A SASL_SSL listener named SECURE: SCRAM-SHA-512 logins over TLS with a certificate of a CA of its own."""
+    from borg_operator.tls import CERT_FILE, KEY_FILE, make_server_tls
+
+    tls = part.workdir / "tls"
+    tls.mkdir(mode=0o700)
+    for name, text in make_server_tls("borgdqn harness kafka CA", "kafka", ["localhost", "127.0.0.1"]).items():
+        (tls / name).write_text(text)
+    # Kafka's PEM keystore: the private key (PKCS#8, unencrypted) and the certificate chain in one file.
+    (tls / "keystore.pem").write_text((tls / KEY_FILE).read_text() + (tls / CERT_FILE).read_text())
+    prefix = "listener.name.secure."
+    return {
+        f"{prefix}sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        f"{prefix}scram-sha-512.sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        f"{prefix}ssl.keystore.type": "PEM",
+        f"{prefix}ssl.keystore.location": str(tls / "keystore.pem"),
+    }
+
+
 def _server_properties(part: KafkaServer) -> str:
+    address = "127.0.0.1" if part.host == "127.0.0.1" else "0.0.0.0"
+    secure = part.secure_port and part.users
     lines = {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
         "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{part.controller_port}",
         # Loopback unless pods must reach it; the controller stays on loopback either way.
-        "listeners": (f"PLAINTEXT://{'127.0.0.1' if part.host == '127.0.0.1' else '0.0.0.0'}:{part.port},"
-                      f"CONTROLLER://127.0.0.1:{part.controller_port}"),
-        "advertised.listeners": f"PLAINTEXT://{part.host}:{part.port}",
+        "listeners": (f"PLAINTEXT://{address}:{part.port},CONTROLLER://127.0.0.1:{part.controller_port}"
+                      + (f",SECURE://{address}:{part.secure_port}" if secure else "")),
+        "advertised.listeners": (f"PLAINTEXT://{part.host}:{part.port}"
+                                 + (f",SECURE://{part.host}:{part.secure_port}" if secure else "")),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SECURE:SASL_SSL",
         "log.dirs": str(part.workdir / "data"),
         "auto.create.topics.enable": "true",
         "num.partitions": "1",
@@ -164,6 +197,7 @@ def _server_properties(part: KafkaServer) -> str:
         "group.initial.rebalance.delay.ms": "0",
         "num.network.threads": "2",
         "num.io.threads": "2",
+        **(_secure_listener(part) if secure else {}),
     }
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
@@ -208,28 +242,39 @@ def metadata_brokers(port: int, timeout_s: float = 2.0) -> list[tuple[int, str, 
     return brokers
 
 
-def start_kafka(install: KafkaInstall, *, detach: bool = False, host: str = "127.0.0.1") -> KafkaServer:
+def start_kafka(install: KafkaInstall, *, detach: bool = False, host: str = "127.0.0.1",
+                users: dict[str, str] | None = None) -> KafkaServer:
     """A single-node KRaft Kafka on 127.0.0.1 (PLAINTEXT, no auth), topics auto-created, data in a temp dir.
 
-    With another `host` (a real node's address) it listens on every address and tells clients that one.
+    With another `host` (a real node's address) it listens on every address and tells clients that one. With
+    `users` (name -> password) also a SASL_SSL listener (`.secure_bootstrap`, SCRAM-SHA-512 logins of those users,
+    a certificate whose CA is `.ca_file`), as a managed Kafka that wants TLS and a login is reached.
     """
     workdir = make_workdir("kafka")
-    part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach, host=host)
+    part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach, host=host,
+                       users=dict(users or {}))
     try:
         # Two free_port calls can hand out the same port, since nothing holds the first one meanwhile.
         while part.controller_port in (0, part.port):
             part.controller_port = free_port()
+        while part.users and part.secure_port in (0, part.port, part.controller_port):
+            part.secure_port = free_port()
         config = workdir / "server.properties"
         config.write_text(_server_properties(part))
         log4j_config = workdir / "log4j2.properties"
         log4j_config.write_text(LOG4J2_CONFIG)
         # KRaft refuses to start on an unformatted log dir; formatting writes meta.properties and the
         # bootstrap metadata (cluster id, feature levels) there.
-        run_logged(install.java_cmd("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", config,
+        # SCRAM credentials go into the bootstrap metadata: the users exist before the first client comes.
+        scram = [arg for name, password in part.users.items()
+                 for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")]
+        run_logged(install.java_cmd("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", config, *scram,
                                     log4j_config=log4j_config),
                    workdir / "format.log", "kafka storage format", cwd=workdir)
         part.launch()
         part.exports = {"KAFKA_BOOTSTRAP": part.bootstrap}
+        if part.users:
+            part.exports.update(KAFKA_SECURE_BOOTSTRAP=part.secure_bootstrap, KAFKA_CA_FILE=str(part.ca_file))
         return part
     except BaseException:
         part.stop()
