@@ -67,8 +67,8 @@ class IndexerSettings:
     group: str = DEFAULT_GROUP
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     es_username: str | None = None
-    es_password: str | None = None
-    es_api_key: str | None = None
+    es_password: str | None = field(default=None, repr=False)  # never in a repr
+    es_api_key: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
     replicas: int = 0
     batch_max: int = 5000  # Kafka records per bulk request

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ class KafkaAccess:
     tls: bool = False
     ca_file: Path | None = None
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)  # never in a log line or a traceback's repr
 
     @classmethod
     def of(cls, *, tls: bool, ca_file: Path | None = None,
@@ -58,10 +58,6 @@ class KafkaAccess:
         if self.username:
             return "SASL_SSL"
         return "SSL" if self.tls else "PLAINTEXT"
-
-    def describe(self) -> str:
-        """For logs: the protocol and the user, never the password."""
-        return f"{self.protocol}{f' as {self.username}' if self.username else ''}"
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments of aiokafka's producer, consumer and admin client."""
