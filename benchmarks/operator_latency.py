@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,9 @@ from kubernetes.dynamic import DynamicClient  # noqa: E402
 from borg_operator import names  # noqa: E402
 from borg_operator.apply import Applier, discovery_cache_file  # noqa: E402
 from borg_operator.builders import OWNED_KINDS, build_children  # noqa: E402
+from borg_operator.reconcile import fresh_passwords  # noqa: E402
 from borg_operator.spec import parse_spec  # noqa: E402
+from borg_operator.tls import make_kafka_tls, make_memory_tls  # noqa: E402
 from tests.harness.cache import Progress  # noqa: E402
 from tests.harness.kube import KubeCluster, ensure_kube, start_kube  # noqa: E402
 from tests.kube_helpers import new_namespace, poll  # noqa: E402
@@ -129,7 +130,8 @@ def time_scale_to_5(kube: KubeCluster, applier: Applier, namespace: str, name: s
 def baseline_run(kube: KubeCluster, applier: Applier, name: str) -> tuple[float, float]:
     """(apply -> children, scale -> agents) without the operator: pre-rendered children, one server-side apply."""
     namespace = new_namespace(kube, "base")
-    rendered = build_children(name, namespace, parse_spec({}), redis_password=secrets.token_urlsafe(32))
+    rendered = build_children(name, namespace, parse_spec({}), redis_passwords=fresh_passwords(),
+                              memory_tls=make_memory_tls(name, namespace), kafka_tls=make_kafka_tls(name, namespace))
     want = {(child["kind"], child["metadata"]["name"]) for child in rendered}
     body = json.dumps({"apiVersion": "v1", "kind": "List", "items": rendered})
     started = time.monotonic()

@@ -12,12 +12,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from borgdqn import __version__
 from borgdqn.bad_input import EXIT_BAD_INPUT, OneLineParser
 from borgdqn.config import BorgConfig, ConfigError, build_config, parse_override, read_yaml
 from borgdqn.memory.redis.client import RefusedAccess, UntrustedServer
+
+if TYPE_CHECKING:
+    from borgdqn.telemetry.kafka_access import KafkaAccess
 
 EXIT_FAILED = 1
 
@@ -142,9 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between readings (10)")
     mon.add_argument("--once", action="store_true", help="one reading, then exit (1 if none can be made)")
     mon.add_argument("--password-file", type=Path, metavar="PATH", help="read the password from this file")
-    mon.add_argument("--kafka-tls", action="store_true",
-                     help="TLS to Kafka; with BORG_KAFKA_USERNAME/BORG_KAFKA_PASSWORD a SASL/SCRAM-SHA-512 login")
-    mon.add_argument("--kafka-ca-file", type=Path, metavar="PEM", help="with --kafka-tls: the brokers' CA")
+    _add_kafka_access(mon)
     mon.add_argument("--ca-file", type=Path, metavar="PEM",
                      help="with a rediss:// --memory: the CA certificate that signed the memory's")
     mon.add_argument("--kafka", metavar="HOST:PORT",
@@ -163,13 +164,31 @@ def _build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--topic-prefix", default="borg.telemetry.", metavar="PREFIX",
                      help="topics are PREFIX<kind> (default borg.telemetry.)")  # fmt: skip
     idx.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificate(s) to trust (ECK's self-signed)")
-    idx.add_argument("--kafka-tls", action="store_true",
-                     help="TLS to Kafka; with BORG_KAFKA_USERNAME/BORG_KAFKA_PASSWORD a SASL/SCRAM-SHA-512 login")
-    idx.add_argument("--kafka-ca-file", type=Path, metavar="PEM", help="with --kafka-tls: the brokers' CA")
+    _add_kafka_access(idx)
     idx.add_argument("--replicas", type=int, default=0, help="replicas of each index (default 0)")
     idx.add_argument("--batch", type=int, default=5000, metavar="N", help="Kafka records per bulk request (5000)")
     idx.add_argument("--report-every", type=float, default=10.0, metavar="S", help="seconds between progress lines")
     return parser
+
+
+def _add_kafka_access(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kafka-tls", action="store_true",
+                        help="TLS to Kafka; with BORG_KAFKA_USERNAME/BORG_KAFKA_PASSWORD a SASL/SCRAM-SHA-512 login")
+    parser.add_argument("--kafka-ca-file", type=Path, metavar="PEM", help="with --kafka-tls: the brokers' CA")
+    parser.add_argument("--kafka-cert-file", type=Path, metavar="PEM",
+                        help="with --kafka-tls: this client's certificate, for a Kafka that wants mutual TLS")
+    parser.add_argument("--kafka-key-file", type=Path, metavar="PEM",
+                        help="with --kafka-cert-file: its key (default: in the certificate's file)")
+
+
+def _kafka_access(args: argparse.Namespace) -> KafkaAccess:
+    from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
+
+    try:
+        return KafkaAccess.of(tls=args.kafka_tls, ca_file=args.kafka_ca_file, cert_file=args.kafka_cert_file,
+                              key_file=args.kafka_key_file)
+    except KafkaAccessError as err:
+        raise ConfigError(f"--kafka-tls/--kafka-ca-file/--kafka-cert-file/--kafka-key-file: {err}") from None
 
 
 def _train_config(args: argparse.Namespace) -> BorgConfig:
@@ -344,8 +363,7 @@ def _cmd_memory_monitor(args: argparse.Namespace) -> int:
     try:
         return serve(args.memory, args.name, interval_s=args.interval, once=args.once,
                      password_file=args.password_file, ca_file=args.ca_file, kafka=args.kafka or "",
-                     collective=args.collective or "", kafka_tls=args.kafka_tls,
-                     kafka_ca_file=args.kafka_ca_file)  # fmt: skip
+                     collective=args.collective or "", kafka_access=_kafka_access(args))  # fmt: skip
     except MonitorError as err:
         print(f"borgdqn: failed: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -357,8 +375,8 @@ def _cmd_indexer(args: argparse.Namespace) -> int:
     try:
         settings = IndexerSettings.from_env(args.kafka, args.es, group=args.group, topic_prefix=args.topic_prefix,
                                             ca_file=args.ca_file, replicas=args.replicas, batch_max=args.batch,
-                                            report_every_s=args.report_every, kafka_tls=args.kafka_tls,
-                                            kafka_ca_file=args.kafka_ca_file)  # fmt: skip
+                                            report_every_s=args.report_every,
+                                            kafka_access=_kafka_access(args))  # fmt: skip
     except IndexerConfigError as err:
         raise ConfigError(str(err)) from None
     run_indexer(settings)

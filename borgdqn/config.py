@@ -329,6 +329,12 @@ class TelemetryConfig(_Strict):
     kafka_ca_file: Path | None = Field(
         default=None, description="with kafka_tls: the CA certificate (PEM) of the brokers (unset: the system's CAs)"
     )
+    kafka_cert_file: Path | None = Field(
+        default=None, description="with kafka_tls: this client's certificate (PEM), for a Kafka that wants mutual TLS"
+    )
+    kafka_key_file: Path | None = Field(
+        default=None, description="with kafka_cert_file: its private key (PEM; unset: in the certificate's file)"
+    )
 
     @field_validator("kafka")
     @classmethod
@@ -344,8 +350,11 @@ class TelemetryConfig(_Strict):
 
     @model_validator(mode="after")
     def _tls(self) -> TelemetryConfig:
-        if self.kafka_ca_file is not None and not self.kafka_tls:
-            raise ValueError("telemetry.kafka_ca_file needs telemetry.kafka_tls")
+        for name in ("kafka_ca_file", "kafka_cert_file", "kafka_key_file"):
+            if getattr(self, name) is not None and not self.kafka_tls:
+                raise ValueError(f"telemetry.{name} needs telemetry.kafka_tls")
+        if self.kafka_key_file is not None and self.kafka_cert_file is None:
+            raise ValueError("telemetry.kafka_key_file needs telemetry.kafka_cert_file")
         return self
 
 

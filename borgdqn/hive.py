@@ -300,7 +300,7 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
         raise ConfigError(f"env.num_envs: at most {STREAMS_PER_AGENT} per agent")
     if config.telemetry.kafka:  # the login and TLS settings must fit before any process starts
         try:
-            KafkaAccess.of(tls=config.telemetry.kafka_tls, ca_file=config.telemetry.kafka_ca_file)
+            KafkaAccess.of_telemetry(config.telemetry)
         except KafkaAccessError as err:
             raise ConfigError(f"telemetry: {err}") from None
     # Reach the Redis memory before the run dir exists: a wrong password must not leave a run to --resume.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from borg_operator import names
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.spec import parse_spec
-from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
+from borg_operator.tls import CA_FILE, CERT_FILE, KAFKA_TLS_KEYS, KEY_FILE
 from borgdqn.memory.redis.acl import USERS
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds
@@ -50,7 +50,8 @@ def expected_children(name: str, namespace: str, spec: dict[str, Any] | None = N
     """(kind, name) of everything the builders render for this spec (the password does not change the set)."""
     passwords = {user.secret_key: "unused" for user in USERS}
     tls = {key: "unused" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
-    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords, memory_tls=tls)
+    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords, memory_tls=tls,
+                              kafka_tls=dict.fromkeys(KAFKA_TLS_KEYS, "unused"))
     return {(child["kind"], child["metadata"]["name"]) for child in rendered}
 
 

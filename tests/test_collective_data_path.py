@@ -26,6 +26,7 @@ store with its env-step counter kept and the new config.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -46,8 +47,9 @@ from elasticsearch import Elasticsearch
 from borg_operator import names
 from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
-from borg_operator.spec import CONFIG_PATH, RUN_DIR, parse_spec
-from borg_operator.tls import make_memory_tls
+from borg_operator.builders.kafka import CLIENT_LISTENER, image_properties
+from borg_operator.spec import CONFIG_PATH, KAFKA_CA_FILE, RUN_DIR, parse_spec
+from borg_operator.tls import make_kafka_tls, make_memory_tls
 from borgdqn.config import BorgConfig
 from borgdqn.memory.redis.acl import MONITOR, USERS
 from borgdqn.memory.redis.model_store import RedisModelStore, read_finished
@@ -55,10 +57,11 @@ from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from borgdqn.rl.identity import AgentIdentity, collective_member
 from borgdqn.telemetry.documents import SHARES_INDEX
 from borgdqn.telemetry.events import INDICES
+from borgdqn.telemetry.kafka_access import KafkaAccess
 from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
 from tests.conditions import eventually
 from tests.harness.cache import Progress
-from tests.harness.kafka import KafkaServer
+from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
 from tests.harness.process import free_port
 from tests.harness.redis import RedisInstall, ensure_redis
 
@@ -88,7 +91,8 @@ SPEC: dict[str, Any] = {
     "elastic": {"mode": "eck", "count": 1},
 }  # fmt: skip
 # The keys a cluster's addresses and volumes decide; every other key of the agents' config is the ConfigMap's.
-CLUSTER_KEYS = {"replay.redis_url", "replay.redis_ca_file", "telemetry.kafka", "hive.out"}
+CLUSTER_KEYS = {"replay.redis_url", "replay.redis_ca_file", "telemetry.kafka", "telemetry.kafka_ca_file",
+                "telemetry.kafka_cert_file", "telemetry.kafka_key_file", "hive.out"}
 CONSOLE_SCRIPT = Path(sys.executable).with_name("borgdqn")  # what `borgdqn` is in the images: the console script
 ENTRYPOINT = Path(__file__).resolve().parents[1] / "memory_image" / "entrypoint.py"  # the memory image's
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -203,17 +207,23 @@ class Processes:
 
 
 def secret_mounts(children: Mapping[tuple[str, str], dict[str, Any]], kind: str, name: str, container_name: str,
-                  secrets: Mapping[tuple[str, str], str], where: Path) -> dict[str, Path]:
-    """The container's Secret volumes as the kubelet mounts them, a directory of files each: mountPath -> dir."""
+                  secrets: Mapping[tuple[str, str], str], where: Path,
+                  only: tuple[str, ...] | None = None) -> dict[str, Path]:  # fmt: skip
+    """The container's Secret volumes (or ``only`` those named) as the kubelet mounts them, a directory of files
+    each: mountPath -> dir."""
     pod = children[(kind, name)]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    # A Secret volume, or a projected one of several Secrets' keys: (Secret, its items) each.
+    volumes = {v["name"]: [(v["secret"]["secretName"], v["secret"]["items"])] for v in pod["volumes"] if "secret" in v}
+    volumes |= {v["name"]: [(s["secret"]["name"], s["secret"]["items"]) for s in v["projected"]["sources"]]
+                for v in pod["volumes"] if "projected" in v}
     out = {}
     for mount in container(children, kind, name, container_name)["volumeMounts"]:
-        if mount["name"] in volumes:
-            volume, local = volumes[mount["name"]], where / f"{container_name}-{mount['name']}"
+        if mount["name"] in volumes and (only is None or mount["name"] in only):
+            local = where / f"{container_name}-{mount['name']}"
             local.mkdir(parents=True)
-            for item in volume["items"]:
-                (local / item["path"]).write_text(secrets[(volume["secretName"], item["key"])])
+            for secret, items in volumes[mount["name"]]:
+                for item in items:
+                    (local / item["path"]).write_text(secrets[(secret, item["key"])])
             out[mount["mountPath"]] = local
     return out
 
@@ -224,6 +234,46 @@ def moved(value: str, mounts: Mapping[str, Path]) -> str:
     for path, local in mounts.items():
         value = re.sub(rf"{re.escape(path)}(?=/|$)", str(local).replace("\\", "\\\\"), value)
     return value
+
+
+def start_kafka_pod(children: Mapping[tuple[str, str], dict[str, Any]], cr: str,
+                    secrets: Mapping[tuple[str, str], str], where: Path) -> KafkaServer:  # fmt: skip
+    """The managed Kafka's broker as its StatefulSet configures it: server.properties by the image's rule from the
+    container's env; of those, the listener the clients and the brokers share (its protocol and its
+    listener.name.client.* settings, with the files of the pod's Secret volume) runs on the harness's broker, whose
+    node id, quorum and data dir stand in for the StatefulSet's. The certificate's names are the cluster's and
+    the loopback's (make_kafka_tls's ``also``), since this broker is dialled at 127.0.0.1."""
+    broker = container(children, "StatefulSet", f"{cr}-kafka", "kafka")
+    props = image_properties(broker["env"])
+    protocols = dict(item.split(":") for item in props["listener.security.protocol.map"].split(","))
+    assert props["listeners"].startswith(f"{CLIENT_LISTENER}://")
+    assert props["inter.broker.listener.name"] == CLIENT_LISTENER  # the brokers too meet on it, with certificates
+    assert protocols == {CLIENT_LISTENER: "SSL", "CONTROLLER": "PLAINTEXT"}, "TLS only, but for the quorum"
+    mounts = secret_mounts(children, "StatefulSet", f"{cr}-kafka", "kafka", secrets, where)
+    prefix = f"listener.name.{CLIENT_LISTENER.lower()}."
+    listener = {key: moved(value, mounts) for key, value in props.items() if key.startswith(prefix)}
+    assert listener[f"{prefix}ssl.client.auth"] == "required"
+    return start_kafka(ensure_kafka(Progress()), listener=(protocols[CLIENT_LISTENER], listener))
+
+
+def refused_without_certificate(broker: KafkaServer, ca_file: Path) -> None:
+    """A client that trusts the broker's CA but shows no certificate of its own bootstraps nothing (so it can
+    send nothing), and the broker's log says it refused the handshake."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError
+
+    async def start() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.client_bootstrap, request_timeout_ms=5000,
+                                    **KafkaAccess(tls=True, ca_file=ca_file).client_options())  # fmt: skip
+        try:
+            await asyncio.wait_for(producer.start(), timeout=20)
+        finally:
+            await producer.stop()
+
+    with pytest.raises(KafkaConnectionError, match="Unable to bootstrap"):
+        asyncio.run(start())
+    eventually(lambda: "SSL handshake failed" in (broker.workdir / "kafka.log").read_text(),
+               "the broker's log of the refused handshake", 10, 0.2)
 
 
 def start_memory(children: Mapping[tuple[str, str], dict[str, Any]], cr: str, secrets: Mapping[tuple[str, str], str],
@@ -283,12 +333,14 @@ def metrics(run_dir: Path, agent: int, kind: str) -> list[dict[str, Any]]:
 
 
 def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elasticsearch(
-        tmp_path: Path, redis_install: RedisInstall, kafka_server: KafkaServer, es_server: Any,
-        processes: Processes) -> None:  # fmt: skip
+        tmp_path: Path, redis_install: RedisInstall, es_server: Any, processes: Processes,
+        request: pytest.FixtureRequest) -> None:  # fmt: skip
     cr = f"dp-{uuid.uuid4().hex[:6]}"  # the collective's name: its memory's name and its telemetry's collective
     passwords = {user.secret_key: f"{user.name}-{uuid.uuid4().hex}" for user in USERS}
     tls = make_memory_tls(cr, NAMESPACE)
-    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords, memory_tls=tls))
+    kafka_tls = make_kafka_tls(cr, NAMESPACE, also=("127.0.0.1",))
+    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords, memory_tls=tls,
+                                      kafka_tls=kafka_tls))
     config_text = children[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY]
     rendered = yaml.safe_load(config_text)
     config_file = tmp_path / CONFIG_KEY
@@ -297,7 +349,12 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     assert (config.hive.agents, config.replay.backend, config.replay.redis_name, config.telemetry.collective,
             config.hive.out) == (1, "redis", cr, cr, Path(RUN_DIR))  # fmt: skip
     secrets = secret_values(children)
-    kafka = kafka_server.bootstrap
+    # The managed Kafka wants TLS and a certificate of its CA from every client.
+    broker = start_kafka_pod(children, cr, secrets, tmp_path / "kafka-0")
+    request.addfinalizer(broker.stop)
+    kafka = broker.client_bootstrap
+    refused_without_certificate(broker, Path(moved(KAFKA_CA_FILE, secret_mounts(
+        children, "StatefulSet", f"{cr}-agents", "agent", secrets, tmp_path / "stranger"))))
     memory = start_memory(children, cr, secrets, processes, redis_install, tmp_path)
     memory_url = f"rediss://127.0.0.1:{memory.connection_pool.connection_kwargs['port']}/0"
 
@@ -318,7 +375,9 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     indexer = container(children, "Deployment", f"{cr}-indexer", "indexer")
     indexer_env = pod_env(indexer, {}, {**secrets, (names.es_elastic_user_secret(cr), "elastic"): "unchecked"})
     assert set(indexer_env) == {"BORG_ES_USERNAME", "BORG_ES_PASSWORD"}
-    indexer_args = argv(indexer, indexer_env)
+    indexer_mounts = secret_mounts(children, "Deployment", f"{cr}-indexer", "indexer", secrets, tmp_path,
+                                   only=("kafka-client",))  # ECK's CA: no ECK here (see --ca-file below)
+    indexer_args = [moved(arg, indexer_mounts) for arg in argv(indexer, indexer_env)]
     assert indexer_args[indexer_args.index("--group") + 1] == f"{cr}-indexer"  # a new consumer group per run
     indexer_args = replace_value(indexer_args, "--kafka", kafka)
     indexer_args = replace_value(indexer_args, "--es", es_server.url)
@@ -337,13 +396,14 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
                       secrets)  # fmt: skip
         assert env["BORG_REDIS_PASSWORD"] == passwords["agent-password"] and env["HOME"] == "/tmp"
         env["HOME"] = str(pod_dir / "tmp")  # the pod's /tmp emptyDir
-        # The memory's CA certificate, from the agent pod's own Secret volume.
-        ca_file = moved(rendered["replay"]["redis_ca_file"],
-                        secret_mounts(children, "StatefulSet", f"{cr}-agents", "agent", secrets, pod_dir))
+        # The memory's CA certificate, Kafka's CA and the client certificate, from the pod's own Secret volumes.
+        mounts = secret_mounts(children, "StatefulSet", f"{cr}-agents", "agent", secrets, pod_dir)
         cluster = {  # the Services' addresses, the volumes' paths: nothing else is overridden
             "BORG_REPLAY__REDIS_URL": memory_url,
-            "BORG_REPLAY__REDIS_CA_FILE": ca_file,
+            "BORG_REPLAY__REDIS_CA_FILE": moved(rendered["replay"]["redis_ca_file"], mounts),
             "BORG_TELEMETRY__KAFKA": kafka,
+            **{f"BORG_TELEMETRY__{key.upper()}": moved(rendered["telemetry"][key], mounts)
+               for key in ("kafka_ca_file", "kafka_cert_file", "kafka_key_file")},
             "BORG_HIVE__OUT": str(pod_dir / "run"),
         }
         # The ConfigMap volume's file is config_file here: the one path in the args that must move.
@@ -473,7 +533,8 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     # with its env-step counter kept, and goes on with the new config.
     changed = {**SPEC, "agents": {**SPEC["agents"], "steps": 2 * STEPS,
                                   "learner": {**SPEC["agents"]["learner"], "lr": 5e-4}}}
-    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords, memory_tls=tls))
+    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords, memory_tls=tls,
+                                    kafka_tls=kafka_tls))
 
     def checksum(found: Mapping[tuple[str, str], dict[str, Any]]) -> str:
         template = found[("StatefulSet", f"{cr}-agents")]["spec"]["template"]

@@ -24,7 +24,7 @@ from borg_operator.builders.config import CONFIG_KEY, config_yaml
 from borg_operator.builders.kafka import cluster_id
 from borg_operator.builders.memory import build_redis_secret, redis_maxmemory
 from borg_operator.spec import SpecError, kafka_bootstrap, parse_spec, to_borg_config
-from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
+from borg_operator.tls import CA_FILE, CERT_FILE, KAFKA_TLS_KEYS, KEY_FILE
 from borgdqn.config import build_config
 from borgdqn.memory.redis.acl import USERS
 from borgdqn.memory.redis.sizing import replica_bytes
@@ -40,6 +40,7 @@ NAMESPACE = "borg"
 # A stand-in password for the golden files (the reconciler generates the real one).
 GOLDEN_PASSWORDS = {user.secret_key: f"golden-{user.secret_key}-not-a-real-secret" for user in USERS}
 GOLDEN_TLS = {key: f"golden-{key}-not-a-real-pem" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
+GOLDEN_KAFKA_TLS = {key: f"golden-kafka-{key}-not-a-real-pem" for key in KAFKA_TLS_KEYS}
 UPDATE = os.environ.get("BORG_UPDATE_GOLDEN") == "1"
 
 # Variants beside the examples, for what the examples leave out.
@@ -62,7 +63,8 @@ def example(which: str) -> tuple[str, dict[str, Any]]:
 
 def render(name: str, spec: dict[str, Any], namespace: str = NAMESPACE,
            passwords: Mapping[str, str] = GOLDEN_PASSWORDS) -> list[dict[str, Any]]:
-    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords, memory_tls=GOLDEN_TLS)
+    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords, memory_tls=GOLDEN_TLS,
+                          kafka_tls=GOLDEN_KAFKA_TLS)
 
 
 def all_renders() -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -138,8 +140,8 @@ def test_children_come_in_the_documented_order() -> None:
         ("Secret", "pong-minimal-memory-tls"), ("StatefulSet", "pong-minimal-memory"),
         ("Service", "pong-minimal-memory-headless"),
         ("Service", "pong-minimal-memory"), ("PodDisruptionBudget", "pong-minimal-memory"),
-        ("StatefulSet", "pong-minimal-kafka"), ("Service", "pong-minimal-kafka-headless"),
-        ("Service", "pong-minimal-kafka"),
+        ("Secret", "pong-minimal-kafka-tls"), ("StatefulSet", "pong-minimal-kafka"),
+        ("Service", "pong-minimal-kafka-headless"), ("Service", "pong-minimal-kafka"),
         ("Elasticsearch", "pong-minimal-es"), ("Kibana", "pong-minimal-kibana"),
         ("Deployment", "pong-minimal-indexer"), ("Job", "pong-minimal-kibana-setup"),
         ("StatefulSet", "pong-minimal-agents"),
@@ -210,9 +212,9 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
 def test_a_completed_collective_keeps_every_child_but_gives_its_agents_no_pods() -> None:
     name, spec = example("full")
     running = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
-                             memory_tls=GOLDEN_TLS)
+                             memory_tls=GOLDEN_TLS, kafka_tls=GOLDEN_KAFKA_TLS)
     completed = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
-                               memory_tls=GOLDEN_TLS, completed=True)
+                               memory_tls=GOLDEN_TLS, kafka_tls=GOLDEN_KAFKA_TLS, completed=True)
     assert by_kind(running, "StatefulSet", "pong-agents")["spec"]["replicas"] == 8
     assert by_kind(completed, "StatefulSet", "pong-agents")["spec"]["replicas"] == 0
     # The memory, Kafka, Elasticsearch, Kibana and the rest stay for inspection, unchanged.
@@ -254,8 +256,12 @@ def test_agents_run_the_config_with_identity_and_the_password_from_the_secret() 
                                               "items": [{"key": "ca.crt", "path": "ca.crt"}]}
     assert mounts["/var/run/secrets/borg-tls"] == {"name": "memory-ca", "mountPath": "/var/run/secrets/borg-tls",
                                                    "readOnly": True}
+    # Kafka's CA and the client certificate and key of a managed Kafka, not its brokers' key.
+    assert volumes["kafka-client"]["projected"]["sources"] == [{"secret": {"name": "pong-minimal-kafka-tls", "items": [
+        {"key": key, "path": key} for key in ("ca.crt", "client.crt", "client.key")]}}]
+    assert mounts["/var/run/secrets/borg-kafka"]["readOnly"] is True
     assert all("emptyDir" in volumes[mount["name"]] for path, mount in mounts.items()
-               if path not in ("/etc/borgdqn", "/var/run/secrets/borg-tls"))
+               if path not in ("/etc/borgdqn", "/var/run/secrets/borg-tls", "/var/run/secrets/borg-kafka"))
 
 
 def test_the_config_map_is_what_borgdqn_reads_and_its_checksum_rolls_the_agents(tmp_path: Path) -> None:
@@ -291,7 +297,8 @@ def test_config_yaml_carries_the_cluster_addresses() -> None:
     assert config["replay"]["redis_name"] == "cpu-external"
     assert config["telemetry"] == {"kafka": "kafka-0.shared:9092,kafka-1.shared:9092",
                                    "collective": "cpu-external", "buffer_events": 10_000,
-                                   "kafka_tls": False, "kafka_ca_file": None}
+                                   "kafka_tls": False, "kafka_ca_file": None, "kafka_cert_file": None,
+                                   "kafka_key_file": None}
     assert config["hive"]["agents"] == 1
 
 
@@ -569,7 +576,8 @@ def test_without_kibana_there_is_no_setup_job_nor_ingress() -> None:
     assert {"Elasticsearch", "Deployment"} <= kinds
     assert not kinds & {"Kibana", "Job", "Ingress"}
     indexer = by_kind(children, "Deployment", "no-kibana-indexer")
-    assert pod_spec(indexer)["containers"][0]["args"][-1] == "0"  # one Elasticsearch node: no replicas
+    args = pod_spec(indexer)["containers"][0]["args"]
+    assert args[args.index("--replicas") + 1] == "0"  # one Elasticsearch node: no replicas
 
 
 # --- network -------------------------------------------------------------------------------------------------

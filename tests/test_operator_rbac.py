@@ -147,7 +147,7 @@ def test_cluster_wide_rules_serve_every_namespace_without_anything_cluster_scope
         records = [json.loads(line) for line in operator.output().splitlines() if line.strip()]
         assert any(r.get("object", {}).get("name") == "cw" and r["message"] == "Handler 'reconcile' succeeded."
                    for r in records), records[-5:]
-        assert any(r["message"].startswith(f"reconciled {anywhere}/cw generation 1: 17 created") for r in records)
+        assert any(r["message"].startswith(f"reconciled {anywhere}/cw generation 1: 18 created") for r in records)
         identity = f"system:serviceaccount:{home}:{name}"
         assert can_i(cluster, identity, "list", "borgcollectives.borg.dev", "--all-namespaces")
         for refused in (["list", "secrets", "--all-namespaces"], ["list", "nodes"], ["list", "namespaces"],

@@ -276,7 +276,8 @@ def full_spec() -> dict[str, Any]:
                    "image": "registry.example/memory:1", "resources": {"cpu": "1", "memory": "4Gi"}},
         "kafka": {"mode": "external", "bootstrapServers": "kafka-0.example:9092,kafka-1.example:9092", "replicas": 3,
                   "image": "registry.example/kafka:1", "version": "4.0.0",
-                  "storage": {"size": "1Gi", "storageClassName": "slow"}, "retentionHours": 24},
+                  "storage": {"size": "1Gi", "storageClassName": "slow"}, "retentionHours": 24,
+                  "tls": True, "caSecret": "kafka-ca", "clientCertSecret": "kafka-client"},
         "elastic": {"mode": "disabled", "version": "8.18.0", "count": 3,
                     "storage": {"size": "2Gi", "storageClassName": "slow"},
                     "kibana": {"count": 2, "ingress": {"enabled": True, "host": "kibana.example.org",
@@ -303,7 +304,9 @@ def changed_fields(model: BaseModel) -> list[str]:
 
 def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() -> None:
     spec = parse_spec(full_spec())
-    assert changed_fields(spec) == []  # a field added to a section must be added to full_spec() too
+    # A field added to a section must be added to full_spec() too. kafka.loginSecret excludes clientCertSecret
+    # (tests/test_kafka_tls.py renders it).
+    assert changed_fields(spec) == ["kafka.login_secret"]
     config = to_borg_config("breakout", "ml", spec)
     assert config.env == spec.env
     assert config.learner == spec.agents.learner
@@ -318,6 +321,9 @@ def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() 
     assert (config.hive.steps, config.hive.seed, config.hive.threads_per_agent) == (1000, 42, 8)
     assert config.telemetry.kafka == "kafka-0.example:9092,kafka-1.example:9092"
     assert config.telemetry.buffer_events == 500
+    assert (config.telemetry.kafka_tls, config.telemetry.kafka_ca_file, config.telemetry.kafka_cert_file,
+            config.telemetry.kafka_key_file) == (True, *(Path(f"/var/run/secrets/borg-kafka/{name}")
+                                                        for name in ("ca.crt", "client.crt", "client.key")))
     # The nested policies (the CRD keeps them opaque) arrive typed, with the manifest's camelCase undone.
     assert config.policy.kind == "mixture"
     switch = config.policy.components[1].policy

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from borgdqn.telemetry.documents import ALL_INDICES, index_templates
 from borgdqn.telemetry.documents import documents as event_documents
 from borgdqn.telemetry.events import KINDS, BadEvent, decode_event
-from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
+from borgdqn.telemetry.kafka_access import KafkaAccess
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +110,12 @@ class IndexerSettings:
 
     @classmethod
     def from_env(cls, kafka: str, es_url: str, env: Mapping[str, str] | None = None, **kwargs: Any) -> IndexerSettings:
-        """Settings with the Elasticsearch credentials and the Kafka login from the environment (never from argv);
-        ``kafka_tls`` and ``kafka_ca_file`` say how to reach Kafka (kafka_access.py)."""
+        """Settings with the Elasticsearch credentials from the environment (never from argv); ``kafka_access``
+        (kafka_access.py) says how to reach Kafka."""
         env = os.environ if env is None else env
-        tls, ca_file = kwargs.pop("kafka_tls", False), kwargs.pop("kafka_ca_file", None)
-        try:
-            access = KafkaAccess.of(tls=tls, ca_file=ca_file, environ=env)
-        except KafkaAccessError as err:
-            raise IndexerConfigError(str(err)) from None
         return cls(kafka=kafka, es_url=es_url, es_username=env.get(ES_USERNAME_ENV) or None,
                    es_password=env.get(ES_PASSWORD_ENV) or None, es_api_key=env.get(ES_API_KEY_ENV) or None,
-                   kafka_access=access, **kwargs).validate()  # fmt: skip
+                   **kwargs).validate()  # fmt: skip
 
 
 @dataclass

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LogNotCreated, read_state
 from borgdqn.one_line import one_line
-from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
+from borgdqn.telemetry.kafka_access import KafkaAccess
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,7 @@ def serve(
     publisher: Publisher | None = None,
     kafka: str = "",
     collective: str = "",
-    kafka_tls: bool = False,
-    kafka_ca_file: Path | None = None,
+    kafka_access: KafkaAccess | None = None,
 ) -> int:
     """``borgdqn memory-monitor``: one reading (``once``) or readings until SIGTERM/SIGINT; returns 0.
 
@@ -408,10 +407,7 @@ def serve(
     check_name(name)
     if not (math.isfinite(interval_s) and interval_s > 0):
         raise MonitorConfigError(f"--interval must be > 0 seconds, not {interval_s}")
-    try:
-        access = KafkaAccess.of(tls=kafka_tls, ca_file=kafka_ca_file)
-    except KafkaAccessError as err:
-        raise MonitorConfigError(f"--kafka-tls/--kafka-ca-file: {err}") from None
+    access = kafka_access or KafkaAccess()
     client, where = connect(url, read_password(password_file), os.environ.get(REDIS_USERNAME_ENV, ""), ca_file)
     publisher = publisher or LogPublisher()
     if kafka:

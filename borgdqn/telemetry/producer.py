@@ -598,5 +598,5 @@ def producer_for(config: BorgConfig, role: str, index: int, name: str = "") -> T
         return None
     collective = telemetry.collective or collective_from_path(config.hive.out)
     source = Source.new(collective, role, index, name=name)
-    access = KafkaAccess.of(tls=telemetry.kafka_tls, ca_file=telemetry.kafka_ca_file)
+    access = KafkaAccess.of_telemetry(telemetry)
     return TelemetryProducer(telemetry.kafka, source, max_buffered=telemetry.buffer_events, access=access)

@@ -35,6 +35,7 @@ CONFIG_CHECKSUM_ANNOTATION = "borg.dev/config-checksum"
 # The sha256 of the memory's CA certificate on the memory's and the agents' pod templates: a new certificate (the
 # TLS Secret deleted and made anew) rolls both, so that no pod keeps trusting or serving the old one.
 MEMORY_CA_ANNOTATION = "borg.dev/memory-ca-checksum"
+KAFKA_CA_ANNOTATION = "borg.dev/kafka-ca-checksum"
 
 # Name limits. A StatefulSet's pods carry `controller-revision-hash: <sts>-<10 chars>`, a label value (<= 63),
 # so a StatefulSet name may have at most 52 characters: `<cr>-memory` leaves 45. ECK refuses Elasticsearch and
@@ -71,6 +72,10 @@ def memory_tls_secret(cr: str) -> str:
 
 def kafka(cr: str) -> str:
     return f"{cr}-kafka"
+
+
+def kafka_tls_secret(cr: str) -> str:
+    return f"{cr}-kafka-tls"
 
 
 def kafka_headless(cr: str) -> str:

@@ -19,7 +19,7 @@ from borg_operator.builders import OWNED_KINDS
 from borg_operator.memory_fill import FillReader
 from borg_operator.spec import REDIS_PORT, CollectiveSpec, memory_host
 from borg_operator.status import MissingApi, Observed
-from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
+from borg_operator.tls import CA_FILE, CERT_FILE, KAFKA_TLS_KEYS, KEY_FILE
 from borgdqn.memory.redis.acl import MONITOR, USERS
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,18 @@ def read_passwords(applier: Applier, namespace: str, cr: str) -> dict[str, str] 
 
 def read_memory_tls(applier: Applier, namespace: str, cr: str) -> dict[str, str] | None:
     """The memory's CA, certificate and key from its TLS Secret (None: no Secret, or one that lacks a key)."""
-    secret = applier.get("v1", "Secret", namespace, names.memory_tls_secret(cr))
+    return _read_tls(applier, namespace, names.memory_tls_secret(cr), (CA_FILE, CERT_FILE, KEY_FILE))
+
+
+def read_kafka_tls(applier: Applier, namespace: str, cr: str) -> dict[str, str] | None:
+    """A managed Kafka's CA, keystore and client certificate from its TLS Secret (None: none, or incomplete)."""
+    return _read_tls(applier, namespace, names.kafka_tls_secret(cr), KAFKA_TLS_KEYS)
+
+
+def _read_tls(applier: Applier, namespace: str, name: str, keys: tuple[str, ...]) -> dict[str, str] | None:
+    secret = applier.get("v1", "Secret", namespace, name)
     found = {}
-    for key in (CA_FILE, CERT_FILE, KEY_FILE):
+    for key in keys:
         try:
             found[key] = base64.b64decode(((secret or {}).get("data") or {}).get(key) or "", validate=True).decode()
         except (ValueError, UnicodeDecodeError):

@@ -33,7 +33,7 @@ from borg_operator.apply import API_VERSION, Applier, Owner, describe
 from borg_operator.builders import OWNED_KINDS, build_children
 from borg_operator.images import DEFAULT_ALLOWED_IMAGES, image_allowed
 from borg_operator.memory_fill import FillReader
-from borg_operator.observe import observe, read_memory_tls, read_passwords
+from borg_operator.observe import observe, read_kafka_tls, read_memory_tls, read_passwords
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borg_operator.status import (
     Collective,
@@ -45,7 +45,7 @@ from borg_operator.status import (
     status_patch,
     transition_events,
 )
-from borg_operator.tls import make_memory_tls
+from borg_operator.tls import make_kafka_tls, make_memory_tls
 from borgdqn.memory.redis.acl import USERS
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,12 @@ class Reconciler:
                 return Outcome(generation, "error", error=incomplete_secret_message(owner.name, lacking))
             # A missing certificate is made anew: the pods roll onto it (their templates carry its CA's checksum).
             tls = read_memory_tls(self.applier, owner.namespace, owner.name)
+            kafka_tls = self._kafka_tls(owner, spec)
             completed = is_completed(dict(body.get("status") or {}), spec)
             children = self._render(owner, spec, passwords or fresh_passwords(),
-                                    tls or make_memory_tls(owner.name, owner.namespace), completed)
+                                    tls or make_memory_tls(owner.name, owner.namespace),
+                                    kafka_tls or (make_kafka_tls(owner.name, owner.namespace)
+                                                  if self._kafka_tls_wanted(spec) else {}), completed)
         except SpecError as err:
             return Outcome(generation, "invalid", error=str(err))
         needed = dict.fromkeys((str(c["apiVersion"]), str(c["kind"])) for c in children)
@@ -210,13 +213,15 @@ class Reconciler:
 
         # The Secrets are created once, never applied again, pruned nor listed (the operator may only get and
         # create Secrets): the passwords' when there was none, the certificate's likewise.
-        create = {names.redis_secret(owner.name): fresh, names.memory_tls_secret(owner.name): tls is None}
+        create = {names.redis_secret(owner.name): fresh, names.memory_tls_secret(owner.name): tls is None,
+                  names.kafka_tls_secret(owner.name): self._kafka_tls_wanted(spec) and kafka_tls is None}
         secrets_ = [c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] in create]
         created = [s for s in secrets_ if create[s["metadata"]["name"]] and self.applier.create_once(owner, s)]
         if len(created) < sum(create.values()):
             # Created meanwhile (a run of ours killed after creating one): render again with what is stored.
             children = self._render(owner, spec, read_passwords(self.applier, owner.namespace, owner.name) or {},
-                                    read_memory_tls(self.applier, owner.namespace, owner.name) or {}, completed)
+                                    read_memory_tls(self.applier, owner.namespace, owner.name) or {},
+                                    self._kafka_tls(owner, spec) or {}, completed)
         others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] in create)]
         kinds = [(api_version, kind) for api_version, kind, _ in OWNED_KINDS if kind != "Secret"]
         selector = ",".join(f"{k}={v}" for k, v in sorted(names.instance_selector(owner.name).items()))
@@ -233,10 +238,20 @@ class Reconciler:
                 owner.namespace, owner.name, generation, result.summary())
         return Outcome(generation, "applied")
 
+    @staticmethod
+    def _kafka_tls_wanted(spec: CollectiveSpec) -> bool:
+        return spec.kafka.mode == "managed" and spec.kafka.secured
+
+    def _kafka_tls(self, owner: Owner, spec: CollectiveSpec) -> dict[str, str] | None:
+        """A managed TLS Kafka's stored material; None when there is none yet or the spec wants none."""
+        if not self._kafka_tls_wanted(spec):
+            return None
+        return read_kafka_tls(self.applier, owner.namespace, owner.name)
+
     def _render(self, owner: Owner, spec: CollectiveSpec, passwords: Mapping[str, str], tls: Mapping[str, str],
-                completed: bool) -> list[dict[str, Any]]:
+                kafka_tls: Mapping[str, str], completed: bool) -> list[dict[str, Any]]:
         return build_children(owner.name, owner.namespace, spec, redis_passwords=passwords, memory_tls=tls,
-                              completed=completed)
+                              kafka_tls=kafka_tls, completed=completed)
 
     # ------------------------------------------------------------------------------------------ status
     def refresh(self, namespace: str, name: str) -> None:

@@ -41,6 +41,10 @@ CONFIG_PATH = "/etc/borgdqn/borgdqn.yaml"
 RUN_DIR = "/var/lib/borgdqn/run"
 MEMORY_TLS_DIR = "/var/run/secrets/borg-tls"  # the memory's TLS Secret in the pods that dial or serve it
 MEMORY_CA_FILE = f"{MEMORY_TLS_DIR}/ca.crt"
+# Kafka's CA and the client certificate, whichever Secrets they come from, in every pod that talks to Kafka.
+KAFKA_CLIENT_TLS_DIR = "/var/run/secrets/borg-kafka"
+KAFKA_CA_FILE, KAFKA_CERT_FILE, KAFKA_KEY_FILE = (f"{KAFKA_CLIENT_TLS_DIR}/{key}"
+                                                  for key in ("ca.crt", "client.crt", "client.key"))
 
 
 class SpecError(ValueError):
@@ -176,12 +180,44 @@ class KafkaSpec(CrdModel):
     version: str = Field(default=DEFAULT_STRIMZI_KAFKA_VERSION, description="strimzi: the Kafka version")
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec(size="10Gi"), description="broker volumes")
     retention_hours: int = Field(default=168, ge=1, description="how long telemetry stays in Kafka")
+    tls: bool | None = Field(
+        default=None,
+        description="managed: a TLS listener that wants a client certificate (the operator makes the CA and both "
+        "certificates in the Secret <name>-kafka-tls); external: TLS to the brokers. Unset: on when managed, off "
+        "when external; strimzi mode keeps its plain listener (docs/security.md)",
+    )
+    ca_secret: str | None = Field(default=None, description="external, with tls: a Secret whose ca.crt is the "
+                                  "brokers' CA (unset: the system's CAs)")
+    client_cert_secret: str | None = Field(default=None, description="external, with tls: a Secret whose tls.crt "
+                                           "and tls.key log the clients in by mutual TLS")
+    login_secret: str | None = Field(default=None, description="external, with tls: a Secret whose username and "
+                                     "password log the clients in by SASL/SCRAM-SHA-512")
 
     @model_validator(mode="after")
     def _external_needs_servers(self) -> KafkaSpec:
         if self.mode == "external" and not self.bootstrap_servers:
             raise ValueError("kafka.bootstrapServers is required when kafka.mode is external")
+        given = [field for field, value in (("caSecret", self.ca_secret), ("clientCertSecret", self.client_cert_secret),
+                                            ("loginSecret", self.login_secret)) if value]
+        if given and self.mode != "external":
+            raise ValueError(f"kafka.{given[0]} is for external mode (a managed Kafka's are the operator's)")
+        if given and not self.tls:
+            raise ValueError(f"kafka.{given[0]} needs kafka.tls: true")
+        if self.client_cert_secret and self.login_secret:
+            raise ValueError("kafka: clientCertSecret or loginSecret, not both")
+        if self.mode == "strimzi" and self.tls:
+            raise ValueError("kafka.tls is not yet rendered for strimzi mode: use managed, or external with tls")
         return self
+
+    @property
+    def secured(self) -> bool:
+        """TLS to the brokers (the default of a managed Kafka)."""
+        return self.tls if self.tls is not None else self.mode == "managed"
+
+    @property
+    def client_cert(self) -> bool:
+        """The clients present a certificate: always with a managed TLS Kafka, with clientCertSecret otherwise."""
+        return self.secured and (self.mode == "managed" or bool(self.client_cert_secret))
 
 
 INGRESS_NEEDS_HOST_AND_TLS = ("needs host and tlsSecretName when enabled (Kibana's login crosses it), or "
@@ -262,6 +298,17 @@ def kafka_bootstrap(name: str, namespace: str, kafka: KafkaSpec) -> str:
     return f"{name}-kafka.{namespace}.svc:{KAFKA_PORT}"
 
 
+def kafka_client_files(kafka: KafkaSpec) -> dict[str, Any]:
+    """The telemetry settings (kafka_tls, kafka_ca_file, kafka_cert_file, kafka_key_file) of a pod that talks to
+    ``kafka``, its files where the pods mount them (builders/kafka.py: kafka_client_volume)."""
+    if not kafka.secured:
+        return {"kafka_tls": False}
+    ca = kafka.mode == "managed" or bool(kafka.ca_secret)
+    return {"kafka_tls": True, "kafka_ca_file": Path(KAFKA_CA_FILE) if ca else None,
+            "kafka_cert_file": Path(KAFKA_CERT_FILE) if kafka.client_cert else None,
+            "kafka_key_file": Path(KAFKA_KEY_FILE) if kafka.client_cert else None}
+
+
 def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfig:
     """What one agent pod runs: the spec's shared sections plus the cluster's addresses (one agent per pod)."""
     agents, memory = spec.agents, spec.memory
@@ -289,7 +336,8 @@ def to_borg_config(name: str, namespace: str, spec: CollectiveSpec) -> BorgConfi
             hive=HiveConfig(agents=1, steps=agents.steps, seed=agents.seed, out=Path(RUN_DIR),
                             threads_per_agent=agents.threads, live="off", assimilation=agents.assimilation),
             telemetry=TelemetryConfig(kafka=kafka_bootstrap(name, namespace, spec.kafka), collective=name,
-                                      buffer_events=spec.telemetry_buffer_events),
+                                      buffer_events=spec.telemetry_buffer_events,
+                                      **kafka_client_files(spec.kafka)),
         )
     except ValidationError as err:
         first = err.errors()[0]

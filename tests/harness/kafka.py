@@ -100,6 +100,9 @@ class KafkaServer(RunningPart):
     host: str = "127.0.0.1"  # the address clients are told to use (a real node's pods: the node's address)
     secure_port: int = 0  # with `users`: a SASL_SSL (SCRAM-SHA-512) listener besides the plaintext one
     users: dict[str, str] = field(default_factory=dict)  # SCRAM user -> password
+    # With `listener`: one more listener, CLIENT, of this protocol and these listener.name.client.* settings
+    client_port: int = 0
+    listener: tuple[str, dict[str, str]] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -108,6 +111,10 @@ class KafkaServer(RunningPart):
     @property
     def secure_bootstrap(self) -> str:
         return f"{self.host}:{self.secure_port}"
+
+    @property
+    def client_bootstrap(self) -> str:
+        return f"{self.host}:{self.client_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -170,18 +177,22 @@ def _secure_listener(part: KafkaServer) -> dict[str, str]:
 def _server_properties(part: KafkaServer) -> str:
     address = "127.0.0.1" if part.host == "127.0.0.1" else "0.0.0.0"
     secure = part.secure_port and part.users
+    more = [(name, port, protocol) for name, port, protocol in
+            (("SECURE", part.secure_port, "SASL_SSL") if secure else ("", 0, ""),
+             ("CLIENT", part.client_port, part.listener[0]) if part.listener else ("", 0, "")) if name]
     lines = {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
         "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{part.controller_port}",
         # Loopback unless pods must reach it; the controller stays on loopback either way.
-        "listeners": (f"PLAINTEXT://{address}:{part.port},CONTROLLER://127.0.0.1:{part.controller_port}"
-                      + (f",SECURE://{address}:{part.secure_port}" if secure else "")),
-        "advertised.listeners": (f"PLAINTEXT://{part.host}:{part.port}"
-                                 + (f",SECURE://{part.host}:{part.secure_port}" if secure else "")),
+        "listeners": ",".join([f"PLAINTEXT://{address}:{part.port}", f"CONTROLLER://127.0.0.1:{part.controller_port}",
+                               *(f"{name}://{address}:{port}" for name, port, _ in more)]),
+        "advertised.listeners": ",".join([f"PLAINTEXT://{part.host}:{part.port}",
+                                          *(f"{name}://{part.host}:{port}" for name, port, _ in more)]),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SECURE:SASL_SSL",
+        "listener.security.protocol.map": ",".join(["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT",
+                                                    *(f"{name}:{protocol}" for name, _, protocol in more)]),
         "log.dirs": str(part.workdir / "data"),
         "auto.create.topics.enable": "true",
         "num.partitions": "1",
@@ -198,6 +209,7 @@ def _server_properties(part: KafkaServer) -> str:
         "num.network.threads": "2",
         "num.io.threads": "2",
         **(_secure_listener(part) if secure else {}),
+        **(part.listener[1] if part.listener else {}),
     }
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
@@ -243,22 +255,27 @@ def metadata_brokers(port: int, timeout_s: float = 2.0) -> list[tuple[int, str, 
 
 
 def start_kafka(install: KafkaInstall, *, detach: bool = False, host: str = "127.0.0.1",
-                users: dict[str, str] | None = None) -> KafkaServer:
+                users: dict[str, str] | None = None,
+                listener: tuple[str, dict[str, str]] | None = None) -> KafkaServer:  # fmt: skip
     """A single-node KRaft Kafka on 127.0.0.1 (PLAINTEXT, no auth), topics auto-created, data in a temp dir.
 
     With another `host` (a real node's address) it listens on every address and tells clients that one. With
     `users` (name -> password) also a SASL_SSL listener (`.secure_bootstrap`, SCRAM-SHA-512 logins of those users,
-    a certificate whose CA is `.ca_file`), as a managed Kafka that wants TLS and a login is reached.
+    a certificate whose CA is `.ca_file`), as a managed Kafka that wants TLS and a login is reached. With
+    `listener` (protocol, settings) also a listener CLIENT (`.client_bootstrap`) of that protocol and those
+    `listener.name.client.*` settings: what an operator-managed Kafka's StatefulSet renders, run for real.
     """
     workdir = make_workdir("kafka")
     part = KafkaServer(name="kafka", workdir=workdir, install=install, port=free_port(), detach=detach, host=host,
-                       users=dict(users or {}))
+                       users=dict(users or {}), listener=listener)
     try:
         # Two free_port calls can hand out the same port, since nothing holds the first one meanwhile.
         while part.controller_port in (0, part.port):
             part.controller_port = free_port()
         while part.users and part.secure_port in (0, part.port, part.controller_port):
             part.secure_port = free_port()
+        while part.listener and part.client_port in (0, part.port, part.controller_port, part.secure_port):
+            part.client_port = free_port()
         config = workdir / "server.properties"
         config.write_text(_server_properties(part))
         log4j_config = workdir / "log4j2.properties"

@@ -17,18 +17,19 @@ from kubernetes.utils.quantity import parse_quantity
 from borg_operator import names
 from borg_operator.builders.common import (
     Manifest,
+    ca_checksum,
     container_security_context,
     empty_dir,
     env,
     env_field,
     env_secret,
     guaranteed,
-    memory_ca_checksum,
     memory_ca_volume,
     metadata,
     pod_basics,
 )
 from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
+from borg_operator.builders.kafka import KafkaClient
 from borg_operator.spec import CONFIG_PATH, MEMORY_TLS_DIR, RUN_DIR, CollectiveSpec, SpecError
 from borgdqn.memory.redis.acl import AGENT
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV
@@ -77,7 +78,7 @@ def _tolerations(spec: CollectiveSpec) -> list[dict[str, Any]]:
     return extra
 
 
-def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
+def _container(cr: str, spec: CollectiveSpec, kafka: KafkaClient) -> dict[str, Any]:
     agents = spec.agents
     gpus = {GPU_RESOURCE: str(agents.gpus)} if agents.gpus > 0 else None
     return {
@@ -101,6 +102,7 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             env_secret(REDIS_PASSWORD_ENV, names.redis_secret(cr), AGENT.secret_key),
             # The root filesystem is read-only: caches that go under $HOME (torch, matplotlib) land in /tmp.
             env("HOME", "/tmp"),
+            *kafka.env,
         ],
         "resources": guaranteed(agents.resources.cpu, agent_memory(spec), gpus),
         "securityContext": container_security_context(),
@@ -111,17 +113,21 @@ def _container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
             # torch's shared-memory tensors; the runtime's default /dev/shm is 64 MiB.
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "memory-ca", "mountPath": MEMORY_TLS_DIR, "readOnly": True},
+            *kafka.mounts,
         ],
     }
 
 
-def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: str, completed: bool = False) -> Manifest:
+def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: str,
+                 kafka: KafkaClient | None = None, completed: bool = False) -> Manifest:  # fmt: skip
     """``completed``: every agent finished its budget (the status says so): no pod is left, the GPUs go back.
-    ``memory_ca``: the memory's CA certificate (PEM), whose checksum the pod template carries."""
+    ``memory_ca``: the memory's CA certificate (PEM), whose checksum the pod template carries; ``kafka``: what
+    reaching Kafka takes (builders/kafka.py: kafka_client)."""
     agents = spec.agents
+    kafka = kafka or KafkaClient()
     pod_spec: dict[str, Any] = {
         **pod_basics(),
-        "containers": [_container(cr, spec)],
+        "containers": [_container(cr, spec, kafka)],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config(cr),
                                              "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
@@ -130,6 +136,7 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: st
             # Memory-backed, so it counts against the container's memory limit: no separate cap needed.
             empty_dir("dshm", memory=True),
             memory_ca_volume(cr),
+            *kafka.volumes,
         ],
     }
     tolerations = _tolerations(spec)
@@ -155,7 +162,7 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: st
                     "labels": names.labels(cr, names.AGENT),
                     # A changed config (a learning rate, a policy) changes the template, so the pods roll.
                     "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(cr, namespace, spec),
-                                    names.MEMORY_CA_ANNOTATION: memory_ca_checksum(memory_ca)},
+                                    names.MEMORY_CA_ANNOTATION: ca_checksum(memory_ca), **kafka.annotations},
                 },
                 "spec": pod_spec,
             },

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from borg_operator import names
@@ -84,8 +86,21 @@ def secret_volume(name: str, secret: str, keys: tuple[str, ...]) -> dict[str, An
     return {"name": name, "secret": {"secretName": secret, "defaultMode": 0o400, "items": items}}
 
 
-def memory_ca_checksum(memory_ca: str) -> str:
-    return hashlib.sha256(memory_ca.encode()).hexdigest()
+def ca_checksum(ca: str) -> str:
+    """What a pod template carries of a CA certificate, so that a new one rolls the pods."""
+    return hashlib.sha256(ca.encode()).hexdigest()
+
+
+def immutable_secret(cr: str, namespace: str, name: str, component: str, data: Mapping[str, str]) -> Manifest:
+    """A Secret the reconciler creates once and never changes (passwords, certificates)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(cr, namespace, name, component),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
+    }
 
 
 def memory_ca_volume(cr: str) -> dict[str, Any]:

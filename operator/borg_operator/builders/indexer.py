@@ -22,6 +22,7 @@ from borg_operator.builders.common import (
     pod_basics,
 )
 from borg_operator.builders.elastic import ES_PORT, KIBANA_PORT, kibana_enabled
+from borg_operator.builders.kafka import KafkaClient
 from borg_operator.spec import CollectiveSpec, kafka_bootstrap
 
 ELASTIC_USER = "elastic"  # ECK's built-in superuser; its Secret's key is the user name
@@ -65,13 +66,18 @@ def _container(name: str, image: str, args: list[str], credentials: list[dict[st
     }
 
 
-def build_indexer_deployment(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+def build_indexer_deployment(cr: str, namespace: str, spec: CollectiveSpec, kafka: KafkaClient) -> Manifest:
     # One replica of each index per extra Elasticsearch node (a single node cannot hold a replica).
     replicas = min(1, spec.elastic.count - 1)
     args = ["indexer", "--kafka", kafka_bootstrap(cr, namespace, spec.kafka), "--es", es_url(cr),
-            "--ca-file", CA_FILE, "--group", f"{cr}-indexer", "--replicas", str(replicas)]
+            "--ca-file", CA_FILE, "--group", f"{cr}-indexer", "--replicas", str(replicas), *kafka.args]
     credentials = [env("BORG_ES_USERNAME", ELASTIC_USER),
-                   env_secret("BORG_ES_PASSWORD", names.es_elastic_user_secret(cr), ELASTIC_USER)]
+                   env_secret("BORG_ES_PASSWORD", names.es_elastic_user_secret(cr), ELASTIC_USER), *kafka.env]
+    container = _container("indexer", spec.memory.image, args, credentials, INDEXER_RESOURCES)
+    container["volumeMounts"] += kafka.mounts
+    template_metadata: dict[str, Any] = {"labels": names.labels(cr, names.INDEXER)}
+    if kafka.annotations:
+        template_metadata["annotations"] = dict(kafka.annotations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -80,14 +86,13 @@ def build_indexer_deployment(cr: str, namespace: str, spec: CollectiveSpec) -> M
             "replicas": 1,
             "selector": {"matchLabels": names.selector_labels(cr, names.INDEXER)},
             "template": {
-                "metadata": {"labels": names.labels(cr, names.INDEXER)},
+                "metadata": template_metadata,
                 "spec": {
                     **pod_basics(),
                     # On SIGTERM it finishes the batches in flight and commits what Elasticsearch took.
                     "terminationGracePeriodSeconds": 60,
-                    "containers": [_container("indexer", spec.memory.image, args, credentials,
-                                              INDEXER_RESOURCES)],
-                    "volumes": [_ca_volume(names.es_http_ca_secret(cr)), empty_dir("tmp")],
+                    "containers": [container],
+                    "volumes": [_ca_volume(names.es_http_ca_secret(cr)), empty_dir("tmp"), *kafka.volumes],
                 },
             },
         },
@@ -121,10 +126,10 @@ def build_kibana_setup_job(cr: str, namespace: str, spec: CollectiveSpec) -> Man
     }
 
 
-def build_indexer(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifest]:
+def build_indexer(cr: str, namespace: str, spec: CollectiveSpec, kafka: KafkaClient) -> list[Manifest]:
     if spec.elastic.mode != "eck":
         return []
-    children = [build_indexer_deployment(cr, namespace, spec)]
+    children = [build_indexer_deployment(cr, namespace, spec, kafka)]
     if kibana_enabled(spec):
         children.append(build_kibana_setup_job(cr, namespace, spec))
     return children

@@ -1,29 +1,56 @@
 """Telemetry transport. managed: a KRaft StatefulSet `<cr>-kafka` of the apache/kafka image (each node broker
-and controller) with its Services; strimzi: a Strimzi `Kafka` `<cr>-kafka` with one KafkaNodePool;
-external: nothing (the spec names the bootstrap servers)."""
+and controller) with its Services and, with TLS (the default), the Secret `<cr>-kafka-tls`: its clients and
+brokers meet on one listener that wants a client certificate; strimzi: a Strimzi `Kafka` `<cr>-kafka` with one
+KafkaNodePool; external: nothing (the spec names the bootstrap servers and the Secrets that reach them).
+`kafka_client_*`: what every pod that talks to Kafka mounts and is told, whichever the mode."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from borg_operator import names
 from borg_operator.builders.common import (
     Manifest,
+    ca_checksum,
     claim_spec,
     container_security_context,
     empty_dir,
     env,
     env_field,
+    env_secret,
     guaranteed,
+    immutable_secret,
     metadata,
     pod_security_context,
+    secret_volume,
 )
-from borg_operator.spec import KAFKA_PORT, CollectiveSpec
+from borg_operator.spec import (
+    KAFKA_CLIENT_TLS_DIR,
+    KAFKA_PORT,
+    CollectiveSpec,
+    KafkaSpec,
+    kafka_client_files,
+)
+from borg_operator.tls import (
+    CA_FILE,
+    CERT_FILE,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+    KAFKA_TLS_KEYS,
+    KEY_FILE,
+    KEYSTORE_FILE,
+)
+from borgdqn.telemetry.kafka_access import KAFKA_PASSWORD_ENV, KAFKA_USERNAME_ENV
 
 CONTROLLER_PORT = 9093
 DATA_DIR = "/var/lib/kafka/data"
+BROKER_TLS_DIR = "/etc/kafka/tls"
+# The one listener of clients and brokers (named for what it serves; the controllers keep their own).
+CLIENT_LISTENER = "CLIENT"
 KAFKA_UID = 1000  # `appuser` of the apache/kafka image
 KAFKA_RESOURCES = ("1", "2Gi")  # telemetry is a few hundred small events per second at most
 KAFKA_HEAP = "-Xms1g -Xmx1g"  # half the container, the rest for the page cache and the JVM itself
@@ -54,10 +81,55 @@ def _voters(cr: str, namespace: str, replicas: int) -> str:
     return ",".join(f"{i}@{host}:{CONTROLLER_PORT}" for i, host in enumerate(pods))
 
 
+def _listener_env(host: str, kafka: KafkaSpec) -> list[dict[str, Any]]:
+    """The listeners: CLIENT for clients and between brokers (TLS with a client certificate, or plaintext where
+    the spec turns TLS off), CONTROLLER for the quorum (reachable from the Kafka pods only: network.py)."""
+    protocol = "SSL" if kafka.secured else "PLAINTEXT"
+    out = [
+        env("KAFKA_LISTENERS", f"{CLIENT_LISTENER}://:{KAFKA_PORT},CONTROLLER://:{CONTROLLER_PORT}"),
+        env("KAFKA_ADVERTISED_LISTENERS", f"{CLIENT_LISTENER}://{host}:{KAFKA_PORT}"),
+        env("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER"),
+        env("KAFKA_INTER_BROKER_LISTENER_NAME", CLIENT_LISTENER),
+        env("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", f"{CLIENT_LISTENER}:{protocol},CONTROLLER:PLAINTEXT"),
+    ]
+    if kafka.secured:
+        prefix = f"KAFKA_LISTENER_NAME_{CLIENT_LISTENER}_SSL_"
+        out += [
+            env(f"{prefix}CLIENT_AUTH", "required"),  # no certificate of this CA, no connection
+            env(f"{prefix}KEYSTORE_TYPE", "PEM"),
+            env(f"{prefix}KEYSTORE_LOCATION", f"{BROKER_TLS_DIR}/{KEYSTORE_FILE}"),
+            env(f"{prefix}TRUSTSTORE_TYPE", "PEM"),
+            env(f"{prefix}TRUSTSTORE_LOCATION", f"{BROKER_TLS_DIR}/{CA_FILE}"),
+        ]
+    return out
+
+
+def image_properties(container_env: list[dict[str, Any]]) -> dict[str, str]:
+    """server.properties as the apache/kafka image writes it from the container's KAFKA_* variables
+    (KAFKA_FOO_BAR -> foo.bar, `__` -> `_`, `___` -> `-`); the variables given by value only."""
+    out = {}
+    for item in container_env:
+        name = item["name"]
+        if not name.startswith("KAFKA_") or "value" not in item or name in ("KAFKA_HEAP_OPTS", "KAFKA_NODE_ID"):
+            continue
+        key = name[len("KAFKA_"):].lower().replace("___", "-").replace("__", "\0").replace("_", ".")
+        out[key.replace("\0", "_")] = str(item["value"])
+    return out
+
+
 def _kafka_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str, Any]:
     kafka = spec.kafka
     factor, min_isr = _replication(spec)
     host = f"$(POD_NAME).{names.kafka_headless(cr)}.{namespace}.svc"
+    mounts: list[dict[str, Any]] = [
+        {"name": "data", "mountPath": DATA_DIR},
+        # The image writes its generated server.properties and log4j files here at every start.
+        {"name": "config", "mountPath": "/opt/kafka/config"},
+        {"name": "logs", "mountPath": "/opt/kafka/logs"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if kafka.secured:
+        mounts.append({"name": "kafka-tls", "mountPath": BROKER_TLS_DIR, "readOnly": True})
     return {
         "name": "kafka",
         "image": kafka.image,
@@ -72,11 +144,7 @@ def _kafka_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str,
             env("CLUSTER_ID", cluster_id(cr, namespace)),
             env("KAFKA_PROCESS_ROLES", "broker,controller"),
             env("KAFKA_CONTROLLER_QUORUM_VOTERS", _voters(cr, namespace, kafka.replicas)),
-            env("KAFKA_LISTENERS", f"PLAINTEXT://:{KAFKA_PORT},CONTROLLER://:{CONTROLLER_PORT}"),
-            env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://{host}:{KAFKA_PORT}"),
-            env("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER"),
-            env("KAFKA_INTER_BROKER_LISTENER_NAME", "PLAINTEXT"),
-            env("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"),
+            *_listener_env(host, kafka),
             env("KAFKA_LOG_DIRS", DATA_DIR),
             env("KAFKA_LOG_RETENTION_HOURS", str(kafka.retention_hours)),
             env("KAFKA_DEFAULT_REPLICATION_FACTOR", str(factor)),
@@ -95,18 +163,28 @@ def _kafka_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str,
                           "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6},
         "resources": guaranteed(*KAFKA_RESOURCES),
         "securityContext": container_security_context(KAFKA_UID),
-        "volumeMounts": [
-            {"name": "data", "mountPath": DATA_DIR},
-            # The image writes its generated server.properties and log4j files here at every start.
-            {"name": "config", "mountPath": "/opt/kafka/config"},
-            {"name": "logs", "mountPath": "/opt/kafka/logs"},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
 
 
-def build_managed_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+def build_kafka_tls_secret(cr: str, namespace: str, material: Mapping[str, str]) -> Manifest:
+    """A managed Kafka's CA, broker keystore and client certificate (borg_operator.tls.make_kafka_tls, made once
+    by the reconciler). Immutable: a new certificate is a new Secret."""
+    missing = [key for key in KAFKA_TLS_KEYS if not material.get(key)]
+    if missing:
+        raise ValueError(f"the Kafka TLS Secret needs {', '.join(missing)}")
+    return immutable_secret(cr, namespace, names.kafka_tls_secret(cr), names.KAFKA,
+                            {key: material[key] for key in KAFKA_TLS_KEYS})
+
+
+def build_managed_statefulset(cr: str, namespace: str, spec: CollectiveSpec, kafka_ca: str = "") -> Manifest:
     kafka = spec.kafka
+    volumes = [empty_dir("config"), empty_dir("logs"), empty_dir("tmp")]
+    template_metadata: dict[str, Any] = {"labels": names.labels(cr, names.KAFKA)}
+    if kafka.secured:
+        # The brokers' own key and the CA they check clients against; not the clients' key.
+        volumes.append(secret_volume("kafka-tls", names.kafka_tls_secret(cr), (CA_FILE, KEYSTORE_FILE)))
+        template_metadata["annotations"] = {names.KAFKA_CA_ANNOTATION: ca_checksum(kafka_ca)}
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -119,14 +197,14 @@ def build_managed_statefulset(cr: str, namespace: str, spec: CollectiveSpec) -> 
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": names.selector_labels(cr, names.KAFKA)},
             "template": {
-                "metadata": {"labels": names.labels(cr, names.KAFKA)},
+                "metadata": template_metadata,
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": pod_security_context(KAFKA_UID),
                     "terminationGracePeriodSeconds": 60,  # a clean shutdown spares a log recovery on start
                     "containers": [_kafka_container(cr, namespace, spec)],
-                    "volumes": [empty_dir("config"), empty_dir("logs"), empty_dir("tmp")],
+                    "volumes": volumes,
                 },
             },
             "volumeClaimTemplates": [
@@ -207,9 +285,57 @@ def build_strimzi(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifes
     return [cluster, pool]
 
 
-def build_kafka(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifest]:
+@dataclass(frozen=True)
+class KafkaClient:
+    """What a pod that talks to Kafka (an agent, the memory's monitor, the indexer) adds to its spec: the volume
+    of Kafka's CA and the client's certificate and key, each where the pod is told (spec.kafka_client_files),
+    from the operator's Secret or the external Secrets; an external Kafka's SCRAM login as env from its Secret
+    (never in the config or the arguments); the memory monitor's and indexer's flags; and the CA's checksum on
+    the pod template, so that a new CA rolls the pods."""
+
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    env: list[dict[str, Any]] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def kafka_client(cr: str, kafka: KafkaSpec, kafka_ca: str = "") -> KafkaClient:
+    """``kafka_ca``: a managed TLS Kafka's CA certificate (PEM)."""
+    if not kafka.secured:
+        return KafkaClient()
+    sources: list[dict[str, Any]] = []
+
+    def take(secret: str, keys: dict[str, str]) -> None:
+        sources.append({"secret": {"name": secret, "items": [{"key": key, "path": path}
+                                                             for key, path in keys.items()]}})
+
+    if kafka.mode == "managed":
+        take(names.kafka_tls_secret(cr), {CA_FILE: CA_FILE, CLIENT_CERT_FILE: CLIENT_CERT_FILE,
+                                          CLIENT_KEY_FILE: CLIENT_KEY_FILE})
+    if kafka.ca_secret:
+        take(kafka.ca_secret, {CA_FILE: CA_FILE})
+    if kafka.client_cert_secret:
+        take(kafka.client_cert_secret, {CERT_FILE: CLIENT_CERT_FILE, KEY_FILE: CLIENT_KEY_FILE})
+    login = [env_secret(KAFKA_USERNAME_ENV, kafka.login_secret, "username"),
+             env_secret(KAFKA_PASSWORD_ENV, kafka.login_secret, "password")] if kafka.login_secret else []
+    files = kafka_client_files(kafka)
+    flags = {"kafka_ca_file": "--kafka-ca-file", "kafka_cert_file": "--kafka-cert-file",
+             "kafka_key_file": "--kafka-key-file"}
+    args = ["--kafka-tls", *[arg for key, flag in flags.items() if files[key] for arg in (flag, str(files[key]))]]
+    return KafkaClient(
+        volumes=[{"name": "kafka-client", "projected": {"defaultMode": 0o400, "sources": sources}}] if sources else [],
+        mounts=[{"name": "kafka-client", "mountPath": KAFKA_CLIENT_TLS_DIR, "readOnly": True}] if sources else [],
+        env=login, args=args,
+        annotations={names.KAFKA_CA_ANNOTATION: ca_checksum(kafka_ca)} if kafka.mode == "managed" else {})
+
+
+def build_kafka(cr: str, namespace: str, spec: CollectiveSpec, kafka_tls: Mapping[str, str]) -> list[Manifest]:
+    """`kafka_tls`: a managed TLS Kafka's material (borg_operator.tls.make_kafka_tls), else empty."""
     if spec.kafka.mode == "managed":
-        return [build_managed_statefulset(cr, namespace, spec), *build_managed_services(cr, namespace)]
+        secret = [build_kafka_tls_secret(cr, namespace, kafka_tls)] if spec.kafka.secured else []
+        return [*secret, build_managed_statefulset(cr, namespace, spec, kafka_tls.get(CA_FILE, "")),
+                *build_managed_services(cr, namespace)]
     if spec.kafka.mode == "strimzi":
         return build_strimzi(cr, namespace, spec)
     return []  # external: the spec's bootstrapServers

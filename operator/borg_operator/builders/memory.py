@@ -4,7 +4,6 @@ Services and PodDisruptionBudget. The pod runs the memory image (memory_image/, 
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,17 +12,19 @@ from kubernetes.utils.quantity import parse_quantity
 from borg_operator import names
 from borg_operator.builders.common import (
     Manifest,
+    ca_checksum,
     claim_spec,
     container_security_context,
     empty_dir,
     env,
     guaranteed,
-    memory_ca_checksum,
+    immutable_secret,
     memory_ca_volume,
     metadata,
     pod_basics,
     secret_volume,
 )
+from borg_operator.builders.kafka import KafkaClient
 from borg_operator.spec import MEMORY_CA_FILE, MEMORY_TLS_DIR, REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
 from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
 from borgdqn.memory.redis.acl import MONITOR, USERS
@@ -55,7 +56,7 @@ def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) ->
         if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
             # The memory image refuses both (a control character is usually a stray newline); fail here instead.
             raise ValueError(f"the Redis password {user.secret_key} must be non-empty printable text")
-    return _immutable_secret(cr, namespace, names.redis_secret(cr),
+    return immutable_secret(cr, namespace, names.redis_secret(cr), names.MEMORY,
                              {user.secret_key: passwords[user.secret_key] for user in USERS})
 
 
@@ -65,19 +66,8 @@ def build_memory_tls_secret(cr: str, namespace: str, material: Mapping[str, str]
     missing = [key for key in (CA_FILE, CERT_FILE, KEY_FILE) if not material.get(key)]
     if missing:
         raise ValueError(f"the memory's TLS Secret needs {', '.join(missing)}")
-    return _immutable_secret(cr, namespace, names.memory_tls_secret(cr),
+    return immutable_secret(cr, namespace, names.memory_tls_secret(cr), names.MEMORY,
                              {key: material[key] for key in (CA_FILE, CERT_FILE, KEY_FILE)})
-
-
-def _immutable_secret(cr: str, namespace: str, name: str, data: Mapping[str, str]) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(cr, namespace, name, names.MEMORY),
-        "type": "Opaque",
-        "immutable": True,
-        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
-    }
 
 
 def redis_maxmemory(spec: CollectiveSpec) -> int:
@@ -138,7 +128,7 @@ def _redis_container(cr: str, spec: CollectiveSpec) -> dict[str, Any]:
     }
 
 
-def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str, Any]:
+def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec, kafka: KafkaClient) -> dict[str, Any]:
     return {
         "name": "monitor",
         "image": spec.memory.image,
@@ -148,17 +138,18 @@ def _monitor_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[st
         "args": ["memory-monitor", "--memory", f"rediss://127.0.0.1:{REDIS_PORT}/0", "--ca-file", MEMORY_CA_FILE,
                  "--name", cr,
                  "--password-file", MONITOR_PASSWORD_FILE, "--kafka", kafka_bootstrap(cr, namespace, spec.kafka),
-                 "--collective", cr],
-        "env": [env(REDIS_USERNAME_ENV, MONITOR.name)],  # read-only: it may not write a key
+                 "--collective", cr, *kafka.args],
+        "env": [env(REDIS_USERNAME_ENV, MONITOR.name), *kafka.env],  # read-only: it may not write a key
         "resources": guaranteed(*MONITOR_RESOURCES),
         "securityContext": container_security_context(),
         # Its own password only: the sidecar never holds the agents' or the administrator's.
         "volumeMounts": [{"name": "redis-monitor", "mountPath": PASSWORD_DIR, "readOnly": True},
-                         {"name": "memory-ca", "mountPath": MEMORY_TLS_DIR, "readOnly": True}],
+                         {"name": "memory-ca", "mountPath": MEMORY_TLS_DIR, "readOnly": True}, *kafka.mounts],
     }
 
 
-def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memory_ca: str) -> Manifest:
+def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memory_ca: str,
+                             kafka: KafkaClient) -> Manifest:  # fmt: skip
     _check_memory_limit(spec)
     memory = spec.memory
     volumes: list[dict[str, Any]] = [
@@ -168,6 +159,7 @@ def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memo
         memory_ca_volume(cr),
         # Memory-backed: the rendered config holds the password, which so never touches a disk.
         empty_dir("conf", memory=True, size_limit="1Mi"),
+        *kafka.volumes,
     ]
     sts_spec: dict[str, Any] = {
         "serviceName": names.memory_headless(cr),
@@ -178,12 +170,12 @@ def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memo
         "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
         "template": {
             "metadata": {"labels": names.labels(cr, names.MEMORY),
-                         "annotations": {names.MEMORY_CA_ANNOTATION: memory_ca_checksum(memory_ca)}},
+                         "annotations": {names.MEMORY_CA_ANNOTATION: ca_checksum(memory_ca), **kafka.annotations}},
             "spec": {
                 **pod_basics(),
                 # On SIGTERM Redis fsyncs the append-only file and exits; a large one needs more than 30 s.
                 "terminationGracePeriodSeconds": 60,
-                "containers": [_redis_container(cr, spec), _monitor_container(cr, namespace, spec)],
+                "containers": [_redis_container(cr, spec), _monitor_container(cr, namespace, spec, kafka)],
                 "volumes": volumes,
             },
         },
@@ -239,6 +231,8 @@ def build_memory_pdb(cr: str, namespace: str) -> Manifest:
     }
 
 
-def build_memory(cr: str, namespace: str, spec: CollectiveSpec, tls: Mapping[str, str]) -> list[Manifest]:
-    return [build_memory_tls_secret(cr, namespace, tls), build_memory_statefulset(cr, namespace, spec, tls[CA_FILE]),
+def build_memory(cr: str, namespace: str, spec: CollectiveSpec, tls: Mapping[str, str],
+                 kafka: KafkaClient) -> list[Manifest]:  # fmt: skip
+    return [build_memory_tls_secret(cr, namespace, tls),
+            build_memory_statefulset(cr, namespace, spec, tls[CA_FILE], kafka),
             *build_memory_services(cr, namespace), build_memory_pdb(cr, namespace)]
