@@ -151,6 +151,25 @@ def test_a_managed_tls_kafka_is_not_rendered_without_its_material() -> None:
         render({})
 
 
+# ------------------------------------------------------------------------------------------ strimzi mode
+def test_strimzi_mode_hands_its_clients_strimzis_cluster_ca_and_the_kafka_users_certificate() -> None:
+    children = render({"kafka": {"mode": "strimzi"}})
+    assert children[("KafkaUser", "hive-telemetry")]["spec"] == {"authentication": {"type": "tls"}}
+    for kind, name, which in CLIENTS:
+        sources = {v["name"]: v for v in pod(children, kind, name)["volumes"]}["kafka-client"]["projected"]["sources"]
+        # The Secrets Strimzi writes: its cluster CA's certificate, and the KafkaUser's (user.crt, user.key).
+        assert sources == [
+            {"secret": {"name": "hive-kafka-cluster-ca-cert", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"secret": {"name": "hive-telemetry", "items": [{"key": "user.crt", "path": "client.crt"},
+                                                            {"key": "user.key", "path": "client.key"}]}}]
+        if which != "agent":
+            assert "--kafka-cert-file" in container(children, kind, name, which)["args"]
+    assert telemetry(children)["kafka"] == "hive-kafka-kafka-bootstrap.borg.svc:9093"
+    assert telemetry(children)["kafka_cert_file"] == "/var/run/secrets/borg-kafka/client.crt"
+    plain = render({"kafka": {"mode": "strimzi", "tls": False}})
+    assert ("KafkaUser", "hive-telemetry") not in plain and telemetry(plain)["kafka_tls"] is False
+
+
 # ------------------------------------------------------------------------------------------ external mode
 EXTERNAL = {"mode": "external", "bootstrapServers": "kafka.example:9093", "tls": True}
 
@@ -194,7 +213,7 @@ def test_an_external_kafka_with_a_client_certificate_and_the_systems_cas() -> No
     ({"mode": "external", "bootstrapServers": "k:9092", "clientCertSecret": "x"},
      "kafka.clientCertSecret needs kafka.tls: true"),
     ({**EXTERNAL, "clientCertSecret": "x", "loginSecret": "y"}, "clientCertSecret or loginSecret, not both"),
-    ({"mode": "strimzi", "tls": True}, "not yet rendered for strimzi mode"),
+    ({"mode": "strimzi", "loginSecret": "x"}, "kafka.loginSecret is for external mode"),
 ])  # fmt: skip
 def test_kafka_settings_that_cannot_work_are_one_line(kafka: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message) as caught:

@@ -402,7 +402,10 @@ def test_the_memory_statefulset_runs_redis_and_the_monitor() -> None:
         "borgdqn", "memory-monitor", "--memory", "rediss://127.0.0.1:6379/0",
         "--ca-file", "/var/run/secrets/borg-tls/ca.crt", "--name", "pong",
         "--password-file", "/var/run/secrets/borg/monitor-password",
-        "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9092", "--collective", "pong"]
+        "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9093", "--collective", "pong",
+        "--kafka-tls", "--kafka-ca-file", "/var/run/secrets/borg-kafka/ca.crt",
+        "--kafka-cert-file", "/var/run/secrets/borg-kafka/client.crt",
+        "--kafka-key-file", "/var/run/secrets/borg-kafka/client.key"]
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
     assert claim["spec"]["storageClassName"] == "fast-ssd"
@@ -496,7 +499,13 @@ def test_strimzi_mode_renders_a_kafka_with_a_kraft_node_pool() -> None:
     assert kafka["metadata"]["annotations"] == {"strimzi.io/kraft": "enabled", "strimzi.io/node-pools": "enabled"}
     assert kafka["spec"]["kafka"]["version"] == "4.1.0"
     (listener,) = kafka["spec"]["kafka"]["listeners"]
-    assert (listener["port"], listener["type"], listener["tls"]) == (9092, "internal", False)
+    # TLS only, and a certificate of Strimzi's clients CA from every client: the KafkaUser's.
+    assert (listener["name"], listener["port"], listener["type"], listener["tls"], listener["authentication"]) == \
+        ("tls", 9093, "internal", True, {"type": "tls"})
+    assert kafka["spec"]["entityOperator"] == {"userOperator": {}}
+    user = by_kind(children, "KafkaUser")
+    assert user["metadata"]["name"] == "pong-telemetry" and user["spec"] == {"authentication": {"type": "tls"}}
+    assert user["metadata"]["labels"]["strimzi.io/cluster"] == "pong-kafka"
     peers = [peer["podSelector"]["matchLabels"][names.LABEL_COMPONENT] for peer in listener["networkPolicyPeers"]]
     assert peers == ["agent", "memory", "indexer"]
     assert kafka["spec"]["kafka"]["config"]["log.retention.hours"] == 72
@@ -506,7 +515,7 @@ def test_strimzi_mode_renders_a_kafka_with_a_kraft_node_pool() -> None:
     assert (volume["size"], volume["class"], volume["kraftMetadata"]) == ("50Gi", "fast-ssd", "shared")
     # The bootstrap Service Strimzi creates for it is what every client is given.
     assert kafka_bootstrap("pong", NAMESPACE, parse_spec(example("full")[1]).kafka) == \
-        "pong-kafka-kafka-bootstrap.borg.svc:9092"
+        "pong-kafka-kafka-bootstrap.borg.svc:9093"
     assert not any(c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "pong-kafka" for c in children)
 
 
@@ -547,7 +556,7 @@ def test_the_indexer_and_the_setup_job_log_in_with_ecks_elastic_user() -> None:
     indexer = pod_spec(by_kind(children, "Deployment", "pong-indexer"))
     (container,) = indexer["containers"]
     args = container["args"]
-    assert args[:5] == ["indexer", "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9092", "--es",
+    assert args[:5] == ["indexer", "--kafka", "pong-kafka-kafka-bootstrap.borg.svc:9093", "--es",
                         "https://pong-es-es-http:9200"]
     assert args[args.index("--ca-file") + 1] == "/etc/borg/ca/ca.crt"
     assert args[args.index("--replicas") + 1] == "1"  # 3 Elasticsearch nodes: one replica per index
@@ -628,13 +637,13 @@ def test_names_too_long_for_a_child_are_spec_errors(spec: dict[str, Any], limit:
 
 @pytest.fixture(scope="module")
 def crds_installed(kube: KubeCluster) -> Iterator[KubeCluster]:
-    """The BorgCollective CRD, ECK's CRDs and Strimzi's `Kafka` and `KafkaNodePool` CRDs, Established."""
+    """The BorgCollective CRD, ECK's CRDs and Strimzi's `Kafka`, `KafkaNodePool` and `KafkaUser` CRDs, Established."""
     install_borg_crd(kube)
     files = [*eck_crds(Progress()), *strimzi_crds(Progress())]
     # Server-side: these CRDs are too large for client-side apply's last-applied annotation.
     kube.kubectl("apply", "--server-side", "--force-conflicts", *(arg for path in files for arg in ("-f", str(path))))
     wait_established(kube, "elasticsearches.elasticsearch.k8s.elastic.co", "kibanas.kibana.k8s.elastic.co",
-                     "kafkas.kafka.strimzi.io", "kafkanodepools.kafka.strimzi.io")
+                     "kafkas.kafka.strimzi.io", "kafkanodepools.kafka.strimzi.io", "kafkausers.kafka.strimzi.io")
     with namespaces_deleted_after(kube):
         yield kube
 

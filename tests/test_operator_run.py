@@ -43,7 +43,7 @@ from tests.operator_support import (
 
 pytestmark = pytest.mark.integration
 
-STRIMZI_CRDS = ("kafkas.kafka.strimzi.io", "kafkanodepools.kafka.strimzi.io")
+STRIMZI_CRDS = ("kafkas.kafka.strimzi.io", "kafkanodepools.kafka.strimzi.io", "kafkausers.kafka.strimzi.io")
 
 
 @pytest.fixture(scope="module")

@@ -335,7 +335,9 @@ def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() 
 
 def test_strimzi_mode_points_agents_at_strimzis_bootstrap_service() -> None:
     config = to_borg_config("pong", "games", parse_spec({"kafka": {"mode": "strimzi"}}))
-    assert config.telemetry.kafka == "pong-kafka-kafka-bootstrap.games.svc:9092"
+    assert config.telemetry.kafka == "pong-kafka-kafka-bootstrap.games.svc:9093"  # its tls listener
+    plain = to_borg_config("pong", "games", parse_spec({"kafka": {"mode": "strimzi", "tls": False}}))
+    assert plain.telemetry.kafka == "pong-kafka-kafka-bootstrap.games.svc:9092"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[path.name for path in EXAMPLES])

@@ -78,6 +78,16 @@ def kafka_tls_secret(cr: str) -> str:
     return f"{cr}-kafka-tls"
 
 
+def kafka_user(cr: str) -> str:
+    """Strimzi mode: the KafkaUser the collective's clients log in as (and the Secret Strimzi writes for it)."""
+    return f"{cr}-telemetry"
+
+
+def strimzi_cluster_ca_cert(cr: str) -> str:
+    """Strimzi's Secret of its cluster CA's certificate, for the Kafka `<cr>-kafka`."""
+    return f"{kafka(cr)}-cluster-ca-cert"
+
+
 def kafka_headless(cr: str) -> str:
     return f"{cr}-kafka-headless"
 

@@ -37,6 +37,7 @@ DEFAULT_ELASTIC_VERSION = "8.19.7"
 DEFAULT_STRIMZI_KAFKA_VERSION = "4.1.0"
 REDIS_PORT = 6379
 KAFKA_PORT = 9092
+STRIMZI_TLS_PORT = 9093  # Strimzi's convention for an internal TLS listener (9092 is its plain one)
 CONFIG_PATH = "/etc/borgdqn/borgdqn.yaml"
 RUN_DIR = "/var/lib/borgdqn/run"
 MEMORY_TLS_DIR = "/var/run/secrets/borg-tls"  # the memory's TLS Secret in the pods that dial or serve it
@@ -183,8 +184,8 @@ class KafkaSpec(CrdModel):
     tls: bool | None = Field(
         default=None,
         description="managed: a TLS listener that wants a client certificate (the operator makes the CA and both "
-        "certificates in the Secret <name>-kafka-tls); external: TLS to the brokers. Unset: on when managed, off "
-        "when external; strimzi mode keeps its plain listener (docs/security.md)",
+        "certificates in the Secret <name>-kafka-tls); strimzi: Strimzi's tls listener with authentication tls "
+        "and a KafkaUser <name>-telemetry; external: TLS to the brokers. Unset: on, but off when external",
     )
     ca_secret: str | None = Field(default=None, description="external, with tls: a Secret whose ca.crt is the "
                                   "brokers' CA (unset: the system's CAs)")
@@ -200,24 +201,23 @@ class KafkaSpec(CrdModel):
         given = [field for field, value in (("caSecret", self.ca_secret), ("clientCertSecret", self.client_cert_secret),
                                             ("loginSecret", self.login_secret)) if value]
         if given and self.mode != "external":
-            raise ValueError(f"kafka.{given[0]} is for external mode (a managed Kafka's are the operator's)")
+            raise ValueError(f"kafka.{given[0]} is for external mode (the operator renders the others' own)")
         if given and not self.tls:
             raise ValueError(f"kafka.{given[0]} needs kafka.tls: true")
         if self.client_cert_secret and self.login_secret:
             raise ValueError("kafka: clientCertSecret or loginSecret, not both")
-        if self.mode == "strimzi" and self.tls:
-            raise ValueError("kafka.tls is not yet rendered for strimzi mode: use managed, or external with tls")
         return self
 
     @property
     def secured(self) -> bool:
-        """TLS to the brokers (the default of a managed Kafka)."""
-        return self.tls if self.tls is not None else self.mode == "managed"
+        """TLS to the brokers (the default of a Kafka the operator runs or asks Strimzi for)."""
+        return self.tls if self.tls is not None else self.mode != "external"
 
     @property
     def client_cert(self) -> bool:
-        """The clients present a certificate: always with a managed TLS Kafka, with clientCertSecret otherwise."""
-        return self.secured and (self.mode == "managed" or bool(self.client_cert_secret))
+        """The clients present a certificate: always with a TLS Kafka of ours or Strimzi's, with clientCertSecret
+        otherwise."""
+        return self.secured and (self.mode != "external" or bool(self.client_cert_secret))
 
 
 INGRESS_NEEDS_HOST_AND_TLS = ("needs host and tlsSecretName when enabled (Kibana's login crosses it), or "
@@ -294,7 +294,7 @@ def kafka_bootstrap(name: str, namespace: str, kafka: KafkaSpec) -> str:
         return kafka.bootstrap_servers
     if kafka.mode == "strimzi":
         # Strimzi names the bootstrap Service <cluster>-kafka-bootstrap; our Kafka resource is <name>-kafka.
-        return f"{name}-kafka-kafka-bootstrap.{namespace}.svc:{KAFKA_PORT}"
+        return f"{name}-kafka-kafka-bootstrap.{namespace}.svc:{STRIMZI_TLS_PORT if kafka.secured else KAFKA_PORT}"
     return f"{name}-kafka.{namespace}.svc:{KAFKA_PORT}"
 
 
@@ -303,7 +303,7 @@ def kafka_client_files(kafka: KafkaSpec) -> dict[str, Any]:
     ``kafka``, its files where the pods mount them (builders/kafka.py: kafka_client_volume)."""
     if not kafka.secured:
         return {"kafka_tls": False}
-    ca = kafka.mode == "managed" or bool(kafka.ca_secret)
+    ca = kafka.mode != "external" or bool(kafka.ca_secret)
     return {"kafka_tls": True, "kafka_ca_file": Path(KAFKA_CA_FILE) if ca else None,
             "kafka_cert_file": Path(KAFKA_CERT_FILE) if kafka.client_cert else None,
             "kafka_key_file": Path(KAFKA_KEY_FILE) if kafka.client_cert else None}

@@ -1,4 +1,5 @@
-"""Strimzi's CustomResourceDefinitions (`Kafka`, `KafkaNodePool`), generated the way Strimzi generates them.
+"""Strimzi's CustomResourceDefinitions (`Kafka`, `KafkaNodePool`, `KafkaUser`), generated the way Strimzi
+generates them.
 
 No package registry carries Strimzi's CRD YAML files (Maven Central's `io.strimzi:api` jar holds the annotated
 model classes only; the YAML is a release asset on GitHub). But those CRDs are *generated*: Strimzi's build runs
@@ -30,6 +31,7 @@ GENERATOR = "io.strimzi.crdgenerator.CrdGenerator"
 CRDS = {
     "io.strimzi.api.kafka.model.kafka.Kafka": "040-Crd-kafka.yaml",
     "io.strimzi.api.kafka.model.nodepool.KafkaNodePool": "045-Crd-kafkanodepool.yaml",
+    "io.strimzi.api.kafka.model.user.KafkaUser": "044-Crd-kafkauser.yaml",
 }
 # The labels Strimzi's own build puts on its CRDs (its install files select on strimzi.io/crd-install).
 LABELS = ("app:strimzi", "strimzi.io/crd-install:true")
@@ -66,9 +68,10 @@ def find_java(min_major: int = MIN_JAVA) -> str:
 
 
 def strimzi_crds(progress: Progress) -> list[Path]:
-    """Strimzi's `Kafka` and `KafkaNodePool` CRDs at the pinned version, generated into the cache once."""
-    # The pom's digest is in the name too, so that editing it refetches and regenerates.
-    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:8]
+    """Strimzi's CRDs of CRDS (`Kafka`, `KafkaNodePool`, `KafkaUser`) at the pinned version, generated into the
+    cache once."""
+    # The pom's and the list's digest are in the name too, so that editing either refetches and regenerates.
+    digest = hashlib.sha256(POM.read_bytes() + repr(sorted(CRDS.items())).encode()).hexdigest()[:8]
     target = cache_root() / f"strimzi-crds-{VERSION}-{digest}"
 
     def install(scratch: Path) -> None:

@@ -36,6 +36,7 @@ OWNED_KINDS: tuple[tuple[str, str, str], ...] = (
     ("networking.k8s.io/v1", "Ingress", "ingresses"),
     ("kafka.strimzi.io/v1", "Kafka", "kafkas"),
     ("kafka.strimzi.io/v1", "KafkaNodePool", "kafkanodepools"),
+    ("kafka.strimzi.io/v1", "KafkaUser", "kafkausers"),
     ("elasticsearch.k8s.elastic.co/v1", "Elasticsearch", "elasticsearches"),
     ("kibana.k8s.elastic.co/v1", "Kibana", "kibanas"),
 )

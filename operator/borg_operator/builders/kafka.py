@@ -31,6 +31,7 @@ from borg_operator.builders.common import (
 from borg_operator.spec import (
     KAFKA_CLIENT_TLS_DIR,
     KAFKA_PORT,
+    STRIMZI_TLS_PORT,
     CollectiveSpec,
     KafkaSpec,
     kafka_client_files,
@@ -252,7 +253,7 @@ def build_strimzi(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifes
         volume["class"] = kafka.storage.storage_class_name
     # Strimzi >= 0.46 runs KRaft with node pools only and ignores these; older ones need them. Free to keep.
     annotations = {"strimzi.io/kraft": "enabled", "strimzi.io/node-pools": "enabled"}
-    cluster = {
+    cluster: Manifest = {
         "apiVersion": STRIMZI_API,
         "kind": "Kafka",
         "metadata": metadata(cr, namespace, names.kafka(cr), names.KAFKA, annotations),
@@ -261,8 +262,7 @@ def build_strimzi(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifes
                 "version": kafka.version,
                 # networkPolicyPeers: Strimzi writes the listener's NetworkPolicy itself (and would open it to
                 # everyone without peers); ours for a managed Kafka says the same.
-                "listeners": [{"name": "plain", "port": 9092, "type": "internal", "tls": False,
-                               "networkPolicyPeers": kafka_client_peers(cr)}],
+                "listeners": [_strimzi_listener(cr, kafka)],
                 "config": {
                     "log.retention.hours": kafka.retention_hours,
                     "default.replication.factor": factor,
@@ -274,6 +274,9 @@ def build_strimzi(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifes
             },
         },
     }
+    if kafka.secured:
+        # Strimzi's User Operator turns the KafkaUser below into a Secret with its certificate.
+        cluster["spec"]["entityOperator"] = {"userOperator": {}}
     pool_labels = {**names.labels(cr, names.KAFKA), STRIMZI_CLUSTER_LABEL: names.kafka(cr)}
     pool = {
         "apiVersion": STRIMZI_API,
@@ -282,7 +285,25 @@ def build_strimzi(cr: str, namespace: str, spec: CollectiveSpec) -> list[Manifes
         "spec": {"replicas": kafka.replicas, "roles": ["controller", "broker"],
                  "storage": {"type": "jbod", "volumes": [volume]}},
     }
-    return [cluster, pool]
+    if not kafka.secured:
+        return [cluster, pool]
+    user = {
+        "apiVersion": STRIMZI_API,
+        "kind": "KafkaUser",
+        "metadata": {**metadata(cr, namespace, names.kafka_user(cr), names.KAFKA), "labels": pool_labels},
+        # Strimzi signs a certificate (CN = the user's name) with its clients CA into the Secret of that name.
+        "spec": {"authentication": {"type": "tls"}},
+    }
+    return [cluster, pool, user]
+
+
+def _strimzi_listener(cr: str, kafka: KafkaSpec) -> dict[str, Any]:
+    """With TLS (the default): Strimzi's `tls` listener that wants a certificate of its clients CA; else `plain`."""
+    if kafka.secured:
+        return {"name": "tls", "port": STRIMZI_TLS_PORT, "type": "internal", "tls": True,
+                "authentication": {"type": "tls"}, "networkPolicyPeers": kafka_client_peers(cr)}
+    return {"name": "plain", "port": KAFKA_PORT, "type": "internal", "tls": False,
+            "networkPolicyPeers": kafka_client_peers(cr)}
 
 
 @dataclass(frozen=True)
@@ -313,6 +334,9 @@ def kafka_client(cr: str, kafka: KafkaSpec, kafka_ca: str = "") -> KafkaClient:
     if kafka.mode == "managed":
         take(names.kafka_tls_secret(cr), {CA_FILE: CA_FILE, CLIENT_CERT_FILE: CLIENT_CERT_FILE,
                                           CLIENT_KEY_FILE: CLIENT_KEY_FILE})
+    if kafka.mode == "strimzi":  # the Secrets Strimzi writes: its cluster CA's, and the KafkaUser's
+        take(names.strimzi_cluster_ca_cert(cr), {CA_FILE: CA_FILE})
+        take(names.kafka_user(cr), {"user.crt": CLIENT_CERT_FILE, "user.key": CLIENT_KEY_FILE})
     if kafka.ca_secret:
         take(kafka.ca_secret, {CA_FILE: CA_FILE})
     if kafka.client_cert_secret:
