@@ -25,14 +25,15 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 
 TRAIN_EPILOG = """\
-configuration: defaults < --config FILE.yaml < BORG_* variables < flags. Any field can be set with
+configuration: defaults < the env id's preset < --config FILE.yaml < BORG_* variables < flags (the run says
+which preset it used: CartPole-v1 has its own, ALE/* ids the Atari-tuned defaults). Any field can be set with
 --set SECTION.FIELD=VALUE (repeatable), e.g. --set learner.lr=3e-4 --set env.frame_stack=1, or with
 BORG_SECTION__FIELD=VALUE, e.g. BORG_LEARNER__LR=3e-4. Sections: env, network, learner, replay, policy,
 epsilon_ladder, hive, telemetry. See docs/configuration.md.
 
 examples:
   borgdqn train                                   # Pong, 2 agents, defaults
-  borgdqn train --env CartPole-v1 --agents 2 --steps 100000 --config examples/cartpole.yaml --out runs/cp
+  borgdqn train --env CartPole-v1 --agents 2 --steps 100000 --out runs/cp   # the CartPole preset
   borgdqn train --out runs/cp --resume --steps 200000   # continue a run, extend its budget
   borgdqn train --kafka localhost:9092            # also stream live telemetry to Kafka (docs/telemetry.md)
   borgdqn train --config /etc/borgdqn/borgdqn.yaml --member "$POD_NAME"   # an agent pod of a collective
@@ -188,7 +189,7 @@ def _kafka_access(args: argparse.Namespace) -> KafkaAccess:
         return KafkaAccess.of(tls=args.kafka_tls, ca_file=args.kafka_ca_file, cert_file=args.kafka_cert_file,
                               key_file=args.kafka_key_file)
     except KafkaAccessError as err:
-        raise ConfigError(f"--kafka-tls/--kafka-ca-file/--kafka-cert-file/--kafka-key-file: {err}") from None
+        raise ConfigError(str(err)) from None
 
 
 def _train_config(args: argparse.Namespace) -> BorgConfig:
@@ -215,11 +216,20 @@ def _train_config(args: argparse.Namespace) -> BorgConfig:
         "telemetry.kafka": args.kafka,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return build_config(saved_config, yaml_path=args.config, overrides=overrides)
+    # A resumed run's saved config already holds every setting: no preset under it.
+    return build_config(saved_config, yaml_path=args.config, overrides=overrides, preset=not args.resume)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
+    from borgdqn.rl.envs import known_env_id
+
+    if not args.resume and known_env_id(config.env.id):  # an unknown id gets its one-line error from train
+        from borgdqn.presets import preset_for
+
+        chosen = preset_for(config.env.id)
+        said = f"preset {chosen.name}" if chosen else "no preset (the defaults, tuned for Atari)"
+        print(f"borgdqn: {config.env.id}: {said}; --config, BORG_* and --set go over it", file=sys.stderr)
     if args.print_config:
         from borgdqn.config import dump_config
 

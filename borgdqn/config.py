@@ -7,6 +7,7 @@ a silent default.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
@@ -403,7 +404,11 @@ def agent_config(config: BorgConfig, agent: int) -> BorgConfig:
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        # A policy or schedule of another kind replaces the one beneath: their fields do not mix.
+        under = out.get(key)
+        other_kind = isinstance(value, Mapping) and isinstance(under, dict) and value.get("kind", under.get("kind")) \
+            != under.get("kind")
+        if isinstance(value, Mapping) and isinstance(under, dict) and not other_kind:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
@@ -495,15 +500,23 @@ def build_config(
     yaml_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    preset: bool = False,
 ) -> BorgConfig:
-    """Merge defaults < base (a resumed run's saved config) < YAML < environment < overrides (dotted keys),
-    section by section, and validate; raises ConfigError."""
+    """Merge defaults < (with ``preset``) the env id's preset (borgdqn/presets.py) < base (a resumed run's saved
+    config) < YAML < environment < overrides (dotted keys), section by section, and validate; raises ConfigError."""
     tree: dict[str, Any] = dict(base or {})
     if yaml_path is not None:
         tree = _deep_merge(tree, read_yaml(yaml_path))
     tree = _deep_merge(tree, environment_overrides(os.environ if environ is None else environ))
     for dotted, value in (overrides or {}).items():
         _set_path(tree, dotted, value)
+    if preset:
+        from borgdqn.presets import preset_for
+
+        env_id = (tree.get("env") or {}).get("id", EnvConfig().id)
+        chosen = preset_for(env_id) if isinstance(env_id, str) else None
+        if chosen is not None:
+            tree = _deep_merge(copy.deepcopy(dict(chosen.settings)), tree)
     try:
         return BorgConfig.model_validate(tree)
     except ValidationError as err:

@@ -2,7 +2,7 @@
 and controller) with its Services and, with TLS (the default), the Secret `<cr>-kafka-tls`: its clients and
 brokers meet on one listener that wants a client certificate; strimzi: a Strimzi `Kafka` `<cr>-kafka` with one
 KafkaNodePool; external: nothing (the spec names the bootstrap servers and the Secrets that reach them).
-`kafka_client_*`: what every pod that talks to Kafka mounts and is told, whichever the mode."""
+`kafka_client`: what every pod that talks to Kafka mounts and is told, whichever the mode."""
 
 from __future__ import annotations
 
