@@ -126,3 +126,11 @@ def test_configuration_doc_lists_every_field_as_the_code_has_it() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     stale = "docs/configuration.md is stale: regenerate its reference with python -m borgdqn.config_reference"
     assert render_reference() in doc, stale
+
+
+def test_a_bare_on_or_off_is_the_live_views_word_not_a_boolean(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "live.yaml"
+    yaml_file.write_text("hive: {live: off}\n")  # YAML 1.1: the boolean false
+    assert build_config(yaml_path=yaml_file, environ={}).hive.live == "off"
+    assert build_config(environ={"BORG_HIVE__LIVE": "on"}).hive.live == "on"
+    assert build_config(environ={}, overrides=dict([parse_override("hive.live=off")])).hive.live == "off"
