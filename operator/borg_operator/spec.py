@@ -300,7 +300,7 @@ def kafka_bootstrap(name: str, namespace: str, kafka: KafkaSpec) -> str:
 
 def kafka_client_files(kafka: KafkaSpec) -> dict[str, Any]:
     """The telemetry settings (kafka_tls, kafka_ca_file, kafka_cert_file, kafka_key_file) of a pod that talks to
-    ``kafka``, its files where the pods mount them (builders/kafka.py: kafka_client_volume)."""
+    ``kafka``, its files where the pods mount them (builders/kafka.py: kafka_client)."""
     if not kafka.secured:
         return {"kafka_tls": False}
     ca = kafka.mode != "external" or bool(kafka.ca_secret)
