@@ -222,24 +222,24 @@ def _train_config(args: argparse.Namespace) -> BorgConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
-    from borgdqn.rl.envs import known_env_id
+    from borgdqn.presets import preset_for
 
-    if not args.resume and known_env_id(config.env.id):  # an unknown id gets its one-line error from train
-        from borgdqn.presets import preset_for
-
-        chosen = preset_for(config.env.id)
-        said = f"preset {chosen.name}" if chosen else "no preset (the defaults, tuned for Atari)"
-        print(f"borgdqn: {config.env.id}: {said}; --config, BORG_* and --set go over it", file=sys.stderr)
+    # Said once the run starts (the hive's first line), or with --print-config; a resumed run took no preset.
+    chosen = preset_for(config.env.id)
+    preset = None if args.resume else chosen.name if chosen else "none"
     if args.print_config:
         from borgdqn.config import dump_config
 
+        if preset is not None:
+            print(f"borgdqn: {config.env.id}: preset {preset}; --config, BORG_* and --set go over it",
+                  file=sys.stderr)
         sys.stdout.write(dump_config(config))
         return 0
     from borgdqn.hive import mark_finished, member_finished, train, wait_until_released
 
     if args.wait_when_done and not args.member:
         raise ConfigError("--wait-when-done: only a collective's member (--member) waits to be released")
-    summary = train(config, resume=args.resume, member=args.member)
+    summary = train(config, resume=args.resume, member=args.member, preset=preset)
     hive = summary["hive"]
     mean = hive["mean_return_last_20"]
     best = hive["best_mean_return_20"]

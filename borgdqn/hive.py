@@ -284,11 +284,13 @@ def restore_from_store(config: BorgConfig, member: str, spec: EnvSpec) -> bool:
     return True
 
 
-def train(config: BorgConfig, *, resume: bool = False, member: str | None = None) -> dict[str, Any]:
+def train(config: BorgConfig, *, resume: bool = False, member: str | None = None,
+          preset: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json.
 
     ``member`` (a pod's name): run as that one member of a collective (see :mod:`borgdqn.rl.identity`); a run
-    directory that already holds its run (the container restarted in the same pod) is resumed.
+    directory that already holds its run (the container restarted in the same pod) is resumed. ``preset``: the
+    name of the preset the config was built on (borgdqn/presets.py; "none"), for the hive's first line.
     """
     if member is not None:
         check_member(config, member)
@@ -320,9 +322,10 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     offset = _resume_offset(run_dir) if resume else 0.0
     frame_bytes = int(np.prod(spec.frame_shape)) * np.dtype(spec.frame_dtype).itemsize
     log.info(
-        "hive agents=%d env=%s frame=%s actions=%d memory_capacity=%d (~%.0f MB of frames) out=%s logs=%s",
-        config.hive.agents, config.env.id, spec.frame_shape, spec.num_actions, config.replay.capacity,
-        config.replay.capacity * frame_bytes / 1e6, run_dir, run_dir / LOG_DIR,
+        "hive agents=%d env=%s%s frame=%s actions=%d memory_capacity=%d (~%.0f MB of frames) out=%s logs=%s",
+        config.hive.agents, config.env.id, f" preset={preset}" if preset else "", spec.frame_shape,
+        spec.num_actions, config.replay.capacity, config.replay.capacity * frame_bytes / 1e6, run_dir,
+        run_dir / LOG_DIR,
     )  # fmt: skip
     ctx = mp.get_context("spawn")
     stop = ctx.Event()

@@ -167,7 +167,7 @@ def test_cartpole_hive_of_two_learns_from_the_bare_command(tmp_path: Path) -> No
                            "--steps", "100000", "--seed", "0", "--out", str(out), "--no-live"],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "CartPole-v1: preset cartpole" in done.stderr
+    assert "env=CartPole-v1 preset=cartpole" in done.stderr  # the hive's first line says which settings it took
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hive"]["env_steps"] <= 100_000 + 4 * 2  # num_envs per agent past the budget at most
     best = summary["hive"]["best_mean_return_20"]

@@ -55,7 +55,7 @@ def test_which_ids_have_a_preset() -> None:
 @pytest.mark.parametrize(("env_id", "said"), [
     ("CartPole-v1", "CartPole-v1: preset cartpole"),
     ("ALE/Pong-v5", "ALE/Pong-v5: preset atari"),
-    ("Acrobot-v1", "Acrobot-v1: no preset (the defaults, tuned for Atari)"),
+    ("Acrobot-v1", "Acrobot-v1: preset none"),
 ])  # fmt: skip
 def test_train_says_which_preset_it_used(env_id: str, said: str) -> None:
     done = borgdqn("train", "--env", env_id, "--print-config")

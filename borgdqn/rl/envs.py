@@ -341,11 +341,6 @@ def default_num_threads(num_envs: int) -> int:
     return max(1, min(cores, num_envs // _ENVS_PER_THREAD))
 
 
-def known_env_id(env_id: str) -> bool:
-    """An ALE game's id or a registered gymnasium id (what make_vector_env can build)."""
-    return ale_game(env_id) is not None or _registered(env_id) is not None
-
-
 def make_vector_env(config: EnvConfig, seed: int, *, num_threads: int | None = None) -> VectorEnv:
     """Build the agent's vector env for ``config.id``; ``seed`` makes it deterministic (env e gets env_seeds()[e]).
 
