@@ -280,17 +280,17 @@ class HiveConfig(_Strict):
     checkpoint_every: int = Field(default=100_000, ge=1, description="env steps per agent between saves")
     report_every_s: float = Field(default=2.0, gt=0.0, description="seconds between train records")
     live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
+    assimilation: AssimilationConfig = Field(default_factory=AssimilationConfig)
+    learner_by_agent: dict[int, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="learner settings of single agents over `learner`, e.g. {2: {lr: 1.0e-6}} (a sweep in one hive)",
+    )
 
     @field_validator("live", mode="before")
     @classmethod
     def _live_words(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare on/off (`--set hive.live=off`, `live: off`) as a boolean.
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-    assimilation: AssimilationConfig = Field(default_factory=AssimilationConfig)
-    learner_by_agent: dict[int, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="learner settings of single agents over `learner`, e.g. {2: {lr: 1.0e-6}} (a sweep in one hive)",
-    )
 
     @field_validator("learner_by_agent")
     @classmethod

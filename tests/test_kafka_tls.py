@@ -234,7 +234,8 @@ def test_client_certificate_settings_that_cannot_work_are_refused_in_one_line(tm
     login = {"BORG_KAFKA_USERNAME": "a", "BORG_KAFKA_PASSWORD": "b"}
     for extra, env, said in ((["--kafka-cert-file", str(tmp_path / "nope.crt")], {}, "the Kafka client certificate"),
                              (["--kafka-cert-file", str(cert)], login,
-                              "a client certificate or with BORG_KAFKA_USERNAME, not both")):
+                              "a client certificate or with BORG_KAFKA_USERNAME, not both"),
+                             (["--kafka-cert-file", str(cert)], {}, "the Kafka TLS files cannot be loaded")):
         done = subprocess.run([sys.executable, "-m", "borgdqn", "indexer", "--kafka", "k:9092", "--es",
                                "http://127.0.0.1:9", "--kafka-tls", *extra], capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin", **env}, timeout=60)  # fmt: skip

@@ -15,6 +15,7 @@ refused, since SCRAM then shows the user name and the exchange to anyone on the 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class KafkaAccess:
         if access.username and cert_file is not None:
             raise KafkaAccessError(f"log in to Kafka with a client certificate or with {KAFKA_USERNAME_ENV}, "
                                    "not both")
+        if tls:  # files that are there but are no PEM (or a key of another certificate): say so now, in one line
+            try:
+                access.client_options()
+            except (ssl.SSLError, OSError) as err:
+                raise KafkaAccessError(f"the Kafka TLS files cannot be loaded: {err}") from None
         return access
 
     @classmethod
@@ -83,12 +89,12 @@ class KafkaAccess:
         """Keyword arguments of aiokafka's producer, consumer and admin client."""
         options: dict[str, Any] = {"security_protocol": self.protocol}
         if self.tls:
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=None if self.ca_file is None else str(self.ca_file),
-                certfile=None if self.cert_file is None else str(self.cert_file),
-                keyfile=None if self.key_file is None else str(self.key_file))
+            # The standard client context: the brokers' certificate and name verified (against ca_file, else the
+            # system's CAs), and ours presented when there is one.
+            context = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
+            if self.cert_file is not None:
+                context.load_cert_chain(str(self.cert_file), None if self.key_file is None else str(self.key_file))
+            options["ssl_context"] = context
         if self.username:
             options.update(sasl_mechanism=SASL_MECHANISM, sasl_plain_username=self.username,
                            sasl_plain_password=self.password)
