@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from borgdqn.cli import main
+from borgdqn.metrics import read_records
 from borgdqn.telemetry.events import kind_of
 from tests.conditions import eventually
 from tests.harness.kafka import KafkaServer
@@ -151,13 +152,9 @@ def test_kafka_bounced_three_times_during_a_run_training_goes_on_and_the_lost_ev
 
     def env_steps() -> list[int]:
         alive()
-        steps = []
-        for agent in (0, 1):
-            path = out / "metrics" / f"agent-{agent}.jsonl"
-            lines = path.read_text().splitlines() if path.exists() else []
-            steps.append(max((json.loads(line)["env_steps"] for line in lines if '"kind":"train"' in line),
-                             default=0))  # fmt: skip
-        return steps
+        # read_records: the agents write as this reads, and a line being written is skipped, not parsed.
+        records = list(read_records(out, "train"))
+        return [max((r["env_steps"] for r in records if r["agent"] == agent), default=0) for agent in (0, 1)]
 
     try:
         eventually(lambda: min(env_steps()) > 500, "both agents running", 120)

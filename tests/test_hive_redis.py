@@ -18,6 +18,7 @@ import redis
 from borgdqn.config import ConfigError, build_config
 from borgdqn.hive import train
 from borgdqn.memory.redis.keys import read_state
+from borgdqn.metrics import read_records
 from tests.conditions import eventually
 from tests.harness.redis import RedisServer
 from tests.test_hive import EXAMPLES, small_config
@@ -67,9 +68,8 @@ def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: Re
 
 
 def _updates(out: Path, agent: int) -> int:
-    path = out / "metrics" / f"agent-{agent}.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return max((json.loads(line)["updates"] for line in lines if '"kind":"train"' in line), default=0)
+    # read_records: the agent writes as this reads, and a line being written is skipped, not parsed.
+    return max((r["updates"] for r in read_records(out, "train") if r["agent"] == agent), default=0)
 
 
 KILLS = 5
