@@ -38,6 +38,19 @@ def install_crds(kube: KubeCluster, *, eck: bool = True) -> None:
                                         "kibanas.kibana.k8s.elastic.co") if eck else ()))
 
 
+def image_properties(container_env: list[dict[str, Any]]) -> dict[str, str]:
+    """server.properties as the apache/kafka image writes it from the container's KAFKA_* variables
+    (KAFKA_FOO_BAR -> foo.bar, `__` -> `_`, `___` -> `-`); the variables given by value only."""
+    out = {}
+    for item in container_env:
+        name = item["name"]
+        if not name.startswith("KAFKA_") or "value" not in item or name in ("KAFKA_HEAP_OPTS", "KAFKA_NODE_ID"):
+            continue
+        key = name[len("KAFKA_"):].lower().replace("___", "-").replace("__", "\0").replace("_", ".")
+        out[key.replace("\0", "_")] = str(item["value"])
+    return out
+
+
 def collective(name: str, namespace: str, spec: dict[str, Any] | None = None,
                annotations: dict[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace}

@@ -47,7 +47,7 @@ from elasticsearch import Elasticsearch
 from borg_operator import names
 from borg_operator.builders import build_children
 from borg_operator.builders.config import CONFIG_KEY
-from borg_operator.builders.kafka import CLIENT_LISTENER, image_properties
+from borg_operator.builders.kafka import CLIENT_LISTENER
 from borg_operator.spec import CONFIG_PATH, KAFKA_CA_FILE, RUN_DIR, parse_spec
 from borg_operator.tls import make_kafka_tls, make_memory_tls
 from borgdqn.config import BorgConfig
@@ -64,6 +64,7 @@ from tests.harness.cache import Progress
 from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
 from tests.harness.process import free_port
 from tests.harness.redis import RedisInstall, ensure_redis
+from tests.operator_support import image_properties
 
 pytestmark = pytest.mark.integration
 

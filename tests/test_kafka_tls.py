@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from borg_operator.builders import build_children
-from borg_operator.builders.kafka import image_properties
 from borg_operator.spec import SpecError, parse_spec
 from borg_operator.tls import (
     CA_FILE,
@@ -34,6 +33,7 @@ from borg_operator.tls import (
     make_kafka_tls,
 )
 from borgdqn.config import ConfigError, build_config
+from tests.operator_support import image_properties
 
 NAMESPACE = "borg"
 PASSWORDS = {key: "unused" for key in ("agent-password", "monitor-password", "admin-password")}

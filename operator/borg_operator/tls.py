@@ -29,11 +29,14 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1")  # the memory pod's own monitor sid
 def memory_hostnames(cr: str, namespace: str) -> list[str]:
     """Every name a client may dial the memory by: its Services (short, namespaced and fully qualified), its pod
     through the headless Service, and the pod's loopback."""
-    service, headless = names.memory(cr), names.memory_headless(cr)
-    out = []
-    for host in (service, f"*.{headless}"):
-        out += [host, f"{host}.{namespace}", f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"]
-    return out + list(LOOPBACK)
+    return _service_names(namespace, names.memory(cr), names.memory_headless(cr)) + list(LOOPBACK)
+
+
+def _service_names(namespace: str, service: str, headless: str) -> list[str]:
+    """A Service's names (short, namespaced and fully qualified) and its pods' through the headless Service."""
+    return [name for host in (service, f"*.{headless}")
+            for name in (host, f"{host}.{namespace}", f"{host}.{namespace}.svc",
+                         f"{host}.{namespace}.svc.cluster.local")]
 
 
 def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = None) -> dict[str, str]:
@@ -46,10 +49,7 @@ def make_memory_tls(cr: str, namespace: str, now: datetime.datetime | None = Non
 def kafka_hostnames(cr: str, namespace: str) -> list[str]:
     """Every name a client or a fellow broker dials a managed Kafka by: its client Service and each broker through
     the headless Service."""
-    out = []
-    for host in (names.kafka(cr), f"*.{names.kafka_headless(cr)}"):
-        out += [host, f"{host}.{namespace}", f"{host}.{namespace}.svc", f"{host}.{namespace}.svc.cluster.local"]
-    return out
+    return _service_names(namespace, names.kafka(cr), names.kafka_headless(cr))
 
 
 def make_kafka_tls(cr: str, namespace: str, now: datetime.datetime | None = None,

@@ -105,19 +105,6 @@ def _listener_env(host: str, kafka: KafkaSpec) -> list[dict[str, Any]]:
     return out
 
 
-def image_properties(container_env: list[dict[str, Any]]) -> dict[str, str]:
-    """server.properties as the apache/kafka image writes it from the container's KAFKA_* variables
-    (KAFKA_FOO_BAR -> foo.bar, `__` -> `_`, `___` -> `-`); the variables given by value only."""
-    out = {}
-    for item in container_env:
-        name = item["name"]
-        if not name.startswith("KAFKA_") or "value" not in item or name in ("KAFKA_HEAP_OPTS", "KAFKA_NODE_ID"):
-            continue
-        key = name[len("KAFKA_"):].lower().replace("___", "-").replace("__", "\0").replace("_", ".")
-        out[key.replace("\0", "_")] = str(item["value"])
-    return out
-
-
 def _kafka_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str, Any]:
     kafka = spec.kafka
     factor, min_isr = _replication(spec)
