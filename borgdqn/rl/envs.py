@@ -8,9 +8,11 @@ Two backends:
 * ALE ids (``ALE/Pong-v5``, ``PongNoFrameskip-v4``, ...) run on ale-py's native ``AtariVectorEnv`` with the
   standard DQN preprocessing taken from ``EnvConfig`` (the id only names the game: its own frameskip and sticky
   actions are replaced by the config's). Frames are ``uint8 [E, screen_size, screen_size]`` grayscale, max-pooled
-  over the last two of ``frame_skip`` frames; a reset plays a random number of NOOPs (1..noop_max, one fewer
-  in games with FIRE, which then press FIRE once); rewards are raw (unclipped); episodes are truncated after
-  ``max_episode_steps`` agent steps (reset frames do not count).
+  over the last two of ``frame_skip`` frames; a reset presses FIRE once in games that have it, then plays a
+  random number of NOOPs (1..noop_max reset frames in all, the FIRE counting as one); rewards are raw
+  (unclipped); episodes are truncated after ``max_episode_steps`` agent steps (reset frames do not count).
+  Frames, rewards and terminals equal gymnasium's ``AtariPreprocessing`` + ``FrameStackObservation`` step for
+  step, but for the differences docs/environments.md lists (tests/test_envs_gymnasium.py).
 * Any other gymnasium id with a 1-D ``Box`` observation and ``Discrete`` actions runs on
   ``gymnasium.vector.SyncVectorEnv``; frames are ``float32 [E, dim]``. The env's own registered time limit stays
   an upper bound (CartPole-v1 keeps 500 under the default ``max_episode_steps=27000``); a smaller config value
