@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,6 +51,7 @@ class Row:
     priority_error: float  # worst relative L2 error of the priorities
     tolerance: float
     agrees: bool
+    error: str = ""  # why the variant could not run
 
 
 def make_learner(device: str, mixed_precision: str, compile: bool) -> Learner:
@@ -112,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         reference = [(r.loss, r.priorities) for r in (cpu.update(b) for b in checked)]
         eager_rate = None
         for name, (mixed_precision, compile, tolerance) in variants.items():
-            learner = make_learner(args.device, mixed_precision, compile)
-            loss_error, priority_error = agreement(learner, reference, checked)
-            for i in range(args.warmup):
-                learner.update(batches[i % len(batches)])
-            updates_per_s = rate(learner, batches, args.seconds, device)
-            eager_rate = eager_rate or updates_per_s
+            try:
+                learner = make_learner(args.device, mixed_precision, compile)
+                loss_error, priority_error = agreement(learner, reference, checked)
+                for i in range(args.warmup):
+                    learner.update(batches[i % len(batches)])
+                updates_per_s = rate(learner, batches, args.seconds, device)
+            except Exception as err:  # one variant that cannot run here must not cost the others' figures
+                print(f"learner_precision: {name} at batch {batch_size} failed: {err!r}", file=sys.stderr)
+                rows.append(Row(name, batch_size, 0.0, 0.0, math.inf, math.inf, tolerance, False, repr(err)))
+                continue
+            eager_rate = eager_rate or updates_per_s or 1.0
             agrees = loss_error <= tolerance and priority_error <= tolerance
             rows.append(
                 Row(name, batch_size, updates_per_s, updates_per_s / eager_rate, loss_error, priority_error,
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"| {r.variant} | {r.batch} | {r.updates_per_s:,.1f} | {r.vs_eager:.2f}x | {r.loss_error:.1e} "
-            f"| {r.priority_error:.1e} | {'yes' if r.agrees else f'NO (tolerance {r.tolerance:g})'} |"
+            f"| {r.priority_error:.1e} | {'yes' if r.agrees else f'NO (tolerance {r.tolerance:g}) {r.error}'.strip()} |"
         )
     if args.json is not None:
         document = {"device": where, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
