@@ -3,8 +3,9 @@ ID (when there is one) instead of the bare defaults, which are tuned for Atari. 
 else: a resumed run's saved config, `--config`, `BORG_*` variables, `--set` and the flags all override it.
 
 The CartPole preset is `examples/cartpole.yaml`'s algorithm (that file spells it out; a test keeps the two equal):
-a hive of 2 reaches a mean return of 475 over 20 episodes within 100k env steps on a CPU. Atari ids (`ALE/...`)
-get the defaults themselves, named so that the run says which settings it used.
+a hive of 2 reaches a mean return of 475 over 20 episodes within 100k env steps on a CPU. The masked CartPole
+(`borgdqn/CartPoleNoVelocity-v1`) gets the same with a small LSTM. Atari ids (`ALE/...`) get the defaults
+themselves, named so that the run says which settings it used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ CARTPOLE: dict[str, Any] = {
     "hive": {"steps": 100_000, "checkpoint_every": 25_000},  # a budget, as the zoos give one
 }  # fmt: skip
 
+# The same task with the velocities hidden (borgdqn/rl/partially_observed.py): CartPole's algorithm with a small
+# LSTM trained on replayed sequences (R2D2's burn-in), a shorter exploration and a budget of 150k steps. With
+# `--set network.lstm=false` the same settings make the memoryless MLP (which fails) and, with
+# `env.frame_stack=4`, the stacking MLP: benchmarks/partially_observed.py compares them (docs/benchmarks.md).
+CARTPOLE_NO_VELOCITY: dict[str, Any] = {
+    **CARTPOLE,
+    "network": {"mlp_hidden": [64], "dueling": True, "lstm": True, "lstm_hidden": 64},
+    "learner": {**CARTPOLE["learner"], "batch_size": 32, "update_every": 4, "burn_in": 8, "sequence_length": 16},
+    "policy": {"kind": "epsilon_greedy", "epsilon": {"kind": "linear", "start": 1.0, "end": 0.01, "steps": 10_000}},
+    "hive": {"steps": 150_000, "checkpoint_every": 25_000},
+}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -32,7 +45,10 @@ class Preset:
     settings: Mapping[str, Any] = field(default_factory=dict)  # a config tree, section by section
 
 
-PRESETS: dict[str, Preset] = {"CartPole-v1": Preset("cartpole", CARTPOLE)}
+PRESETS: dict[str, Preset] = {
+    "CartPole-v1": Preset("cartpole", CARTPOLE),
+    "borgdqn/CartPoleNoVelocity-v1": Preset("cartpole-no-velocity", CARTPOLE_NO_VELOCITY),
+}
 ATARI = Preset("atari")  # the defaults: tuned for Atari (Pong) already
 
 

@@ -55,10 +55,12 @@ from ale_py.vector_env import AtariVectorEnv
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from borgdqn.config import EnvConfig
+from borgdqn.rl import partially_observed
 
 logger = logging.getLogger(__name__)
 
 gymnasium.register_envs(ale_py)
+partially_observed.register()
 
 _ALE_ENTRY_POINT = "ale_py.env:AtariEnv"
 # ALE keeps seeds in a C int, and ignores seeds <= 0 (it then seeds from std::random_device).
