@@ -33,7 +33,7 @@ CARTPOLE: dict[str, Any] = {
 CARTPOLE_NO_VELOCITY: dict[str, Any] = {
     **CARTPOLE,
     "network": {"mlp_hidden": [64], "dueling": True, "lstm": True, "lstm_hidden": 64},
-    "learner": {**CARTPOLE["learner"], "batch_size": 32, "update_every": 4, "burn_in": 8, "sequence_length": 16},
+    "learner": {**CARTPOLE["learner"], "batch_size": 64, "update_every": 4, "burn_in": 8, "sequence_length": 16},
     "policy": {"kind": "epsilon_greedy", "epsilon": {"kind": "linear", "start": 1.0, "end": 0.01, "steps": 10_000}},
     "hive": {"steps": 150_000, "checkpoint_every": 25_000},
 }

@@ -1,7 +1,7 @@
 """CartPole with the velocities hidden (borgdqn/rl/partially_observed.py) and the LSTM that learns it.
 
-The contrast (no memory stays under 200, stacking recovers) is measured over 3 seeds by
-benchmarks/partially_observed.py and recorded in docs/benchmarks.md; CI runs the LSTM's bar.
+The contrast (no memory stays in the 50s, a stack of 4 recovers 335-372) is measured over 3 seeds by
+benchmarks/partially_observed.py and recorded in docs/benchmarks.md; CI runs the LSTM's bar (seed 0: 484 there).
 """
 
 from __future__ import annotations
