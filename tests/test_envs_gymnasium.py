@@ -49,12 +49,6 @@ class _ResetLike(gymnasium.Wrapper[Any, Any, Any, Any]):
         self.noops = 0  # set by the test from what our env played
         meanings = env.unwrapped.get_action_meanings()  # type: ignore[attr-defined]
         self.fire = meanings.index("FIRE") if "FIRE" in meanings else None
-        self.screens: list[np.ndarray] = []  # the last two grayscale screens played
-
-    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
-        out = self.env.step(action)
-        self.screens = [*self.screens[-1:], self.env.unwrapped.ale.getScreenGrayscale()]  # type: ignore[attr-defined]
-        return out
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
@@ -68,7 +62,7 @@ class _ResetLike(gymnasium.Wrapper[Any, Any, Any, Any]):
 @dataclass
 class _Tally:
     steps: int = 0
-    episodes: int = 0  # reference episodes that ended (terminal or truncation)
+    episodes: int = 0  # games that ended (game over or time limit)
     life_losses: int = 0
     truncated_frames_differing: int = 0  # the most pixels of a truncated episode's last frame that differed
     noop_counts: list[int] = field(default_factory=list)
