@@ -33,8 +33,14 @@ from pathlib import Path
 
 
 def test_holds_redis(redis_server):
-    Path(os.environ["MARKER"]).write_text(json.dumps(
-        {"pgid": redis_server.processes[0].pgid, "workdir": str(redis_server.workdir)}))
+    marker = Path(os.environ["MARKER"])
+    partial = marker.with_suffix(".partial")
+    partial.write_text(json.dumps({"pgid": redis_server.processes[0].pgid, "workdir": str(redis_server.workdir)}))
+    partial.rename(marker)  # whole or absent: the outer test polls for it
+    # Hold Redis until the outer test has seen it running, whatever the ending.
+    seen, deadline = marker.with_suffix(".seen"), time.monotonic() + 120
+    while not seen.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     if os.environ["MODE"] == "fail":
         raise AssertionError("this inner test fails on purpose")
     if os.environ["MODE"] == "hold":
@@ -75,6 +81,7 @@ def _held(marker: Path, proc: subprocess.Popen[str]) -> dict[str, object]:
     assert marker.exists(), proc.communicate()[0]
     held: dict[str, object] = json.loads(marker.read_text())
     assert group_pids(int(str(held["pgid"]))), "Redis should be running while the inner test holds it"
+    marker.with_suffix(".seen").write_text("")  # the inner test may now end the way its case says
     return held
 
 
