@@ -8,13 +8,16 @@
 #   env.txt              python, torch, CUDA, the GPU (nvidia-smi)
 #   learner.md/.json     updates/s of eager fp32, bf16 and CUDA-graph updates at batch 32 and 256, each checked
 #                        against a CPU fp32 update (benchmarks/learner_precision.py)
+#   concurrent.md        one agent's wall for the same env steps and updates, acting and learning in turn vs at
+#                        the same time (benchmarks/concurrent_learning.py)
 #   pong/                a Pong hive run for the rest of the budget: config, summary, metrics, logs, plots/
 #   gpu_run.log          what ran, when
 # Checkpoints (tens of MB per agent) stay in a scratch directory: they are not worth carrying back.
 #
 # Knobs (environment): BORG_WHEELS (.gpu-wheels; "none" uses the Python environment as it is), BORG_BUDGET_S
 # (510), BORG_DEVICE (cuda; cpu for the check on a CPU), BORG_BATCHES ("32 256"), BORG_BENCH_S (8 per row),
-# BORG_ENV (ALE/Pong-v5), BORG_AGENTS (4), BORG_TRAIN_SET (extra --set KEY=VALUE words for the hive run).
+# BORG_ENV (ALE/Pong-v5), BORG_AGENTS (4), BORG_TRAIN_SET (extra --set KEY=VALUE words for the hive run),
+# BORG_CONCURRENT_STEPS (4000 env steps per run of the concurrency comparison; 0 skips it).
 # Exit status: 0 when everything ran and every learner variant agreed with the CPU, else 1.
 set -euo pipefail
 
@@ -27,6 +30,7 @@ BENCH_S=${BORG_BENCH_S:-8}
 ENV_ID=${BORG_ENV:-ALE/Pong-v5}
 AGENTS=${BORG_AGENTS:-4}
 TRAIN_SET=${BORG_TRAIN_SET:-}
+CONCURRENT_STEPS=${BORG_CONCURRENT_STEPS:-4000}
 TAIL_S=45  # kept for the hive's clean stop, the plots and the summary
 
 cd "$(dirname "$0")/.."
@@ -69,6 +73,15 @@ if ! python3 benchmarks/learner_precision.py --device "$DEVICE" --batches $BATCH
     --json "$OUT/learner.json" | tee "$OUT/learner.md"; then
   status=1
   log "a learner variant failed or disagreed with the CPU (see learner.md)"
+fi
+
+if ((CONCURRENT_STEPS > 0)); then
+  log "one agent, $CONCURRENT_STEPS env steps: inline vs concurrent learning on $DEVICE"
+  if ! python3 benchmarks/concurrent_learning.py --env "$ENV_ID" --steps "$CONCURRENT_STEPS" \
+      --learning-starts $((CONCURRENT_STEPS / 6)) --threads 1 --device "$DEVICE" | tee "$OUT/concurrent.md"; then
+    status=1
+    log "the concurrency comparison failed (see concurrent.md)"
+  fi
 fi
 
 left=$((BUDGET_S - (SECONDS - start) - TAIL_S))

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from borgdqn.memory.redis.sizing import DEFAULT_MODEL_STORE_BYTES
 
@@ -70,6 +70,17 @@ class PiecewiseSchedule(_Strict):
         if steps != sorted(steps):
             raise ValueError("points must be sorted by step")
         return self
+
+
+def yaml_switch(value: Any) -> Any:
+    """YAML 1.1 reads a bare on/off as a boolean (in files and in --set): take it as the word that was meant."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+# auto | on | off, whether written as a string or as YAML's on/off/true/false.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(yaml_switch)]
 
 
 Schedule = Annotated[
@@ -192,10 +203,21 @@ class LearnerConfig(_Strict):
     learning_starts: int = Field(default=20_000, ge=0, description="steps in the memory before learning")
     update_every: int = Field(default=4, ge=1, description="agent env steps (summed over its envs) per gradient update")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    mixed_precision: Literal["auto", "on", "off"] = Field(default="auto", description="auto: bf16 on CUDA")
+    mixed_precision: Switch = Field(default="auto", description="auto: bf16 on CUDA")
     compile: bool = Field(default=False, description="torch.compile the online network")
     burn_in: int = Field(default=20, ge=0, description="LSTM: steps replayed only to warm up the state")
     sequence_length: int = Field(default=40, ge=1, description="LSTM: trained steps per sampled sequence")
+    concurrent: Switch = Field(
+        default="auto",
+        description="learn in a thread of its own while the agent acts, at the same update_every ratio "
+        "(auto: on where the learner runs on a GPU)",
+    )
+    actor_sync_every: int = Field(
+        default=10, ge=1, description="concurrent: updates between copies of the online weights to the actor"
+    )
+    rate_limit_slack: int = Field(
+        default=16, ge=1, description="concurrent: updates the learner may owe before the actor waits for it"
+    )
 
     @property
     def sampled_length(self) -> int:
@@ -279,18 +301,12 @@ class HiveConfig(_Strict):
     threads_per_agent: int = Field(default=1, ge=1, description="torch threads in each agent process")
     checkpoint_every: int = Field(default=100_000, ge=1, description="env steps per agent between saves")
     report_every_s: float = Field(default=2.0, gt=0.0, description="seconds between train records")
-    live: Literal["auto", "on", "off"] = Field(default="auto", description="rich live view (auto: on a TTY)")
+    live: Switch = Field(default="auto", description="rich live view (auto: on a TTY)")
     assimilation: AssimilationConfig = Field(default_factory=AssimilationConfig)
     learner_by_agent: dict[int, dict[str, Any]] = Field(
         default_factory=dict,
         description="learner settings of single agents over `learner`, e.g. {2: {lr: 1.0e-6}} (a sweep in one hive)",
     )
-
-    @field_validator("live", mode="before")
-    @classmethod
-    def _live_words(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare on/off (`--set hive.live=off`, `live: off`) as a boolean.
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("learner_by_agent")
     @classmethod

@@ -128,9 +128,15 @@ def test_configuration_doc_lists_every_field_as_the_code_has_it() -> None:
     assert render_reference() in doc, stale
 
 
-def test_a_bare_on_or_off_is_the_live_views_word_not_a_boolean(tmp_path: Path) -> None:
-    yaml_file = tmp_path / "live.yaml"
-    yaml_file.write_text("hive: {live: off}\n")  # YAML 1.1: the boolean false
-    assert build_config(yaml_path=yaml_file, environ={}).hive.live == "off"
-    assert build_config(environ={"BORG_HIVE__LIVE": "on"}).hive.live == "on"
-    assert build_config(environ={}, overrides=dict([parse_override("hive.live=off")])).hive.live == "off"
+@pytest.mark.parametrize("field", ["hive.live", "learner.concurrent", "learner.mixed_precision"])
+def test_a_bare_on_or_off_is_the_word_not_a_boolean(tmp_path: Path, field: str) -> None:
+    section, name = field.split(".")
+    yaml_file = tmp_path / "switch.yaml"
+    yaml_file.write_text(f"{section}: {{{name}: off}}\n")  # YAML 1.1: the boolean false
+    assert getattr(getattr(build_config(yaml_path=yaml_file, environ={}), section), name) == "off"
+    assert getattr(getattr(build_config(environ={f"BORG_{section.upper()}__{name.upper()}": "on"}), section),
+                   name) == "on"
+    config = build_config(environ={}, overrides=dict([parse_override(f"{field}=off")]))
+    assert getattr(getattr(config, section), name) == "off"
+    with pytest.raises(ConfigError, match=f"{field}: Input should be 'auto', 'on' or 'off'"):
+        build_config(environ={}, overrides={field: "maybe"})

@@ -50,10 +50,11 @@ def test_gpu_run_end_to_end_on_cpu_with_its_wheels(tmp_path: Path) -> None:
         out,
         BORG_WHEELS=str(wheels),
         BORG_DEVICE="cpu",
-        BORG_BUDGET_S="100",
+        BORG_BUDGET_S="130",
         BORG_BATCHES="32",
         BORG_BENCH_S="1",
         BORG_AGENTS="1",
+        BORG_CONCURRENT_STEPS="320",
         BORG_TRAIN_SET="env.num_envs=2 learner.learning_starts=100 replay.capacity=5000 hive.checkpoint_every=500",
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -67,6 +68,13 @@ def test_gpu_run_end_to_end_on_cpu_with_its_wheels(tmp_path: Path) -> None:
     assert [(r["variant"], r["batch"], r["agrees"]) for r in learner["rows"]] == [("eager fp32", 32, True)]
     assert learner["rows"][0]["updates_per_s"] > 0
     assert "| eager fp32 | 32 |" in (out / "learner.md").read_text()
+
+    # The concurrency comparison ran both ways and held the ratio (the script refuses a table where it did not).
+    concurrent = (out / "concurrent.md").read_text()
+    rows = {line.split("|")[2].strip(): line.split("|")[4].strip() for line in concurrent.splitlines()
+            if line.startswith("| 1 |")}
+    assert set(rows) == {"inline", "concurrent", "acting only"}, concurrent
+    assert rows["inline"] == rows["concurrent"] != "0" and rows["acting only"] == "0", concurrent
 
     summary = json.loads((out / "pong" / "summary.json").read_text())
     assert summary["interrupted"] is True  # stopped by the budget, the clean way

@@ -252,7 +252,8 @@ def full_spec() -> dict[str, Any]:
             "learner": {"gamma": 0.97, "nStep": 5, "double": False, "lr": 3e-4, "adamEps": 1e-8, "batchSize": 128,
                         "huberDelta": 2.0, "maxGradNorm": None, "targetUpdate": "soft", "targetUpdatePeriod": 500,
                         "tau": 0.01, "learningStarts": 5000, "updateEvery": 2, "device": "cuda:1",
-                        "mixedPrecision": "off", "compile": True, "burnIn": 10, "sequenceLength": 20},
+                        "mixedPrecision": "off", "compile": True, "burnIn": 10, "sequenceLength": 20,
+                        "concurrent": "on", "actorSyncEvery": 25, "rateLimitSlack": 8},
             "network": {"torso": "mlp", "mlpHidden": [64, 32], "dueling": False, "lstm": True, "lstmHidden": 128},
             "policy": {"kind": "mixture", "name": "mix", "components": [
                 {"policy": {"kind": "epsilon_greedy", "name": "explore",

@@ -5,6 +5,9 @@ Read top to bottom this is the whole DQN loop of one agent process:
     observe -> Q-values -> policy picks actions -> env steps -> adder writes steps to the memory
             -> every `update_every` env steps: sample the pooled memory -> learner update -> new priorities
 
+The updates run here, in turn with acting, or in a learner thread alongside it at the same ratio
+(`learner.concurrent`, borgdqn.rl.learning).
+
 Every agent has its own online/target networks and optimizer; what the agents share is the experience.
 """
 
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from borgdqn.config import BorgConfig
-from borgdqn.memory.protocol import MemoryNotReady, ReplayMemory, SamplingSpec
+from borgdqn.memory.protocol import ReplayMemory, SamplingSpec
 from borgdqn.memory.redis.link import RedisLink
 from borgdqn.memory.redis.model_store import ModelEntry
 from borgdqn.metrics import MEAN_WINDOW, EpisodeTally, MetricsWriter, agent_metrics_path
@@ -41,7 +44,8 @@ from borgdqn.rl.checkpoint import (
 from borgdqn.rl.envs import make_vector_env
 from borgdqn.rl.frame_stack import FrameStacker
 from borgdqn.rl.identity import AgentIdentity
-from borgdqn.rl.learner import Learner, UpdateResult
+from borgdqn.rl.learner import Learner
+from borgdqn.rl.learning import make_learning
 from borgdqn.rl.model_store import ModelStore, RunDirModelStore
 from borgdqn.rl.policies import ActorPolicy, build_policy
 from borgdqn.rl.schedules import make_schedule
@@ -174,14 +178,8 @@ def run_agent(
     episode_length = np.zeros(num_envs, dtype=np.int64)
     game_starting = np.zeros(num_envs, dtype=bool)
 
-    updates_due = 0.0
-    learning = False
     new_best = False
-    losses: list[float] = []
-    mean_qs: list[float] = []
-    sample_ages: list[float] = []  # each batch's mean age since the last report (equal batches: mean of means)
-    sources: dict[int, int] = {}  # rows sampled since the last report, by the agent that wrote them
-    window_start, window_steps, window_updates = time.monotonic(), 0, 0
+    window_start, window_steps = time.monotonic(), 0
     next_checkpoint = state.env_steps + config.hive.checkpoint_every
     last_report = 0.0
     last_loss: float | None = None
@@ -191,9 +189,11 @@ def run_agent(
 
     def report(done: bool = False) -> None:
         """A train (and memory) record for the metrics, and a report for the hive's view, at report pace."""
-        nonlocal last_report, window_start, window_steps, window_updates, memory_before
+        nonlocal last_report, window_start, window_steps, memory_before, last_loss
         now = time.monotonic()
         span = max(now - window_start, 1e-9)
+        learned = learning.stats.take()
+        last_loss = learned.last_loss if learned.last_loss is not None else last_loss
         stats = memory.stats()
         redis_link = memory if isinstance(memory, RedisLink) else None
         link = redis_link.snapshot() if redis_link is not None else None
@@ -207,15 +207,15 @@ def run_agent(
             epsilon=policy.epsilon(state.env_steps),
             loss=last_loss,
             env_steps_per_s=window_steps / span,
-            updates_per_s=window_updates / span,
+            updates_per_s=learned.updates / span,
             memory_size=stats.size,
             memory_capacity=stats.capacity,
             done=done,
             loading=redis_link.loading if redis_link is not None else None,
         )
-        loss = float(np.mean(losses)) if losses else None
-        mean_q = float(np.mean(mean_qs)) if mean_qs else None
-        sample_age = float(np.mean(sample_ages)) if sample_ages else None
+        loss = float(np.mean(learned.losses)) if learned.losses else None
+        mean_q = float(np.mean(learned.mean_qs)) if learned.mean_qs else None
+        sample_age = float(np.mean(learned.sample_ages)) if learned.sample_ages else None
         metrics.write(
             "train",
             agent=agent,
@@ -224,7 +224,7 @@ def run_agent(
             loss=loss,
             mean_q=mean_q,
             replay_sample_age=sample_age,
-            sampled_by_agent={str(a): n for a, n in sorted(sources.items())},
+            sampled_by_agent={str(a): n for a, n in sorted(learned.sources.items())},
             env_steps_per_s=rep.env_steps_per_s,
             updates_per_s=rep.updates_per_s,
             epsilon=rep.epsilon,
@@ -268,11 +268,7 @@ def run_agent(
         if link is not None:
             # What the agent's link to the Redis log did: drops, skips, bad chunks, outages, lag, catch-up.
             metrics.write("link", **asdict(link), wall=now - started)
-        losses.clear()
-        mean_qs.clear()
-        sample_ages.clear()
-        sources.clear()
-        window_start, window_steps, window_updates = now, 0, 0
+        window_start, window_steps = now, 0
         last_report = now
         if reports is not None:
             # A full queue only costs the view one refresh.
@@ -280,6 +276,10 @@ def run_agent(
                 reports.put_nowait(rep)
 
     def checkpoint(best: bool = False) -> None:
+        with learning.paused():
+            _checkpoint(best)
+
+    def _checkpoint(best: bool) -> None:
         state.recent_returns = list(tally.recent)
         state.best_mean = tally.best_mean
         state.episodes = tally.episodes
@@ -298,8 +298,12 @@ def run_agent(
 
     def assimilate() -> None:
         """Exploit and explore (borgdqn.rl.assimilation): in the hive's bottom, adopt a top agent's state."""
+        with learning.paused():
+            _assimilate()
+
+    def _assimilate() -> None:
         nonlocal policy
-        checkpoint()  # the entry the others (and this agent) rank now
+        _checkpoint(best=False)  # the entry the others (and this agent) rank now
         try:
             donor = choose_donor(hive_store.entries(), agent, assimilation, assimilation_rng)
             data = hive_store.get(donor.agent) if donor is not None else None
@@ -336,10 +340,12 @@ def run_agent(
         if telemetry is not None:
             telemetry.emit(pb.AssimilationEvent(**asdict(event), wall_seconds=time.monotonic() - started))
 
+    learning = make_learning(learner, memory, config, lambda env_steps: beta(env_steps * config.hive.agents))
+    finished = False
     try:
         while state.env_steps < budget and not (stop is not None and stop.is_set()):
             # Act on o_t. `first` resets the recurrent core where an episode starts.
-            q, next_core = learner.act(obs, core_state, first if recurrent else None)
+            q, next_core = learning.act(obs, core_state, first if recurrent else None)
             actions = policy.select(q, state.env_steps)
             result = env.step(actions)
 
@@ -401,27 +407,9 @@ def run_agent(
             state.env_steps += num_envs
             window_steps += num_envs
 
-            # Learn from the pool: one update per `update_every` env steps once the memory holds enough.
-            updates_due += num_envs / learn_cfg.update_every
-            if updates_due >= 1.0:
-                # Once the pool is warm it stays warm (it only grows or stays full): check until then.
-                learning = learning or memory.stats().size >= max(learn_cfg.learning_starts, learn_cfg.batch_size)
-                if learning:
-                    b = beta(state.env_steps * config.hive.agents)
-                    while updates_due >= 1.0:
-                        try:
-                            result_u, batch_age = _learn_once(learner, memory, config, b, sources)
-                        except MemoryNotReady:
-                            updates_due = 0.0  # nothing to learn from this moment: act on, try at the next step
-                            break
-                        losses.append(result_u.loss)
-                        mean_qs.append(result_u.mean_q)
-                        sample_ages.append(batch_age)
-                        last_loss = result_u.loss
-                        updates_due -= 1.0
-                        window_updates += 1
-                else:
-                    updates_due = 0.0
+            # Learn from the pool: one update per `update_every` env steps once the memory holds enough, here
+            # (inline) or in the learner thread (concurrent), which this may wait for (borgdqn.rl.learning).
+            learning.stepped(num_envs, state.env_steps)
 
             if time.monotonic() - last_report >= config.hive.report_every_s:
                 report()
@@ -435,6 +423,9 @@ def run_agent(
             if assimilation.enabled and state.env_steps >= next_assimilation:
                 assimilate()
                 next_assimilation += assimilation.every
+        stopped = stop is not None and stop.is_set()
+        learning.finish(drain=not stopped)
+        finished = True
         adder.flush()
         checkpoint()
         if new_best:
@@ -442,6 +433,9 @@ def run_agent(
         report(done=True)
         return state
     finally:
+        if not finished:
+            with contextlib.suppress(Exception):  # the error on its way out says more
+                learning.finish(drain=False)
         if telemetry is not None:
             telemetry.close(timeout_s=5.0)
         metrics.close()
@@ -453,27 +447,6 @@ def sampling_spec(config: BorgConfig) -> SamplingSpec:
     learner = config.learner
     return SamplingSpec(n_step=learner.n_step, gamma=learner.gamma, stack=config.env.frame_stack,
                         sequence_length=learner.sampled_length if config.network.lstm else 0)
-
-
-def _learn_once(
-    learner: Learner, memory: ReplayMemory, config: BorgConfig, beta: float, sources: dict[int, int]
-) -> tuple[UpdateResult, float]:
-    """One update from one batch; returns its result and the batch's mean sample age, and counts in ``sources``
-    the rows it drew by the agent that wrote them (the hive mind, measured: whose experience this learner uses)."""
-    cfg = config.learner
-    if learner.online.recurrent:
-        seq = memory.sample_sequences(cfg.batch_size, beta)
-        out = learner.update_sequences(seq)
-        keys, ages, agent_ids = seq.keys, seq.ages, seq.agent_ids
-    else:
-        batch = memory.sample(cfg.batch_size, beta)
-        out = learner.update(batch)
-        keys, ages, agent_ids = batch.keys, batch.ages, batch.agent_ids
-    for agent_id, count in zip(*np.unique(agent_ids, return_counts=True), strict=True):
-        sources[int(agent_id)] = sources.get(int(agent_id), 0) + int(count)
-    if config.replay.prioritized:
-        memory.update_priorities(keys, out.priorities)
-    return out, float(ages.mean())
 
 
 def _core_to_numpy(core: Any) -> np.ndarray:

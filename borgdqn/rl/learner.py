@@ -415,7 +415,12 @@ class Learner:
     # ------------------------------------------------------------------------------------------- acting
     @torch.no_grad()
     def act(
-        self, obs: np.ndarray, state: LSTMState | None = None, first: np.ndarray | None = None
+        self,
+        obs: np.ndarray,
+        state: LSTMState | None = None,
+        first: np.ndarray | None = None,
+        *,
+        network: QNetwork | None = None,
     ) -> tuple[np.ndarray, LSTMState | None]:
         """Q-values [E, A] (float32 numpy) of the online network for one step of E environments.
 
@@ -423,17 +428,19 @@ class Learner:
         [E, hidden] on ``self.device`` (None = zeros, as ``online.initial_state``); ``first`` [E] marks the
         environments whose episode starts at this step, whose state is reset to zeros first. Returns the state
         after the step, on the device (no host copy while acting). A chunk's ``recurrent_state`` is the state
-        *given* to its first step, stacked as [2, hidden].
+        *given* to its first step, stacked as [2, hidden]. ``network``: another copy of the online network to act
+        with (a concurrent agent's actor), on this learner's device.
         """
+        net = self.online if network is None else network
         x = self._to_device("act_obs", obs)
         amp = self.plan.amp_dtype
         if not self.recurrent:
             with autocast(self.device, amp):
-                q, _ = self.online(x)
+                q, _ = net(x)
             return q.float().cpu().numpy(), None
         starts = None if first is None else self._to_device("act_first", np.asarray(first, dtype=bool))
         with autocast(self.device, amp):
-            q, new = self.online(x.unsqueeze(1), state, None if starts is None else starts.unsqueeze(1))
+            q, new = net(x.unsqueeze(1), state, None if starts is None else starts.unsqueeze(1))
         assert new is not None
         return q[:, 0].float().cpu().numpy(), new
 

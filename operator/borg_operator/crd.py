@@ -23,12 +23,13 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
 from borg_operator import GROUP, KIND, PLURAL, VERSION, names
 from borg_operator.spec import INGRESS_NEEDS_HOST_AND_TLS, CollectiveSpec, camel_keys, to_camel
 from borg_operator.status import CONDITION_TYPES, PHASES
+from borgdqn.config import yaml_switch
 
 Schema = dict[str, Any]
 
@@ -234,6 +235,8 @@ def _bounds(metadata: Sequence[Any], schema: Schema, where: str) -> None:
             schema["maxItems" if schema["type"] == "array" else "maxLength"] = item.max_length
         elif getattr(item, "pattern", None):
             schema["pattern"] = item.pattern
+        elif isinstance(item, BeforeValidator) and item.func is yaml_switch:
+            pass  # borgdqn's reading of YAML's on/off as the word; a CR gives the word itself
         else:
             raise CrdError(f"{where}: no CRD form for the constraint {item!r}")
 
