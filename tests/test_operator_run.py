@@ -233,9 +233,11 @@ def test_an_agents_deployment_of_an_older_operator_gives_way_to_the_statefulset(
            "spec": {"replicas": 0, "selector": agents["spec"]["selector"],
                     "template": {"metadata": {"labels": agents["spec"]["template"]["metadata"]["labels"]},
                                  "spec": {"containers": [{"name": "agent", "image": "borg-dqn/agent:old"}]}}}}
-    apply(cluster, old)
-    assert ("Deployment", "up-agents") in children(cluster, namespace, "up")
-    # The next pass (the resync) prunes it; the StatefulSet stays the same object.
+    created = cluster.kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(old)).stdout
+    assert created.strip(), "the old operator's Deployment was created"
+    # The next pass (a resync, maybe before this line runs) prunes it; the StatefulSet stays the same object.
+    poll(lambda: ("Deployment", "up-agents") not in children(cluster, namespace, "up"), "the Deployment pruned",
+         timeout_s=30)
     settled(cluster, namespace, "up", None)
     after = cluster.get_json("statefulset", "up-agents", "-n", namespace)
     assert after["metadata"]["uid"] == agents["metadata"]["uid"]
