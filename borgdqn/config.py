@@ -495,7 +495,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def describe_validation_error(err: ValidationError) -> str:
     """The first problem as one line: ``learner.lr: Input should be greater than 0 (got -1)``."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    loc = ".".join(str(p) for p in first["loc"] if not is_union_tag(p))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -508,7 +508,7 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{shown}{suffix}"
 
 
-def _is_union_tag(part: Any) -> bool:
+def is_union_tag(part: Any) -> bool:
     # pydantic puts the discriminator value (e.g. "linear") into the location of tagged unions.
     return isinstance(part, str) and part in {
         "constant", "linear", "exponential", "piecewise",

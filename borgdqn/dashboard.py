@@ -31,16 +31,16 @@ import numpy as np
 
 from borgdqn.metrics import MEAN_WINDOW
 from borgdqn.plotting import (
-    _hive_label,
-    _legend,
-    _load_run,
-    _matplotlib,
-    _new_figure,
-    _returns_by_agent,
-    _returns_by_policy,
-    _Run,
-    _training,
+    LoadedRun,
+    add_legend,
+    hive_label,
+    import_matplotlib,
+    load_run,
+    new_figure,
+    returns_by_agent_figure,
+    returns_by_policy_figure,
     rolling_mean,
+    training_figure,
 )
 
 if TYPE_CHECKING:
@@ -63,8 +63,8 @@ def _seconds_axis(ax: object) -> None:
     ax.xaxis.set_major_formatter("{x:g}")  # type: ignore[attr-defined]
 
 
-def _hive_return(run: _Run, smooth: int) -> Figure:
-    fig, (ax,) = _new_figure()
+def _hive_return(run: LoadedRun, smooth: int) -> Figure:
+    fig, (ax,) = new_figure()
     ep = run.episodes
     mean = rolling_mean(ep.ret, smooth)
     ax.plot(ep.hive_steps, mean, label=f"mean return (last {smooth})", linewidth=1.6)
@@ -73,13 +73,13 @@ def _hive_return(run: _Run, smooth: int) -> Figure:
         best = np.maximum.accumulate(np.where(full, mean, -np.inf))
         ax.plot(ep.hive_steps[full], best[full], label=f"best mean of {smooth}", linewidth=1.6)
     ax.scatter(ep.hive_steps, ep.ret, s=4, alpha=0.2, linewidths=0, color="grey", zorder=1)
-    ax.set(xlabel=_hive_label(run), ylabel="episode return", title=f"{run.label}: hive best and mean return")
-    _legend(ax)
+    ax.set(xlabel=hive_label(run), ylabel="episode return", title=f"{run.label}: hive best and mean return")
+    add_legend(ax)
     return fig
 
 
-def _per_agent_over_wall(run: _Run, key: str, ylabel: str, title: str, total: bool = False) -> Figure:
-    fig, (ax,) = _new_figure()
+def _per_agent_over_wall(run: LoadedRun, key: str, ylabel: str, title: str, total: bool = False) -> Figure:
+    fig, (ax,) = new_figure()
     _seconds_axis(ax)
     for agent, series in run.train.items():
         ok = np.isfinite(series["wall"]) & np.isfinite(series[key])
@@ -98,35 +98,35 @@ def _per_agent_over_wall(run: _Run, key: str, ylabel: str, title: str, total: bo
                 hive += np.where(live, v[order][np.maximum(idx, 0)], 0.0)
         ax.plot(walls, hive, label="hive", linewidth=1.6, color="black")
     ax.set(xlabel="wall time (s)", ylabel=ylabel, title=f"{run.label}: {title}")
-    _legend(ax)
+    add_legend(ax)
     return fig
 
 
-def _episodes_per_agent(run: _Run) -> Figure:
-    fig, (ax,) = _new_figure()
+def _episodes_per_agent(run: LoadedRun) -> Figure:
+    fig, (ax,) = new_figure()
     ep = run.episodes
     for agent in np.unique(ep.agent):
         steps = np.sort(ep.env_steps[ep.agent == agent], kind="stable")
         ax.step(steps, np.arange(1, steps.size + 1), where="post", label=f"agent {agent}", linewidth=1.4)
     ax.set(xlabel="env steps (agent's own)", ylabel="episodes played", title=f"{run.label}: episodes per agent")
-    _legend(ax)
+    add_legend(ax)
     return fig
 
 
-def _memory_bytes(run: _Run) -> Figure:
-    fig, (ax,) = _new_figure()
+def _memory_bytes(run: LoadedRun) -> Figure:
+    fig, (ax,) = new_figure()
     _seconds_axis(ax)
     mem = run.memory
     ok = np.isfinite(mem["bytes"])
     order = np.argsort(mem["wall"][ok], kind="stable")
     ax.plot(mem["wall"][ok][order], mem["bytes"][ok][order] / 2**20, label="MiB", linewidth=1.6)
     ax.set(xlabel="wall time (s)", ylabel="MiB", title=f"{run.label}: replay memory bytes")
-    _legend(ax)
+    add_legend(ax)
     return fig
 
 
-def _memory(run: _Run) -> Figure:
-    fig, (ax,) = _new_figure()
+def _memory(run: LoadedRun) -> Figure:
+    fig, (ax,) = new_figure()
     _seconds_axis(ax)
     mem = run.memory
     order = np.argsort(mem["wall"], kind="stable")
@@ -150,8 +150,8 @@ def _memory(run: _Run) -> Figure:
     return fig
 
 
-def _shares(run: _Run) -> tuple[Figure, str | None]:
-    fig, (ax,) = _new_figure()
+def _shares(run: LoadedRun) -> tuple[Figure, str | None]:
+    fig, (ax,) = new_figure()
     _seconds_axis(ax)
     note = None
     if run.memory_per_agent:
@@ -191,13 +191,13 @@ def build_dashboard(run_dir: Path, *, smooth: int = MEAN_WINDOW) -> Dashboard:
     Raises ValueError (naming the directory) for a run without metrics, ImportError without matplotlib."""
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1 (got {smooth})")
-    _matplotlib()
-    run = _load_run(Path(run_dir), Path(run_dir).resolve().name, "run")
+    import_matplotlib()
+    run = load_run(Path(run_dir), Path(run_dir).resolve().name, "run")
     out = Dashboard()
     if run.episodes.ret.size:
-        out.figures["return-per-agent"] = _returns_by_agent(run, smooth)
+        out.figures["return-per-agent"] = returns_by_agent_figure(run, smooth)
         out.figures["hive-return"] = _hive_return(run, smooth)
-        out.figures["return-per-policy"] = _returns_by_policy(run, smooth)
+        out.figures["return-per-policy"] = returns_by_policy_figure(run, smooth)
         out.figures["episodes-per-agent"] = _episodes_per_agent(run)
     else:
         out.notes.append("returns: no finished episodes yet")
@@ -207,7 +207,7 @@ def build_dashboard(run_dir: Path, *, smooth: int = MEAN_WINDOW) -> Dashboard:
     else:
         out.notes.append("epsilon, env steps/s: no train records with wall times yet")
     if run.train:
-        out.figures["loss"] = _training(run)
+        out.figures["loss"] = training_figure(run)
     else:
         out.notes.append("loss: no train records yet")
     if timed_train:

@@ -57,7 +57,7 @@ class _Episodes:
 
 
 @dataclass
-class _Run:
+class LoadedRun:
     label: str
     stem: str
     path: Path
@@ -83,7 +83,7 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _load_run(path: Path, label: str, stem: str) -> _Run:
+def load_run(path: Path, label: str, stem: str) -> LoadedRun:
     if not path.is_dir():
         raise ValueError(f"{path}: not a run directory (it does not exist or is a file)")
     records = list(read_records(path))
@@ -166,7 +166,7 @@ def _load_run(path: Path, label: str, stem: str) -> _Run:
         arr = np.array(sorted(rows), dtype=np.float64)
         train_arrays[agent] = {name: arr[:, k] for k, name in enumerate(_TRAIN_SERIES)}
     mem = np.array(memory, dtype=np.float64).reshape(-1, len(_MEMORY_SERIES))
-    return _Run(label=label, stem=stem, path=path, episodes=eps, train=train_arrays, exact_hive_steps=exact,
+    return LoadedRun(label=label, stem=stem, path=path, episodes=eps, train=train_arrays, exact_hive_steps=exact,
                 memory={name: mem[:, k] for k, name in enumerate(_MEMORY_SERIES)},
                 memory_per_agent=dict(sorted(memory_per_agent.items())), assimilations=assimilations)
 
@@ -198,7 +198,7 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def _matplotlib() -> tuple[Any, Any, Any]:
+def import_matplotlib() -> tuple[Any, Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -208,8 +208,8 @@ def _matplotlib() -> tuple[Any, Any, Any]:
     return Figure, FigureCanvasAgg, EngFormatter
 
 
-def _new_figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
-    figure_cls, canvas_cls, eng = _matplotlib()
+def new_figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    figure_cls, canvas_cls, eng = import_matplotlib()
     fig = figure_cls(figsize=(7.5 * ncols, 4.5), layout="constrained")
     canvas_cls(fig)
     axes = [fig.add_subplot(1, ncols, k + 1) for k in range(ncols)]
@@ -219,7 +219,7 @@ def _new_figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
     return fig, axes
 
 
-def _legend(ax: Axes) -> None:
+def add_legend(ax: Axes) -> None:
     n = len(ax.get_lines())
     if n:
         ax.legend(fontsize="small", ncols=max(1, math.ceil(n / LEGEND_ROWS)))
@@ -232,10 +232,10 @@ def _curve(ax: Axes, x: np.ndarray, y: np.ndarray, label: str, smooth: int, raw:
         ax.scatter(x, y, s=4, color=line.get_color(), alpha=RAW_ALPHA, linewidths=0, zorder=1)
 
 
-def _returns_by_agent(run: _Run, smooth: int) -> Figure:
+def returns_by_agent_figure(run: LoadedRun, smooth: int) -> Figure:
     from matplotlib.colors import to_hex
 
-    fig, (ax,) = _new_figure()
+    fig, (ax,) = new_figure()
     ep = run.episodes
     colors: dict[int, str] = {}
     for agent in np.unique(ep.agent):
@@ -255,32 +255,32 @@ def _returns_by_agent(run: _Run, smooth: int) -> Figure:
         ylabel="episode return",
         title=f"{run.label}: return per agent (mean of last {smooth}){marks}",
     )
-    _legend(ax)
+    add_legend(ax)
     return fig
 
 
-def _returns_by_policy(run: _Run, smooth: int) -> Figure:
-    fig, (ax,) = _new_figure()
+def returns_by_policy_figure(run: LoadedRun, smooth: int) -> Figure:
+    fig, (ax,) = new_figure()
     ep = run.episodes
     policies = np.array(ep.policy, dtype=object)
     for name in dict.fromkeys(ep.policy):  # order of first appearance: early-phase policies come first
         sel = policies == name
         _curve(ax, ep.hive_steps[sel], ep.ret[sel], str(name), smooth)
     ax.set(
-        xlabel=_hive_label(run),
+        xlabel=hive_label(run),
         ylabel="episode return",
         title=f"{run.label}: return per policy (mean of last {smooth})",
     )
-    _legend(ax)
+    add_legend(ax)
     return fig
 
 
-def _hive_label(run: _Run) -> str:
+def hive_label(run: LoadedRun) -> str:
     return "env steps (hive)" if run.exact_hive_steps else "env steps (hive, ~ agent steps x agents)"
 
 
-def _training(run: _Run) -> Figure:
-    fig, (loss_ax, q_ax) = _new_figure(ncols=2)
+def training_figure(run: LoadedRun) -> Figure:
+    fig, (loss_ax, q_ax) = new_figure(ncols=2)
     for agent, series in run.train.items():
         loss_ax.plot(series["updates"], series["loss"], label=f"agent {agent}", linewidth=1.2)
         q_ax.plot(series["updates"], series["mean_q"], label=f"agent {agent}", linewidth=1.2)
@@ -290,13 +290,13 @@ def _training(run: _Run) -> Figure:
         loss_ax.set_yscale("log")  # losses span decades as the pool fills and targets move
     loss_ax.set(xlabel="updates", ylabel="loss", title=f"{run.label}: training loss")
     q_ax.set(xlabel="updates", ylabel="mean Q", title=f"{run.label}: mean Q of sampled batches")
-    _legend(loss_ax)
-    _legend(q_ax)
+    add_legend(loss_ax)
+    add_legend(q_ax)
     return fig
 
 
-def _comparison(runs: list[_Run], smooth: int) -> Figure:
-    fig, (steps_ax, wall_ax) = _new_figure(ncols=2)
+def _comparison(runs: list[LoadedRun], smooth: int) -> Figure:
+    fig, (steps_ax, wall_ax) = new_figure(ncols=2)
     walls = np.concatenate([r.episodes.wall for r in runs])
     top = float(np.nanmax(walls)) if np.isfinite(walls).any() else 0.0
     unit, scale = ("h", 3600.0) if top > 7200 else ("min", 60.0) if top > 120 else ("s", 1.0)
@@ -319,8 +319,8 @@ def _comparison(runs: list[_Run], smooth: int) -> Figure:
     wall_ax.set(
         xlabel=f"wall time ({unit})", ylabel=f"hive return (mean of last {smooth})", title="return vs wall time"
     )
-    _legend(steps_ax)
-    _legend(wall_ax)
+    add_legend(steps_ax)
+    add_legend(wall_ax)
     return fig
 
 
@@ -346,20 +346,20 @@ def build_figures(run_dirs: list[Path], *, labels: list[str] | None = None, smoo
         raise ValueError(f"labels: {len(labels)} labels for {len(run_dirs)} runs")
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1 (got {smooth})")
-    _matplotlib()  # fail on a missing matplotlib before reading any metrics
+    import_matplotlib()  # fail on a missing matplotlib before reading any metrics
     names = _unique(list(labels) if labels is not None else [Path(d).resolve().name for d in run_dirs])
     stems = _unique([_slug(name) for name in names])  # distinct labels may still share a file-safe form
-    runs = [_load_run(Path(d), n, s) for d, n, s in zip(run_dirs, names, stems, strict=True)]
+    runs = [load_run(Path(d), n, s) for d, n, s in zip(run_dirs, names, stems, strict=True)]
     figures: dict[str, Figure] = {}
     for run in runs:
         stem = run.stem
         if run.episodes.ret.size:
-            figures[f"{stem}-returns-by-agent"] = _returns_by_agent(run, smooth)
-            figures[f"{stem}-returns-by-policy"] = _returns_by_policy(run, smooth)
+            figures[f"{stem}-returns-by-agent"] = returns_by_agent_figure(run, smooth)
+            figures[f"{stem}-returns-by-policy"] = returns_by_policy_figure(run, smooth)
         else:
             log.warning("run=%s has no finished episodes yet: no return curves", run.path)
         if run.train:
-            figures[f"{stem}-training"] = _training(run)
+            figures[f"{stem}-training"] = training_figure(run)
     if len(runs) > 1:
         figures["compare-returns"] = _comparison(runs, smooth)
     return figures

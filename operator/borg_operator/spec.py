@@ -30,7 +30,7 @@ from borgdqn.config import (
     ReplayConfig,
     Schedule,
     TelemetryConfig,
-    _is_union_tag,
+    is_union_tag,
 )
 
 DEFAULT_ELASTIC_VERSION = "8.19.7"
@@ -279,7 +279,7 @@ def parse_spec(spec: dict[str, Any]) -> CollectiveSpec:
     except ValidationError as err:
         first = err.errors()[0]
         # pydantic puts the tag of a tagged union (e.g. "linear") into the location: not a field the user wrote.
-        where = ".".join(to_camel(str(part)) for part in first["loc"] if not _is_union_tag(part))
+        where = ".".join(to_camel(str(part)) for part in first["loc"] if not is_union_tag(part))
         msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise SpecError(f"spec.{where}: {msg}" if where else f"spec: {msg}") from None
 

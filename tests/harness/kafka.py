@@ -61,7 +61,7 @@ class KafkaInstall:
                 *args]
 
 
-def _java_major(java: str) -> int:
+def java_major(java: str) -> int:
     # `java -version` prints e.g. `openjdk version "17.0.15"` (or `"1.8.0_392"` for Java 8) on stderr.
     result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, check=False)
     match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr)
@@ -73,7 +73,7 @@ def _java_major(java: str) -> int:
 
 def ensure_kafka(progress: Progress) -> KafkaInstall:
     java = require_tool("java", f"run the Kafka broker (Java {MIN_JAVA} or newer)")
-    major = _java_major(java)
+    major = java_major(java)
     if major < MIN_JAVA:
         raise HarnessError(f"kafka: {java} is Java {major}; Kafka {VERSION} needs Java {MIN_JAVA} or newer")
     # The pom's digest is in the name too, so that editing it (another log4j, an exclusion) refetches.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.harness.cache import Progress, cache_root, installed, run_logged, run_maven
 from tests.harness.errors import HarnessError
-from tests.harness.kafka import _java_major
+from tests.harness.kafka import java_major
 
 VERSION = "1.2.0"  # keep in step with strimzi.version in maven/strimzi/pom.xml
 POM = Path(__file__).resolve().parent / "maven" / "strimzi" / "pom.xml"
@@ -56,7 +56,7 @@ def find_java(min_major: int = MIN_JAVA) -> str:
     seen: list[str] = []
     for java in _java_candidates():
         try:
-            major = _java_major(str(java))
+            major = java_major(str(java))
         except HarnessError:
             continue
         if major >= min_major:
