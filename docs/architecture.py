@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         committed = SVG_PATH.read_text(encoding="utf-8") if SVG_PATH.exists() else ""
         if committed != drawn:
-            print(f"{SVG_PATH.name} is stale: run `python docs/architecture.py` and commit it", file=sys.stderr)
+            print(f"{SVG_PATH.name} is stale: run `python tools/regenerate.py` and commit it", file=sys.stderr)
             return 1
         return 0
     SVG_PATH.write_text(drawn, encoding="utf-8", newline="\n")

@@ -49,7 +49,7 @@ def _golden_children(cr: str) -> set[tuple[str, str]]:
 
 def test_committed_svg_is_up_to_date() -> None:
     assert SVG.read_text(encoding="utf-8") == architecture.draw(), (
-        "docs/architecture.svg is stale: run `python docs/architecture.py` and commit it"
+        "docs/architecture.svg is stale: run `python tools/regenerate.py` and commit it"
     )
 
 

@@ -104,7 +104,7 @@ def leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def test_the_generated_chart_files_are_fresh_and_the_crd_is_the_one_in_crds() -> None:
-    assert chart_files.stale() == [], "run `python -m borg_operator.chart_files --write`"
+    assert chart_files.stale() == [], "chart files are stale: run `python tools/regenerate.py`"
     chart_crd = OPERATOR_CHART / "crds" / "borg.dev_borgcollectives.yaml"
     assert chart_crd.read_text() == (ROOT / "crds" / "borg.dev_borgcollectives.yaml").read_text()
 

@@ -65,7 +65,7 @@ def layer_index(lens: dict[str, Any], layer_id: str) -> str:
 
 # ------------------------------------------------------------------------------------------- the file itself
 def test_committed_ndjson_is_what_the_package_builds() -> None:
-    assert NDJSON.read_bytes() == ndjson(), "regenerate: python -m borgdqn.telemetry.kibana_objects"
+    assert NDJSON.read_bytes() == ndjson(), "kibana/borg-collective.ndjson is stale: run `python tools/regenerate.py`"
 
 
 def test_ndjson_parses_into_unique_saved_objects() -> None:

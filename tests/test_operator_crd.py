@@ -28,7 +28,7 @@ API = "borg.dev/v1alpha1"
 def test_the_committed_crd_is_the_generators_output() -> None:
     assert CRD_PATH == BORG_CRD
     assert BORG_CRD.read_text() == render(), (
-        "crds/borg.dev_borgcollectives.yaml is stale: run `python -m borg_operator.crd --write`")
+        "crds/borg.dev_borgcollectives.yaml is stale: run `python tools/regenerate.py`")
 
 
 def test_the_generator_prints_and_writes_the_crd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

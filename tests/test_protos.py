@@ -19,7 +19,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     committed = sorted(p.relative_to(generate.OUT) for p in generate.OUT.rglob("*_pb2.py*"))
     orphans = [str(rel) for rel in committed if rel not in fresh]
     assert not stale and not orphans, (
-        f"generated protobuf code is stale ({', '.join(stale + orphans)}): run python -m borgdqn.proto.generate"
+        f"generated protobuf code is stale ({', '.join(stale + orphans)}): run python tools/regenerate.py"
     )
 
 
