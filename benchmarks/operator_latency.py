@@ -45,8 +45,8 @@ from borg_operator.spec import parse_spec  # noqa: E402
 from borg_operator.tls import make_kafka_tls, make_memory_tls  # noqa: E402
 from tests.harness.cache import Progress  # noqa: E402
 from tests.harness.kube import KubeCluster, ensure_kube, start_kube  # noqa: E402
-from tests.kube_helpers import new_namespace, poll  # noqa: E402
-from tests.operator_support import (  # noqa: E402
+from tests.support.kube_helpers import new_namespace, poll  # noqa: E402
+from tests.support.operator_process import (  # noqa: E402
     Operator,
     collective,
     expected_children,

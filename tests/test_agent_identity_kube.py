@@ -19,8 +19,8 @@ from borg_operator import names
 from borgdqn.config import BorgConfig, HiveConfig, ReplayConfig
 from borgdqn.rl.identity import collective_member
 from tests.harness.kube import GPU_RESOURCE, KubeCluster
-from tests.kube_helpers import Timeout, apply, namespaces_deleted_after, new_namespace, poll
-from tests.operator_support import Operator, cluster_picture, collective, install_crds
+from tests.support.kube_helpers import Timeout, apply, namespaces_deleted_after, new_namespace, poll
+from tests.support.operator_process import Operator, cluster_picture, collective, install_crds
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ from borg_operator.images import (
 from borg_operator.spec import parse_spec
 from tests.harness.cache import Progress
 from tests.harness.kube import GPU_RESOURCE, KubeCluster, ToolError, service_monitor_crd
-from tests.kube_helpers import (
+from tests.support.kube_helpers import (
     Timeout,
     namespaces_deleted_after,
     new_namespace,
@@ -38,7 +38,7 @@ from tests.kube_helpers import (
     wait_established,
     wait_gpus_free,
 )
-from tests.operator_support import (
+from tests.support.operator_process import (
     ROOT,
     Operator,
     children,

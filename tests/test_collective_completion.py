@@ -29,8 +29,8 @@ from borgdqn.memory.redis.model_store import RedisModelStore
 from borgdqn.memory.redis.writer import LogWriter
 from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.redis import RedisServer
-from tests.kube_helpers import apply, namespaces_deleted_after, new_namespace, poll
-from tests.operator_support import collective, events, install_crds
+from tests.support.kube_helpers import apply, namespaces_deleted_after, new_namespace, poll
+from tests.support.operator_process import collective, events, install_crds
 
 pytestmark = pytest.mark.integration
 

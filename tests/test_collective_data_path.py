@@ -59,12 +59,12 @@ from borgdqn.telemetry.documents import SHARES_INDEX
 from borgdqn.telemetry.events import INDICES
 from borgdqn.telemetry.kafka_access import KafkaAccess
 from borgdqn.telemetry.memory_monitor import LogPublisher, MemoryMonitor
-from tests.conditions import eventually
 from tests.harness.cache import Progress
 from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
 from tests.harness.process import free_port
 from tests.harness.redis import RedisInstall, ensure_redis
-from tests.operator_support import image_properties
+from tests.support.conditions import eventually
+from tests.support.operator_process import image_properties
 
 pytestmark = pytest.mark.integration
 

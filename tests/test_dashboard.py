@@ -11,7 +11,7 @@ import pytest
 
 from borgdqn.dashboard import NO_DROPS_NOTE, build_dashboard, write_dashboard
 from borgdqn.metrics import MetricsWriter, agent_metrics_path
-from tests.test_plotting import PNG_MAGIC, write_run
+from tests.support.runs import PNG_MAGIC, write_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VIEWS = ["return-per-agent", "hive-return", "return-per-policy", "episodes-per-agent", "epsilon-per-agent", "loss",
@@ -33,7 +33,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real short hive: 2 agent processes on CartPole sharing the embedded memory (as tests/test_hive.py)."""
     from borgdqn.config import build_config
     from borgdqn.hive import train
-    from tests.test_hive import small_config
+    from tests.support.hive import small_config
 
     out = tmp_path_factory.mktemp("dash") / "cartpole"
     train(build_config(yaml_path=EXAMPLES / "cartpole.yaml", environ={}, overrides=small_config(out, 1500)))

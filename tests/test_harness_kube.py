@@ -12,7 +12,7 @@ import pytest
 
 from tests.harness.cache import Progress
 from tests.harness.kube import GPU_RESOURCE, GPU_TAINT, SERVICE_ACCOUNT_ISSUER, KubeCluster, eck_crds
-from tests.kube_helpers import apply, new_namespace, poll, wait_gpus_free
+from tests.support.kube_helpers import apply, new_namespace, poll, wait_gpus_free
 
 pytestmark = pytest.mark.integration
 

@@ -20,27 +20,9 @@ import torch
 from borgdqn.config import build_config
 from borgdqn.hive import train
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.support.hive import EXAMPLES, small_config
 
 pytestmark = pytest.mark.integration
-
-
-def small_config(out: Path, steps: int, **extra: object) -> dict:
-    overrides = {
-        "hive.out": str(out),
-        "hive.steps": steps,
-        "hive.report_every_s": 0.2,
-        "hive.live": "off",
-        "learner.learning_starts": 200,
-        "learner.batch_size": 32,
-        "learner.target_update_period": 50,
-        "replay.capacity": 5000,
-        "policy.epsilon.steps": 1000,
-        "network.mlp_hidden": [32, 32],
-    }
-    overrides.update(extra)  # type: ignore[arg-type]
-    return overrides
 
 
 def test_short_run_writes_metrics_summary_checkpoints_and_resumes(tmp_path: Path) -> None:

@@ -20,14 +20,13 @@ import pytest
 from borgdqn.cli import main
 from borgdqn.metrics import read_records
 from borgdqn.telemetry.events import kind_of
-from tests.conditions import eventually
 from tests.harness.kafka import KafkaServer
 from tests.harness.redis import RedisServer
-from tests.test_hive import EXAMPLES, small_config
-from tests.test_hive_redis import _train
-from tests.test_memory_monitor import episode as add_episode
-from tests.test_memory_monitor import open_log
-from tests.test_telemetry_producer import read_events
+from tests.support.conditions import eventually
+from tests.support.hive import EXAMPLES, small_config, train_cli
+from tests.support.kafka_events import read_events
+from tests.support.redis_log import episode as add_episode
+from tests.support.redis_log import open_log
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +34,7 @@ pytestmark = pytest.mark.integration
 def test_a_hive_streams_every_episode_its_training_and_its_memory(tmp_path: Path, kafka_server: KafkaServer) -> None:
     out = tmp_path / f"run-{uuid.uuid4().hex[:8]}"
     sets = [f"--set={key}={value}" for key, value in small_config(out, 3000).items() if key != "hive.live"]
-    result = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live", "--kafka",
+    result = train_cli(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live", "--kafka",
                      kafka_server.bootstrap], {})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -120,7 +119,6 @@ def test_the_memory_monitor_sends_memory_reports(redis_server: RedisServer, kafk
     # A bad address is bad input (exit 2).
     assert main(["memory-monitor", "--memory", "redis://127.0.0.1:1/0", "--name", name, "--once", "--kafka",
                  "no-port"]) == 2  # fmt: skip
-
 
 
 CLOSED = re.compile(r"telemetry closed source=(\S+) emitted=(\d+) sent=(\d+) dropped=(\d+) unsent=(\d+)")

@@ -19,16 +19,11 @@ from borgdqn.config import ConfigError, build_config
 from borgdqn.hive import train
 from borgdqn.memory.redis.keys import read_state
 from borgdqn.metrics import read_records
-from tests.conditions import eventually
 from tests.harness.redis import RedisServer
-from tests.test_hive import EXAMPLES, small_config
+from tests.support.conditions import eventually
+from tests.support.hive import EXAMPLES, small_config, train_cli
 
 pytestmark = pytest.mark.integration
-
-
-def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "borgdqn", "train", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **env})
 
 
 LSTM = {"network.lstm": "true", "network.lstm_hidden": 32, "env.frame_stack": 1, "learner.burn_in": 4,
@@ -41,9 +36,9 @@ def test_a_hive_learns_through_the_redis_memory(tmp_path: Path, redis_server: Re
     out = tmp_path / "run"
     name = f"hive-{uuid.uuid4().hex[:8]}"
     sets = [f"--set={key}={value}" for key, value in small_config(out, 3000, **extra).items() if key != "hive.live"]
-    result = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live", f"--set=replay.redis_name={name}",
-                     "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
-                    {"BORG_REDIS_PASSWORD": redis_server.password})
+    result = train_cli(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+                        f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
+                       {"BORG_REDIS_PASSWORD": redis_server.password})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hive"]["env_steps"] >= 3000
@@ -192,7 +187,7 @@ def test_a_wrong_password_or_an_unreachable_memory_fails_in_one_line(tmp_path: P
                                                                      redis_server: RedisServer) -> None:
     args = ["--config", str(EXAMPLES / "cartpole.yaml"), "--out", str(tmp_path / "run"), "--no-live",
             "--memory", f"redis://127.0.0.1:{redis_server.port}/0"]
-    refused = _train(args, {"BORG_REDIS_PASSWORD": "guess"})
+    refused = train_cli(args, {"BORG_REDIS_PASSWORD": "guess"})
     assert refused.returncode == 2, "a refused password is bad input, not an outage"
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("borgdqn: error: redis at ") and "refused the user or password" in last, last
@@ -232,7 +227,7 @@ def test_a_command_the_memory_acl_refuses_stops_the_hive_in_one_line(tmp_path: P
     try:
         out = tmp_path / "run"
         sets = [f"--set={key}={value}" for key, value in small_config(out, 20_000).items() if key != "hive.live"]
-        refused = _train(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
+        refused = train_cli(["--config", str(EXAMPLES / "cartpole.yaml"), *sets, "--no-live",
                           f"--set=replay.redis_name={name}", "--memory", f"redis://127.0.0.1:{redis_server.port}/0"],
                          {"BORG_REDIS_USERNAME": user, "BORG_REDIS_PASSWORD": password})
     finally:

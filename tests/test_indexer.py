@@ -29,7 +29,7 @@ from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.telemetry.documents import ALL_INDICES, FIELDS, documents, index_templates
 from borgdqn.telemetry.events import INDICES, KINDS, SCHEMA_VERSION, Source, encode_event, header
 from borgdqn.telemetry.indexer import Indexer, IndexerSettings, IndexerStats
-from tests.conditions import eventually
+from tests.support.conditions import eventually
 
 pytestmark = pytest.mark.integration
 

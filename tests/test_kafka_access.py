@@ -25,7 +25,7 @@ from elasticsearch import Elasticsearch
 from borgdqn.config import ConfigError, build_config
 from borgdqn.telemetry.events import INDICES
 from borgdqn.telemetry.kafka_access import KAFKA_PASSWORD_ENV, KAFKA_USERNAME_ENV, KafkaAccess, KafkaAccessError
-from tests.conditions import eventually
+from tests.support.conditions import eventually
 
 pytestmark = pytest.mark.integration
 

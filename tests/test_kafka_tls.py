@@ -33,7 +33,7 @@ from borg_operator.tls import (
     make_kafka_tls,
 )
 from borgdqn.config import ConfigError, build_config
-from tests.operator_support import image_properties
+from tests.support.operator_process import image_properties
 
 NAMESPACE = "borg"
 PASSWORDS = {key: "unused" for key in ("agent-password", "monitor-password", "admin-password")}

@@ -30,7 +30,7 @@ from borgdqn.memory.redis.acl import USERS
 from borgdqn.memory.redis.sizing import replica_bytes
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds, strimzi_crds
-from tests.kube_helpers import install_borg_crd, namespaces_deleted_after, new_namespace, wait_established
+from tests.support.kube_helpers import install_borg_crd, namespaces_deleted_after, new_namespace, wait_established
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "operator"

@@ -18,7 +18,7 @@ from borg_operator.names import MAX_NAME, MAX_NAME_ECK, MAX_NAME_STRIMZI, check_
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borgdqn.config import ConstantSchedule, LinearSchedule
 from tests.harness.kube import KubeCluster
-from tests.kube_helpers import BORG_CRD, install_borg_crd, namespaces_deleted_after, new_namespace, poll
+from tests.support.kube_helpers import BORG_CRD, install_borg_crd, namespaces_deleted_after, new_namespace, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("borgcollective-*.yaml"))

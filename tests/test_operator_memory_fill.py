@@ -13,7 +13,7 @@ from borg_operator.memory_fill import FillError, FillReader, MemoryFill, fetch_f
 from borgdqn.memory.redis.keys import LinkTotals
 from tests.harness.process import free_port
 from tests.harness.redis import RedisServer
-from tests.test_memory_monitor import episode, open_log
+from tests.support.redis_log import episode, open_log
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ import pytest
 
 from borg_operator import rbac
 from tests.harness.kube import KubeCluster
-from tests.kube_helpers import apply, new_namespace, poll, token_kubeconfig
-from tests.operator_support import (
+from tests.support.kube_helpers import apply, new_namespace, poll, token_kubeconfig
+from tests.support.operator_process import (
     Operator,
     children,
     collective,

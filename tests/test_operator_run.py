@@ -29,8 +29,8 @@ from borg_operator import names
 from borg_operator.__main__ import check_crd
 from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.process import free_port
-from tests.kube_helpers import apply, new_namespace, poll
-from tests.operator_support import (
+from tests.support.kube_helpers import apply, new_namespace, poll
+from tests.support.operator_process import (
     Operator,
     children,
     collective,

@@ -56,8 +56,8 @@ from tests.harness.node import (
     processes_mentioning,
     start_real_node,
 )
-from tests.kube_helpers import Timeout, poll
-from tests.operator_support import ROOT
+from tests.support.kube_helpers import Timeout, poll
+from tests.support.operator_process import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.real_node]
 

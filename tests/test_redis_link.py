@@ -23,9 +23,9 @@ from borgdqn.memory.redis.link import LinkSettings, RedisLink
 from borgdqn.memory.redis.tail import LogTail
 from borgdqn.memory.redis.writer import LogShapeMismatch, LogWriter
 from borgdqn.memory.shared import SharedReplay
-from tests.conditions import eventually
 from tests.harness.redis import RedisServer
-from tests.test_replay_shared import (
+from tests.support.conditions import eventually
+from tests.support.replay_oracle import (
     GAMMA,
     U8_SMALL,
     Codec,

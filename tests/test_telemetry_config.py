@@ -9,7 +9,7 @@ import yaml
 
 from borgdqn.config import ConfigError, build_config
 from borgdqn.telemetry.producer import collective_from_path, parse_bootstrap, producer_for
-from tests.test_cli import assert_one_line_error, borgdqn
+from tests.support.cli import assert_one_line_error, borgdqn
 
 
 def test_telemetry_is_off_by_default_and_needs_no_producer() -> None:

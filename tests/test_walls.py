@@ -132,6 +132,18 @@ def test_no_module_imports_another_modules_private_names() -> None:
     assert not taken, "private names imported from another module:\n" + "\n".join(taken)
 
 
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/support/ (or tests/harness/); a test module is no library."""
+    taken = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for target, _, line in imports(module, path):
+            if re.match(r"tests(\.\w+)*\.test_\w+$", target) and target != module:
+                taken.append(f"{path.relative_to(ROOT)}:{line}: {target}")
+    assert not taken, "test modules imported by other modules (move what they share to tests/support/):\n" + "\n".join(
+        taken)
+
+
 def test_the_builders_never_talk_to_a_cluster() -> None:
     talking = [f"{path.relative_to(ROOT)}:{line}: {target}"
                for module, path in modules() if module.startswith("borg_operator.builders")

@@ -71,7 +71,7 @@ def apply(kube: KubeCluster, manifest: dict[str, Any], *args: str) -> None:
     kube.kubectl("apply", *args, "-f", "-", input=json.dumps(manifest))
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BORG_CRD = ROOT / "crds" / "borg.dev_borgcollectives.yaml"
 
 

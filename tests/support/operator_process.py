@@ -22,9 +22,9 @@ from borgdqn.memory.redis.acl import USERS
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds
 from tests.harness.process import ServerProcess, free_port, rss_bytes, start_server, wait_until
-from tests.kube_helpers import gpu_pods, wait_established
+from tests.support.kube_helpers import gpu_pods, wait_established
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "borg.dev_borgcollectives.yaml"
 CRD_NAME = "borgcollectives.borg.dev"
 T = TypeVar("T")
