@@ -296,6 +296,11 @@ class AssimilationConfig(_Strict):
 class HiveConfig(_Strict):
     agents: int = Field(default=2, ge=1, le=256, description="agent processes")
     steps: int = Field(default=2_000_000, ge=1, description="total env steps over the whole hive")
+    stop_at_mean_return: float | None = Field(
+        default=None,
+        description="stop the hive as soon as an agent's mean return over 20 episodes reaches this "
+        "(null: run every step)",
+    )
     seed: int = Field(default=0, description="base seed of envs, networks and policies")
     out: Path = Field(default=Path("runs/hive"), description="run directory")
     threads_per_agent: int = Field(default=1, ge=1, description="torch threads in each agent process")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import multiprocessing as mp
 import multiprocessing.synchronize
 import os
@@ -286,7 +287,8 @@ def restore_from_store(config: BorgConfig, member: str, spec: EnvSpec) -> bool:
 
 def train(config: BorgConfig, *, resume: bool = False, member: str | None = None,
           preset: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run the hive to the end of ``hive.steps`` (or Ctrl-C); returns the summary written to summary.json.
+    """Run the hive to the end of ``hive.steps``, until an agent reaches ``hive.stop_at_mean_return``, or to a
+    Ctrl-C; returns the summary written to summary.json.
 
     ``member`` (a pod's name): run as that one member of a collective (see :mod:`borgdqn.rl.identity`); a run
     directory that already holds its run (the container restarted in the same pod) is resumed. ``preset``: the
@@ -368,6 +370,12 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
             signal.signal(signum, handler)
     summary = summarize(run_dir, offset + time.monotonic() - started)
     summary["interrupted"] = interrupted
+    target = config.hive.stop_at_mean_return
+    if target is not None:
+        summary["stop_at_mean_return"] = target
+        summary["target_reached"] = any(
+            (agent["best_mean_return_20"] or -math.inf) >= target for agent in summary["agents"].values()
+        )
     write_summary(run_dir, summary)
     # A killed agent first: the others may have failed because of it (a lock it died holding).
     crashed = [i for i, p in enumerate(procs) if (p.exitcode or 0) < 0]

@@ -254,7 +254,7 @@ def test_the_redis_url_must_not_carry_the_password() -> None:
 def test_cartpole_hive_of_two_learns_through_redis(tmp_path: Path, redis_server: RedisServer,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Learns through Redis, acting and learning at the same time: best mean return >= 450 over 20 episodes within
-    100k env steps.
+    100k env steps (the hive stops there).
 
     The embedded memory's test holds the algorithm to 475. Here two agents exchange their experience through
     Redis at whatever pace the machine gives them, so a run is not repeatable; one CI run ended at 474.7 (agent 1)
@@ -268,12 +268,12 @@ def test_cartpole_hive_of_two_learns_through_redis(tmp_path: Path, redis_server:
                    "replay.backend": "redis", "replay.redis_url": f"redis://127.0.0.1:{redis_server.port}/0",
                    "replay.redis_name": f"cartpole-{uuid.uuid4().hex[:8]}",
                    # Each agent learns in a thread of its own (on a CPU, off by default): the bar holds that way too.
-                   "learner.concurrent": "on"},
+                   "learner.concurrent": "on", "hive.stop_at_mean_return": 450},
     )
     assert config.hive.steps == 100_000 and config.hive.agents == 2
     summary = train(config)
-    best = summary["hive"]["best_mean_return_20"]
-    assert best is not None and best >= 450, summary
+    best = max(agent["best_mean_return_20"] or 0.0 for agent in summary["agents"].values())
+    assert best >= 450 and summary["target_reached"] is True, summary
     # The hive mind, measured: after warm-up (the second half of the run) each learner's batches come from both
     # agents in proportion to what each wrote (each agent's share of the log), within 5 points.
     written = read_state(redis.Redis.from_url(redis_server.url), config.replay.redis_name).per_agent

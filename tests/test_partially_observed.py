@@ -1,7 +1,8 @@
 """CartPole with the velocities hidden (borgdqn/rl/partially_observed.py) and the LSTM that learns it.
 
 The contrast (no memory stays in the 50s, a stack of 4 recovers 335-372) is measured over 3 seeds by
-benchmarks/partially_observed.py and recorded in docs/benchmarks.md; CI runs the LSTM's bar (seed 0: 484 there).
+benchmarks/partially_observed.py and recorded in docs/benchmarks.md; CI runs the LSTM's bar (seed 0: 484 there),
+stopping the hive when it is met.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from borgdqn.rl.envs import env_seeds, make_vector_env
 from borgdqn.rl.partially_observed import CARTPOLE_NO_VELOCITY
 
 LSTM_BAR = 400.0
+# Twice the preset's 150k: two agents sharing one memory at the machine's pace are not repeatable, and one CI run
+# of the preset's budget ended at 319 and 360 (the benchmark's seeds reach 400 after 48-56k steps per agent). The
+# hive stops at the bar, so a run takes what it needs.
+LSTM_BUDGET = 300_000
 
 
 def test_the_masked_cartpole_shows_positions_only() -> None:
@@ -71,7 +76,8 @@ def test_the_lstm_learns_what_one_observation_cannot_show(tmp_path: Path) -> Non
     out = tmp_path / "lstm"
     done = subprocess.run(
         [sys.executable, "-m", "borgdqn", "train", "--env", CARTPOLE_NO_VELOCITY, "--agents", "2", "--seed", "0",
-         "--out", str(out), "--no-live"],
+         "--steps", str(LSTM_BUDGET), "--set", f"hive.stop_at_mean_return={LSTM_BAR}", "--out", str(out),
+         "--no-live"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,3 +85,4 @@ def test_the_lstm_learns_what_one_observation_cannot_show(tmp_path: Path) -> Non
     summary = json.loads((out / "summary.json").read_text())
     best = max(agent["best_mean_return_20"] or 0.0 for agent in summary["agents"].values())
     assert best >= LSTM_BAR, summary
+    assert summary["target_reached"] is True

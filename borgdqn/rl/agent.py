@@ -104,7 +104,9 @@ def run_agent(
     clock_offset: float = 0.0,
     store: ModelStore | None = None,
 ) -> AgentCheckpoint:
-    """Run the agent ``identity`` until its ``steps`` are done or ``stop`` is set; returns its final state.
+    """Run the agent ``identity`` until its ``steps`` are done, its mean return reaches
+    ``hive.stop_at_mean_return`` (it then sets ``stop``: the hive ends with it) or ``stop`` is set; returns its
+    final state.
 
     ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
     ``store``: the hive's model store when it is not the run dir (a collective's memory), which gets each
@@ -341,9 +343,11 @@ def run_agent(
             telemetry.emit(pb.AssimilationEvent(**asdict(event), wall_seconds=time.monotonic() - started))
 
     learning = make_learning(learner, memory, config, lambda env_steps: beta(env_steps * config.hive.agents))
+    target = config.hive.stop_at_mean_return
+    reached = False
     finished = False
     try:
-        while state.env_steps < budget and not (stop is not None and stop.is_set()):
+        while state.env_steps < budget and not reached and not (stop is not None and stop.is_set()):
             # Act on o_t. `first` resets the recurrent core where an episode starts.
             q, next_core = learning.act(obs, core_state, first if recurrent else None)
             actions = policy.select(q, state.env_steps)
@@ -396,6 +400,13 @@ def run_agent(
                 episode_return[e] = 0.0
                 episode_length[e] = 0
                 game_starting[e] = True
+            if ended.size and target is not None and tally.best_mean is not None and tally.best_mean >= target:
+                reached = True
+                log.info("agent=%d reached a mean return of %.1f over %d episodes at env_steps=%d "
+                         "(hive.stop_at_mean_return %g): stopping the hive", agent, tally.best_mean, MEAN_WINDOW,
+                         state.env_steps + num_envs, target)
+                if stop is not None:
+                    stop.set()  # the whole hive ends with this agent, each agent saving as at a Ctrl-C
 
             # o_{t+1} becomes the current observation.
             first, last, terminated = result.first, result.truncated | result.terminated, result.terminated
@@ -423,7 +434,7 @@ def run_agent(
             if assimilation.enabled and state.env_steps >= next_assimilation:
                 assimilate()
                 next_assimilation += assimilation.every
-        stopped = stop is not None and stop.is_set()
+        stopped = reached or (stop is not None and stop.is_set())
         learning.finish(drain=not stopped)
         finished = True
         adder.flush()
