@@ -6,7 +6,7 @@
 Standard library only, and deterministic: the same source gives the same bytes (no timestamps, coordinates
 rounded to one decimal). The children's names are not typed here: they are read from the operator's
 `operator/borg_operator/names.py` (its one-line `return f"{cr}-part"` functions) for the collective `pong`, so a
-renamed child makes `--check` fail until the picture is drawn again. tests/test_architecture_picture.py runs the
+renamed child makes `--check` fail until the picture is drawn again. tests/repo/test_architecture_picture.py runs the
 check and compares every (kind, name) drawn with the operator's golden manifests.
 """
 

@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -33,6 +34,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # the servers and remove their temp dirs (PDEATHSIG alone would kill the servers but leave the dirs).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+# Markers that every test of a folder carries (a module may add its own): the folders mirror the package, and
+# where all of a folder's tests talk to real servers, the folder says so once.
+FOLDER_MARKERS = {"e2e": ("integration",)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        path = Path(str(item.path))
+        if not path.is_relative_to(here):
+            continue
+        folder = path.relative_to(here).parts[0]
+        for marker in FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(marker)
+
 
 P = TypeVar("P", bound=RunningPart)
 

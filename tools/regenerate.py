@@ -6,7 +6,7 @@ protobuf modules (protos/ -> borgdqn/proto/), the configuration reference in doc
 (crds/), the charts' CRD copy, RBAC rules and values schema, the Kibana saved objects (kibana/) and the
 architecture picture (docs/architecture.svg). Each staleness test names this command; commit what it changes.
 The operator's golden manifests are test fixtures, not generated files: `BORG_UPDATE_GOLDEN=1 pytest
-tests/test_operator_builders.py` rewrites them.
+tests/operator/test_builders.py` rewrites them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Two backends:
   random number of NOOPs (1..noop_max reset frames in all, the FIRE counting as one); rewards are raw
   (unclipped); episodes are truncated after ``max_episode_steps`` agent steps (reset frames do not count).
   Frames, rewards and terminals equal gymnasium's ``AtariPreprocessing`` + ``FrameStackObservation`` step for
-  step, but for the differences docs/environments.md lists (tests/test_envs_gymnasium.py).
+  step, but for the differences docs/environments.md lists (tests/rl/test_envs_gymnasium.py).
 * Any other gymnasium id with a 1-D ``Box`` observation and ``Discrete`` actions runs on
   ``gymnasium.vector.SyncVectorEnv``; frames are ``float32 [E, dim]``. The env's own registered time limit stays
   an upper bound (CartPole-v1 keeps 500 under the default ``max_episode_steps=27000``); a smaller config value

@@ -3,14 +3,14 @@
 The agent and memory images are the defaults of a collective's `agents.image` / `memory.image` (the CRD carries
 them as defaults, see `spec.py`); the operator image is what the borg-operator chart deploys. Each is built from
 the repository root (`docs/images.md`). The tag is written out, not read from borgdqn's installed version at
-import time: the CRD default is a generated, committed string, and `tests/test_images.py` holds the tag to
+import time: the CRD default is a generated, committed string, and `tests/images/test_dockerfiles.py` holds the tag to
 borgdqn's version, so a version bump that forgets the images fails there instead of shipping a stale default.
 """
 
 from __future__ import annotations
 
 REGISTRY = "ghcr.io/borg-dqn"
-IMAGE_TAG = "0.1.0"  # == borgdqn's version (pyproject.toml); tests/test_images.py checks
+IMAGE_TAG = "0.1.0"  # == borgdqn's version (pyproject.toml); tests/images/test_dockerfiles.py checks
 
 AGENT_REPOSITORY = f"{REGISTRY}/borgdqn-agent"  # agent_image/Dockerfile: torch (CUDA), ALE, borgdqn[rl]
 MEMORY_REPOSITORY = f"{REGISTRY}/borgdqn-memory"  # memory_image/Dockerfile: redis-server + light borgdqn

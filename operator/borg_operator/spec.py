@@ -3,7 +3,7 @@
 The CRD speaks camelCase, borgdqn's YAML speaks snake_case; the sections the two share (env, learner, network,
 policy, epsilon ladder, replay) are the *same* pydantic models, so a field added to `borgdqn.config` shows up
 in the CRD (the generator in `crd.py` walks these models) and in the agents' ConfigMap without a second list.
-`to_snake`/`to_camel` are the only name mapping; `tests/test_operator_spec.py` holds them to it.
+`to_snake`/`to_camel` are the only name mapping; `tests/operator/test_spec.py` holds them to it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from borgdqn.dashboard import NO_DROPS_NOTE, build_dashboard, write_dashboard
 from borgdqn.metrics import MetricsWriter, agent_metrics_path
 from tests.support.runs import PNG_MAGIC, write_run
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 VIEWS = ["return-per-agent", "hive-return", "return-per-policy", "episodes-per-agent", "epsilon-per-agent", "loss",
          "env-steps-per-s", "memory", "memory-bytes", "memory-shares"]
 
@@ -30,7 +30,7 @@ def check_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real short hive: 2 agent processes on CartPole sharing the embedded memory (as tests/test_hive.py)."""
+    """A real short hive: 2 agent processes on CartPole sharing the embedded memory (as tests/hive/test_hive.py)."""
     from borgdqn.config import build_config
     from borgdqn.hive import train
     from tests.support.hive import small_config

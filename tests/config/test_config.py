@@ -123,7 +123,7 @@ def test_dump_round_trips() -> None:
 def test_configuration_doc_lists_every_field_as_the_code_has_it() -> None:
     from borgdqn.config_reference import render_reference
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     stale = "docs/configuration.md is stale: run `python tools/regenerate.py`"
     assert render_reference() in doc, stale
 

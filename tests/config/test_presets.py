@@ -1,6 +1,6 @@
 """Presets per environment (borgdqn/presets.py): `borgdqn train --env ID` starts from ID's tuned settings, says
 which preset it used, and everything the user gives goes over it. The learning bar of the CartPole preset through
-the bare command is in tests/test_hive.py."""
+the bare command is in tests/hive/test_hive.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from borgdqn.config import BorgConfig, build_config
 from borgdqn.presets import CARTPOLE, preset_for
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def borgdqn(*args: str | Path) -> subprocess.CompletedProcess[str]:

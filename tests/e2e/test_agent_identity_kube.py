@@ -22,8 +22,6 @@ from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.support.kube_helpers import Timeout, apply, namespaces_deleted_after, new_namespace, poll
 from tests.support.operator_process import Operator, cluster_picture, collective, install_crds
 
-pytestmark = pytest.mark.integration
-
 # The fake nodes are GPU nodes, tainted as such: CPU agents tolerate the taint to land there.
 SPEC = {"agents": {"replicas": 8, "gpus": 0, "resources": {"cpu": "1", "memory": "8Gi"},
                    "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]},

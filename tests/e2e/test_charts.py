@@ -50,8 +50,6 @@ from tests.support.operator_process import (
     status,
 )
 
-pytestmark = pytest.mark.integration
-
 OPERATOR_CHART = ROOT / "charts" / "borg-operator"
 COLLECTIVE_CHART = ROOT / "charts" / "borg-collective"
 

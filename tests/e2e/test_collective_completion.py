@@ -3,12 +3,12 @@ larger budget gives the pods back.
 
 The operator's reconciler in-process against the harness's real kube-apiserver, with a real Redis for the memory.
 The agents' finished marks are written into that Redis as ``borgdqn train --member ... --wait-when-done`` writes
-them (``RedisModelStore.mark_finished``; the member's side runs for real in test_collective_data_path.py).
+them (``RedisModelStore.mark_finished``; the member's side runs for real in tests/e2e/test_collective_data_path.py).
 Stand-ins, for what this machine cannot run: the memory pod's readiness (on tier 1 the memory StatefulSet's status
 is patched to one ready pod, as its controller would write it; when the full tier is up, its controller and kwok
 make it so), and the memory's Service address, which resolves only in a cluster (the fill reader is pointed at
 the harness's redis-server instead of ``NAME-memory.NS.svc:6379``). Removing the pods of a StatefulSet scaled to 0
-is the StatefulSet controller's part (test_agent_identity_kube.py runs it on the full tier).
+is the StatefulSet controller's part (tests/e2e/test_agent_identity_kube.py runs it on the full tier).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from tests.harness.kube import GPU_RESOURCE, KubeCluster
 from tests.harness.redis import RedisServer
 from tests.support.kube_helpers import apply, namespaces_deleted_after, new_namespace, poll
 from tests.support.operator_process import collective, events, install_crds
-
-pytestmark = pytest.mark.integration
 
 STEPS = 5000
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -127,7 +125,8 @@ def test_every_agent_done_succeeds_releases_the_agents_and_a_larger_budget_bring
         reconciler.reconcile(get())  # a resync changes nothing
         assert agents_wanted() == 0 and status()["phase"] == "Succeeded"
 
-        # A larger budget: the agents get their pods back (and resume from the model store: test_model_store.py).
+        # A larger budget: the agents get their pods back (and resume from the model store:
+        # tests/memory/test_model_store.py).
         cluster.kubectl("patch", "borgcollective", "done", "-n", namespace, "--type=merge",
                         "-p", json.dumps({"spec": {"agents": {"steps": 2 * STEPS}}}))
         reconciler.reconcile(get())

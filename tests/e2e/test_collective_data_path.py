@@ -66,8 +66,6 @@ from tests.harness.redis import RedisInstall, ensure_redis
 from tests.support.conditions import eventually
 from tests.support.operator_process import image_properties
 
-pytestmark = pytest.mark.integration
-
 NAMESPACE = "borg-test"
 STEPS = 2000  # env steps per member
 NUM_ENVS = 2
@@ -95,7 +93,7 @@ SPEC: dict[str, Any] = {
 CLUSTER_KEYS = {"replay.redis_url", "replay.redis_ca_file", "telemetry.kafka", "telemetry.kafka_ca_file",
                 "telemetry.kafka_cert_file", "telemetry.kafka_key_file", "hive.out"}
 CONSOLE_SCRIPT = Path(sys.executable).with_name("borgdqn")  # what `borgdqn` is in the images: the console script
-ENTRYPOINT = Path(__file__).resolve().parents[1] / "memory_image" / "entrypoint.py"  # the memory image's
+ENTRYPOINT = Path(__file__).resolve().parents[2] / "memory_image" / "entrypoint.py"  # the memory image's
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 

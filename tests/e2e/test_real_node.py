@@ -59,7 +59,7 @@ from tests.harness.node import (
 from tests.support.kube_helpers import Timeout, poll
 from tests.support.operator_process import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.real_node]
+pytestmark = pytest.mark.real_node  # and integration, as the whole folder (tests/conftest.py)
 
 GPUS = 4
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",

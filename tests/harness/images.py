@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,10 @@ class ImageSpec:
     # The Python images' stand-in has a venv on PATH; the agent's (for NVIDIA's CUDA base, which has no Python)
     # is plain Debian, and its Dockerfile installs python3 itself.
     base_image: str = ""
-    # When set, only a change of these inputs (and the Dockerfile) builds the image from its Dockerfile again;
-    # between such builds the current borgdqn wheel is installed over the last one (see `_overlay`).
-    full_build_inputs: tuple[str, ...] = ()
+    # When set, only a change of the Dockerfile or of these keys of pyproject.toml (what pip installs; not its
+    # comments, its version or its tool settings) builds the image from its Dockerfile again; between such builds
+    # the current borgdqn wheel is installed over the last one (see `_overlay`).
+    full_build_on: tuple[str, ...] = ()
 
     @property
     def repository(self) -> str:
@@ -75,7 +77,8 @@ IMAGES: dict[str, ImageSpec] = {
     # torch comes from PyPI with its CUDA libraries: a 5 GB image, built from its Dockerfile again only when the
     # Dockerfile or the dependencies change; borgdqn's own code is layered on (a few seconds) otherwise.
     "agent": ImageSpec("agent", "agent_image/Dockerfile", ("pyproject.toml", "README.md", "borgdqn"), "CUDA_IMAGE",
-                       base_image="debian", full_build_inputs=("pyproject.toml",)),
+                       base_image="debian", full_build_on=("build-system", "project.dependencies",
+                                                           "project.optional-dependencies", "project.requires-python")),
 }
 
 
@@ -124,6 +127,18 @@ def inputs_hash(paths: Sequence[str], *extra: str) -> str:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def pyproject_keys(text: str, keys: Sequence[str]) -> str:
+    """The values of ``keys`` (dotted) in a pyproject.toml, as canonical JSON: an edit elsewhere leaves it alone."""
+    data = tomllib.loads(text)
+    picked: dict[str, object] = {}
+    for key in keys:
+        node: object = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    return json.dumps(picked, sort_keys=True)
 
 
 def _has_image(reference: str) -> bool:
@@ -303,8 +318,9 @@ def ensure_image(progress: Progress, name: str) -> BuiltImage:
             return BuiltImage(name, reference, archive)
         log.unlink(missing_ok=True)
         keep = {reference}
-        if spec.full_build_inputs:
-            full_tag = inputs_hash([*spec.full_build_inputs, spec.dockerfile], DEBIAN_SUITE, *BASE_PACKAGES)
+        if spec.full_build_on:
+            installs = pyproject_keys((REPO / "pyproject.toml").read_text(), spec.full_build_on)
+            full_tag = inputs_hash([spec.dockerfile], DEBIAN_SUITE, *BASE_PACKAGES, installs)
             full = f"{spec.repository}:full-{full_tag}"
             keep.add(full)
             if not _has_image(full):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.errors import HarnessError
-from tests.harness.images import BuiltImage, oci_archive_without
+from tests.harness.images import IMAGES, REPO, BuiltImage, oci_archive_without, pyproject_keys
 
 REFERENCE = "localhost/borgdqn-test/probe:test-1"
 
@@ -83,3 +83,16 @@ def test_an_archive_whose_layer_names_are_not_their_digests_is_refused(tmp_path:
     docker_archive(tmp_path / "image.tar", [b"one"], name_layers_by_digest=False)
     with pytest.raises(HarnessError, match="does not name its layers by their digests"):
         oci_archive_without(BuiltImage("probe", REFERENCE, tmp_path / "image.tar"), set(), io.BytesIO())
+
+
+def test_the_agent_image_is_built_anew_only_when_what_pip_installs_changes() -> None:
+    """The 6 GB agent image is keyed on pyproject.toml's dependencies, not its bytes: a comment, the version or a
+    tool setting changes nothing (the current borgdqn is layered on), a dependency does."""
+    keys = IMAGES["agent"].full_build_on
+    text = (REPO / "pyproject.toml").read_text()
+    before = pyproject_keys(text, keys)
+    assert "torch>=" in before and "numpy>=" in before  # the real file's dependencies were read
+    edited = text.replace("[tool.pytest.ini_options]", "# a comment\n[tool.pytest.ini_options]\nprobe = 1\n", 1)
+    edited = edited.replace('version = "', 'version = "9', 1)
+    assert edited != text and pyproject_keys(edited, keys) == before
+    assert pyproject_keys(text.replace('"numpy', '"numpy>=0,', 1), keys) != before

@@ -22,7 +22,7 @@ from tests.harness.process import group_pids, sweep_stale_workdirs
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 INNER_CONFTEST = "from tests.conftest import *  # noqa: F403 - the fixtures and hooks under test\n"
 INNER_TEST = '''

@@ -169,7 +169,7 @@ def test_the_hive_stops_when_an_agent_reaches_the_mean_return_asked_for(tmp_path
 @pytest.mark.slow
 def test_cartpole_hive_of_two_learns_from_the_bare_command(tmp_path: Path) -> None:
     """The bar: mean return >= 475 over 20 episodes within 100k total env steps on a CPU, from the command a new
-    user types (the CartPole preset; examples/cartpole.yaml spells it out: tests/test_presets.py), told to stop
+    user types (the CartPole preset; examples/cartpole.yaml spells it out: tests/config/test_presets.py), told to stop
     there (hive.stop_at_mean_return changes nothing before it stops)."""
     assert not torch.cuda.is_available() or os.environ.get("BORG_ALLOW_GPU_TESTS"), "CPU bar"
     out = tmp_path / "run"

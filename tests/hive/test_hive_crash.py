@@ -16,7 +16,7 @@ import pytest
 from borgdqn.rl.checkpoint import agent_checkpoint_path, read_checkpoint
 from tests.support.conditions import eventually
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BUDGET = 10_000_000  # far more than any drill runs: the hive only ends because of the drill
 
 pytestmark = pytest.mark.integration

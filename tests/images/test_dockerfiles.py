@@ -5,8 +5,8 @@ through the project's own rules, read from the Dockerfile as dockerfile-parse pa
 pinned, a numeric non-root user, no build tools or index downloads in the final stage, and a `.dockerignore` that
 admits exactly what the COPY instructions take. The images' names, entrypoints and ports are held to the code that
 uses them (the operator's defaults and Deployment, the console scripts, the operator's flags). What runs inside
-the images is tested as local processes: the memory entrypoint in test_memory_image.py, `borgdqn train --config`
-in test_hive.py and test_hive_redis.py, `borg-operator` below.
+the images is tested as local processes: the memory entrypoint in tests/images/test_memory_image.py,
+`borgdqn train --config` in tests/hive/test_hive.py and tests/hive/test_hive_redis.py, `borg-operator` below.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from borg_operator.builders.agents import build_agents
 from borg_operator.builders.common import BORG_UID
 from borg_operator.spec import CONFIG_PATH, DEFAULT_AGENT_IMAGE, DEFAULT_MEMORY_IMAGE, parse_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
     "agent": ROOT / "agent_image" / "Dockerfile",
     "memory": ROOT / "memory_image" / "Dockerfile",
@@ -306,7 +306,7 @@ def test_the_ignore_matching_follows_docker() -> None:
     patterns = [(False, _go_glob("*")), (True, _go_glob("borgdqn")), (False, _go_glob("**/*.pyc"))]
     assert sent("borgdqn/cli.py", patterns) and sent("borgdqn/rl/agent.py", patterns)
     assert not sent("borgdqn/rl/agent.pyc", patterns) and not sent("borgdqn.egg-info/PKG-INFO", patterns)
-    assert not sent("tests/test_cli.py", patterns) and not sent("README.md", patterns)
+    assert not sent("tests/cli/test_cli.py", patterns) and not sent("README.md", patterns)
 
 
 # ------------------------------------------------------------------------------------------------ names and tags

@@ -36,7 +36,7 @@ from tests.harness.errors import HarnessError
 from tests.harness.process import ServerProcess, free_port, make_workdir, start_server, wait_until
 from tests.harness.redis import RedisInstall, ensure_redis
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "memory_image"
 ENTRYPOINT = IMAGE / "entrypoint.py"
 DEFAULT_SECRET = Path("/var/run/secrets/borg/redis-password")

@@ -21,7 +21,7 @@ from borgdqn.metrics import read_records
 from borgdqn.rl.checkpoint import agent_checkpoint_path, parse_checkpoint, read_checkpoint
 from tests.harness.redis import RedisServer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture

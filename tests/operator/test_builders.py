@@ -1,7 +1,7 @@
 """The builders (spec -> children): golden manifests for the examples, what matters in them, and every rendered
 object through the real apiserver's server-side dry-run, with ECK's and Strimzi's real CRDs installed.
 
-Regenerate the golden files after an intended change: `BORG_UPDATE_GOLDEN=1 pytest tests/test_operator_builders.py`
+Regenerate the golden files after an intended change: `BORG_UPDATE_GOLDEN=1 pytest tests/operator/test_builders.py`
 and read the diff.
 """
 
@@ -32,7 +32,7 @@ from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds, strimzi_crds
 from tests.support.kube_helpers import install_borg_crd, namespaces_deleted_after, new_namespace, wait_established
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "operator"
 EXAMPLES = {"minimal": ROOT / "examples" / "borgcollective-minimal.yaml",
             "full": ROOT / "examples" / "borgcollective-pong.yaml"}

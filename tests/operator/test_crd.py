@@ -20,7 +20,7 @@ from borgdqn.config import ConstantSchedule, LinearSchedule
 from tests.harness.kube import KubeCluster
 from tests.support.kube_helpers import BORG_CRD, install_borg_crd, namespaces_deleted_after, new_namespace, poll
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("borgcollective-*.yaml"))
 API = "borg.dev/v1alpha1"
 

@@ -4,9 +4,9 @@ Tier 1 (etcd + kube-apiserver, no controllers): the operator turns a collective 
 agents on a hyper-parameter change, follows `kubectl scale`, prunes what the spec drops, pauses, refuses what
 cannot run (an invalid spec, Strimzi mode without Strimzi) without a retry storm, and converges after a
 SIGKILL. The full tier (agent pods Running on fake GPU nodes, more agents than GPUs, garbage collection) runs
-through the Helm charts in test_charts.py. Every test runs an operator of its own for its own namespace
+through the Helm charts in tests/e2e/test_charts.py. Every test runs an operator of its own for its own namespace
 (`--namespace`), so that tests never see each other's collectives; the cluster-wide default is tested with its RBAC
-(test_operator_rbac.py).
+(tests/operator/test_rbac.py).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ from borgdqn.config import (
     dump_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("borgcollective-*.yaml"))
 ALL_MODELS: list[type[BaseModel]] = [
     CollectiveSpec, AgentsSpec, MemorySpec, KafkaSpec, ElasticSpec, KibanaSpec, IngressSpec, ResourcesSpec,
@@ -306,7 +306,7 @@ def changed_fields(model: BaseModel) -> list[str]:
 def test_the_full_spec_changes_every_field_and_the_config_carries_every_value() -> None:
     spec = parse_spec(full_spec())
     # A field added to a section must be added to full_spec() too. kafka.loginSecret excludes clientCertSecret
-    # (tests/test_kafka_tls.py renders it).
+    # (tests/telemetry/test_kafka_tls.py renders it).
     assert changed_fields(spec) == ["kafka.login_secret"]
     config = to_borg_config("breakout", "ml", spec)
     assert config.env == spec.env

@@ -14,7 +14,7 @@ import yaml
 
 from borg_operator import names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docs" / "architecture.py"
 SVG = ROOT / "docs" / "architecture.svg"
 GOLDEN = ROOT / "tests" / "golden" / "operator"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.harness.cache import cache_root
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

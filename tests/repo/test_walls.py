@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "architecture.md"
 # Where each top-level package's source lives.
 SOURCES = {"borgdqn": ROOT / "borgdqn", "borg_operator": ROOT / "operator" / "borg_operator",

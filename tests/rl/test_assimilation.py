@@ -36,7 +36,7 @@ from borgdqn.rl.learner import Learner
 from borgdqn.rl.model_store import RunDirModelStore
 from tests.harness.redis import RedisServer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def entry(agent: int, mean: float | None, steps: int = 1000) -> ModelEntry:

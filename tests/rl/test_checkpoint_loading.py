@@ -16,7 +16,7 @@ import torch
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SMALL = ["--set", "learner.learning_starts=100", "--set", "replay.capacity=2000", "--set", "network.mlp_hidden=[16]",
          "--set", "env.num_envs=2", "--no-live"]  # fmt: skip
 

@@ -23,7 +23,7 @@ from tests.harness.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def borgdqn(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

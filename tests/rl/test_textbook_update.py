@@ -3,9 +3,10 @@ memory, a batch comes out, and our learner's loss, priorities and gradients on i
 DQN update written here from the raw rewards, CleanRL-style, on the same weights: with and without the
 memory's importance weights, for DQN and Double DQN, for n = 1 and 3.
 
-The pieces have their own tests (the n-step rule by hand in test_replay_shared.py, the update on given returns in
-test_learner.py); this one joins them, so a convention that drifts between memory and learner (which reward
-belongs to which step, where a terminal or a truncation stops the window, which discount a bootstrap gets) fails.
+The pieces have their own tests (the n-step rule by hand in tests/memory/test_replay_shared.py, the update on
+given returns in tests/rl/test_learner.py); this one joins them, so a convention that drifts between memory and
+learner (which reward belongs to which step, where a terminal or a truncation stops the window, which discount a
+bootstrap gets) fails.
 """
 
 from __future__ import annotations

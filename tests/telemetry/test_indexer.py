@@ -33,7 +33,7 @@ from tests.support.conditions import eventually
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
 
 

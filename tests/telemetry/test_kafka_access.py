@@ -29,7 +29,7 @@ from tests.support.conditions import eventually
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def login(kafka: Any, user: str) -> dict[str, str]:

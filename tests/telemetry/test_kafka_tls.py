@@ -1,9 +1,9 @@
 """Kafka on the wire, as the operator renders it: a managed Kafka's CA and certificates (borg_operator.tls), the
 spec's TLS settings and what each mode renders for the brokers and for every pod that talks to Kafka.
 
-A real broker runs the rendered listener in tests/test_collective_data_path.py (the collective's agents, monitor
+A real broker runs the rendered listener in tests/e2e/test_collective_data_path.py (the collective's agents, monitor
 and indexer reach it with the rendered certificate, and a client without one is refused) and a SASL_SSL one in
-tests/test_kafka_access.py.
+tests/telemetry/test_kafka_access.py.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from borgdqn.telemetry.documents import FIELDS, documents, index_templates
 from borgdqn.telemetry.events import Source, header
 from borgdqn.telemetry.kibana_objects import DASHBOARD_ID, DASHBOARD_TITLE, REPO_NDJSON, ndjson
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NDJSON = ROOT / REPO_NDJSON
 NUMERIC = {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float"}
 # What each Lens operation accepts, as Elasticsearch field types.

@@ -29,7 +29,7 @@ from borgdqn.cli import main
 from borgdqn.telemetry import kibana_setup
 from borgdqn.telemetry.kibana_objects import REPO_NDJSON
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NDJSON = (ROOT / REPO_NDJSON).read_bytes()
 OBJECTS = [json.loads(line) for line in NDJSON.splitlines()]
 

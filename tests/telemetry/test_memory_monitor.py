@@ -43,7 +43,7 @@ from tests.support.replay_oracle import draw
 pytestmark = pytest.mark.integration
 
 MONITOR_LOGGER = "borgdqn.telemetry.memory_monitor"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def open_link(url: str, name: str, label: str) -> RedisLink:

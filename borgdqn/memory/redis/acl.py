@@ -67,7 +67,7 @@ USERS = (AGENT, MONITOR, ADMIN)
 # Redis' built-in user: off, so that every client must name one of the users above (off: nobody can log in as
 # it, with any password). Its rights stay whole because Redis 7.0 replays the append-only file as this user: with
 # none, every MULTI/EXEC in the file (the effects of our scripts) is refused at load and the memory comes back
-# without them (tests/test_memory_image.py restarts a memory the agents wrote to through their scripts).
+# without them (tests/images/test_memory_image.py restarts a memory the agents wrote to through their scripts).
 DEFAULT_OFF = "user default reset off ~* &* +@all"
 
 

@@ -1,0 +1,1 @@
+"""Benchmark scripts that must not rot (benchmarks/gpu_run.sh on the CPU)."""

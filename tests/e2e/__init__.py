@@ -1,0 +1,1 @@
+"""End to end on the real control plane and node: charts, collectives, agent identity, real pods."""

@@ -1,0 +1,1 @@
+"""The test harness itself (tests/harness/): its servers, images and lifecycle."""

@@ -1,0 +1,1 @@
+"""The container images' Dockerfiles and the memory image's entrypoint."""

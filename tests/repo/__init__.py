@@ -1,0 +1,1 @@
+"""The repository: lint, the walls between rooms, generated files and their regeneration."""
