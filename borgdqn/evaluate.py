@@ -7,16 +7,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from borgdqn.config import EnvConfig, LearnerConfig, NetworkConfig
+from borgdqn.config import ConstantSchedule, EnvConfig, EpsilonGreedyPolicySpec, NetworkConfig
+from borgdqn.rl.actor import Actor, network_act
 from borgdqn.rl.checkpoint import check_learner_state, read_checkpoint
+from borgdqn.rl.device import select_device
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.export import META_FILE, WEIGHTS_FILE, ExportError, read_export
-from borgdqn.rl.frame_stack import FrameStacker
-from borgdqn.rl.learner import Learner
+from borgdqn.rl.networks import build_q_network
+from borgdqn.rl.policies import build_policy
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def evaluate(
     on_episode: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Returns of ``episodes`` full games of the network in ``checkpoint`` (a checkpoint file, or an export
-    directory); ``epsilon`` > 0 adds the usual evaluation noise (e.g. 0.001)."""
+    directory), played by the agents' actor (borgdqn.rl.actor) with an epsilon-greedy policy of a constant
+    ``epsilon`` (0: greedy; e.g. 0.001 adds the usual evaluation noise)."""
     if episodes < 1:
         raise ValueError("--episodes must be >= 1")
     player = load_player(checkpoint)
@@ -69,36 +71,26 @@ def evaluate(
     # Evaluation reports whole games: no life-loss terminals, no truncation beyond the configured limit.
     env_cfg = player.env.model_copy(update={"num_envs": envs, "terminal_on_life_loss": False})
     env = make_vector_env(env_cfg, seed=seed)
-    learner = Learner(player.network, LearnerConfig(), env.spec, env_cfg.frame_stack, seed=seed, threads=None)
     try:
-        player.check(learner.online, env.spec)
-    except BaseException:
-        env.close()
-        raise
-    learner.online.load_state_dict(player.online)
-    rng = np.random.default_rng(seed)
-    stacker = FrameStacker(envs, env_cfg.frame_stack, env.spec.frame_shape, env.spec.frame_dtype)
-    obs = stacker.reset(env.reset(seed=seed))
-    first = np.ones(envs, dtype=bool)
-    core = learner.online.initial_state(envs, learner.device) if learner.online.recurrent else None
-    running = np.zeros(envs)
-    returns: list[float] = []
-    try:
+        network = build_q_network(player.network, env.spec, env_cfg.frame_stack)
+        player.check(network, env.spec)
+        device = select_device()
+        network.load_state_dict(player.online)
+        network.to(device).eval()
+        policy = build_policy(EpsilonGreedyPolicySpec(epsilon=ConstantSchedule(value=epsilon)), num_envs=envs,
+                              num_actions=env.spec.num_actions, seed=seed)
+        core = network.initial_state(envs, device) if network.recurrent else None
+        actor = Actor(env, env_cfg.frame_stack, policy, network_act(network, device), initial_core=core)
+        actor.reset(seed, 0)
+        returns: list[float] = []
+        step = 0
         while len(returns) < episodes:
-            q, core = learner.act(obs, core, first if core is not None else None)
-            actions = q.argmax(axis=1)
-            explore = rng.random(envs) < epsilon
-            actions[explore] = rng.integers(0, env.spec.num_actions, size=int(explore.sum()))
-            result = env.step(actions)
-            running += result.rewards
-            for e in np.flatnonzero(result.game_over):
+            for game in actor.step(step):
                 if len(returns) < episodes:
-                    returns.append(float(running[e]))
+                    returns.append(game.episode_return)
                     if on_episode is not None:
                         on_episode(len(returns), returns[-1])
-                running[e] = 0.0
-            first = result.first
-            obs = stacker.push(result.frames, first)
+            step += envs
     finally:
         env.close()
     return returns

@@ -45,7 +45,7 @@ from borgdqn.memory.shared import NoRoom, SharedReplay, SharedReplayHandle
 from borgdqn.metrics import SUMMARY_FILE, summarize, write_summary
 from borgdqn.one_line import one_line
 from borgdqn.rl.adder import STREAMS_PER_AGENT
-from borgdqn.rl.agent import AgentReport, sampling_spec
+from borgdqn.rl.agent import sampling_spec
 from borgdqn.rl.checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -58,6 +58,7 @@ from borgdqn.rl.checkpoint import (
 from borgdqn.rl.envs import EnvSpec, make_vector_env
 from borgdqn.rl.identity import collective_member, hive_agent
 from borgdqn.rl.networks import build_q_network
+from borgdqn.rl.reporting import AgentReport
 from borgdqn.telemetry.kafka_access import KafkaAccess, KafkaAccessError
 
 log = logging.getLogger(__name__)

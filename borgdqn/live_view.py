@@ -13,7 +13,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from borgdqn.rl.agent import AgentReport
+from borgdqn.rl.reporting import AgentReport
 
 log = logging.getLogger(__name__)
 

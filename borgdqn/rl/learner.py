@@ -433,16 +433,12 @@ class Learner:
         """
         net = self.online if network is None else network
         x = self._to_device("act_obs", obs)
-        amp = self.plan.amp_dtype
-        if not self.recurrent:
-            with autocast(self.device, amp):
-                q, _ = net(x)
-            return q.float().cpu().numpy(), None
-        starts = None if first is None else self._to_device("act_first", np.asarray(first, dtype=bool))
-        with autocast(self.device, amp):
-            q, new = net(x.unsqueeze(1), state, None if starts is None else starts.unsqueeze(1))
-        assert new is not None
-        return q[:, 0].float().cpu().numpy(), new
+        starts = None
+        if self.recurrent and first is not None:
+            starts = self._to_device("act_first", np.asarray(first, dtype=bool))
+        with autocast(self.device, self.plan.amp_dtype):
+            q, new = net.q_step(x, state, starts)
+        return q.float().cpu().numpy(), new
 
     # ------------------------------------------------------------------------------------- checkpoints
     @property

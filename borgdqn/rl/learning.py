@@ -161,6 +161,7 @@ class ConcurrentLearning:
         self._actor_lock = threading.Lock()  # acting vs refreshing the actor's weights
         self._update_lock = threading.Lock()  # one update vs the agent reading or replacing the learner
         self._env_steps = 0
+        self._held = False  # the actor holds the learner still (paused)
         self.syncs = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
@@ -175,13 +176,18 @@ class ConcurrentLearning:
         self._raise_if_failed()
         self._env_steps = env_steps
         if self._warmup.on or self._warmup.check():
-            self.limiter.insert(steps)
+            # Inside a pause the learner cannot take what it owes: waiting for it would wait forever.
+            self.limiter.insert(steps, timeout_s=0.0 if self._held else None)
             self._raise_if_failed()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         with self._update_lock:
-            yield
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
             self._sync()  # e.g. an adopted network acts from the next step on, as inline
 
     def finish(self, drain: bool) -> None:

@@ -154,6 +154,17 @@ class QNetwork(nn.Module):
         q = self.head(out.reshape(batch * steps, -1)).reshape(batch, steps, self.num_actions)
         return q, (h1, c1)
 
+    def q_step(
+        self, obs: Tensor, state: LSTMState | None = None, starts: Tensor | None = None
+    ) -> tuple[Tensor, LSTMState | None]:
+        """Q-values [E, A] for one step of E environments (``obs`` [E, stack, *frame]). Recurrent: ``state`` is
+        the core's state before the step (None: zeros) and ``starts`` [E] the envs whose episode starts at it
+        (their state is reset first); returns the state after the step."""
+        if self.core is None:
+            return self(obs)
+        q, new = self(obs.unsqueeze(1), state, None if starts is None else starts.unsqueeze(1))
+        return q[:, 0], new
+
     @staticmethod
     def _core(core: nn.LSTM, feats: Tensor, h: Tensor, c: Tensor, first: Tensor | None) -> tuple[Tensor, LSTMState]:
         if first is None:

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from borgdqn.live_view import LogHiveView, RichHiveView
-from borgdqn.rl.agent import AgentReport
+from borgdqn.rl.reporting import AgentReport
 
 
 def report(agent: int, loading: float | None) -> AgentReport:
