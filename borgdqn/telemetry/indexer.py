@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from borgdqn.one_line import one_line_text
 from borgdqn.telemetry.documents import ALL_INDICES, index_templates
 from borgdqn.telemetry.documents import documents as event_documents
 from borgdqn.telemetry.events import KINDS, BadEvent, decode_event
@@ -220,7 +221,7 @@ class Indexer:
                 return True
             except Exception as err:  # unreachable server, refused credentials: retry, never give up
                 delay = self._backoff_s(attempt)
-                log.warning("cannot %s: %s; retrying in %.1fs", what, _one_line(err), delay)
+                log.warning("cannot %s: %s; retrying in %.1fs", what, one_line_text(err), delay)
                 attempt += 1
                 await self._sleep(delay)
         return False
@@ -241,7 +242,7 @@ class Indexer:
                                            dynamic=mappings["dynamic"])
                 except BadRequestError as err:
                     log.error("index %s: its mapping conflicts with the template (%s); documents may be rejected",
-                              name, _one_line(err))
+                              name, one_line_text(err))
             else:
                 try:
                     es.indices.create(index=name)
@@ -386,7 +387,7 @@ class Indexer:
             self._rejected_seen.add(key)
             log.warning("document rejected index=%s id=%s status=%d error=%s reason=%r (further %s rejections "
                         "in this index are counted, not logged)", meta["_index"], meta["_id"], status, key[1],
-                        _one_line(error.get("reason", "")), key[1])  # fmt: skip
+                        one_line_text(error.get("reason", "")), key[1])  # fmt: skip
 
     def _es_failed(self, err: BaseException, attempt: int) -> None:
         if self._es_down_since is None:
@@ -394,7 +395,7 @@ class Indexer:
         # Logged on the first failure and at every doubling of the backoff (at most once per backoff_max_s after).
         if attempt == 1 or self._backoff_s(attempt - 1) < self.settings.backoff_max_s or attempt % 10 == 0:
             log.warning("elasticsearch bulk failed: %s; retrying (attempt %d), nothing committed meanwhile",
-                        _one_line(err), attempt)
+                        one_line_text(err), attempt)
 
     def _es_recovered(self) -> None:
         if self._es_down_since is not None:
@@ -413,7 +414,7 @@ class Indexer:
             # Usually a rebalance (the partitions went elsewhere, or this member was dropped): the batch is in
             # Elasticsearch, and whoever replays it overwrites the same ids.
             self.stats.commit_failures += 1
-            log.warning("offset commit failed: %s; the batch is indexed and a replay overwrites it", _one_line(err))
+            log.warning("offset commit failed: %s; the batch is indexed and a replay overwrites it", one_line_text(err))
             return
         self.stats.batches += 1
         for tp, offset in batch.offsets.items():
@@ -450,11 +451,6 @@ class Indexer:
                  "retries=%d batches=%d lag=%s es=%s", "stopped" if final else "progress", rate, st.consumed,
                  st.indexed, st.documents, st.malformed, st.rejected, st.retries, st.batches,
                  "?" if lag is None else lag, "down" if self._es_down_since is not None else "up")  # fmt: skip
-
-
-def _one_line(err: object) -> str:
-    text = " ".join(str(err).split()) or err.__class__.__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def run_indexer(settings: IndexerSettings) -> IndexerStats:

@@ -22,6 +22,7 @@ from typing import Any
 from borgdqn.memory.redis.client import refused_access, untrusted_server
 from borgdqn.memory.redis.keys import LinkTotals, LogNotCreated, read_state
 from borgdqn.memory.redis.model_store import read_finished
+from borgdqn.one_line import one_line
 
 
 class FillError(Exception):
@@ -99,7 +100,7 @@ class FillReader:
         except concurrent.futures.TimeoutError:
             reason, refused = f"no answer from {host}:{port} within {self.timeout_s * 2:g}s", False
         except Exception as err:  # any failure only means: the fill is unknown
-            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            reason = one_line(err)
             refused = refused_access(err) or untrusted_server(err)
         else:
             with self._lock:

@@ -47,6 +47,8 @@ from borg_operator.status import (
 )
 from borg_operator.tls import make_kafka_tls, make_memory_tls
 from borgdqn.memory.redis.acl import USERS
+from borgdqn.one_line import one_line as plain_one_line
+from borgdqn.one_line import one_line_text
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +97,8 @@ def one_line(err: BaseException) -> str:
         except (ValueError, AttributeError):
             message = None
         if message:
-            return f"HTTP {status}: {' '.join(str(message).split())}"
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+            return f"HTTP {status}: {one_line_text(message)}"
+    return plain_one_line(err)
 
 
 @dataclass(frozen=True)
