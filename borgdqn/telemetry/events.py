@@ -21,8 +21,33 @@ SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1 << 20  # far above any real event (a memory report with 256 agents is ~3 KB)
 
 Kind = Literal["episode", "training", "memory", "drops", "assimilation"]
-KINDS: tuple[Kind, ...] = ("episode", "training", "memory", "drops", "assimilation")
-# Kafka topics and Elasticsearch indices, by the event's ``oneof`` field name.
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class EventKind:
+    """One kind of event: the name of its payload in ``TelemetryEvent``'s ``oneof``, the payload's message, and how
+    long its Kafka topic keeps it. Its topic is ``borg.telemetry.<kind>``, its Elasticsearch index ``borg-<kind>``
+    (its document fields: borgdqn/telemetry/documents.py)."""
+
+    kind: Kind
+    message: type
+    retention_ms: int
+    partitions: int = 3
+
+
+# Episodes and training reports are the run's history (Elasticsearch keeps it longer): a week in Kafka is
+# room for an indexer that was down over a long weekend. Memory readings come every few seconds and are only
+# a snapshot: a day. Drop reports and assimilations are rare and explain gaps and jumps: a month.
+EVENT_KINDS: tuple[EventKind, ...] = (
+    EventKind("episode", pb.EpisodeEvent, 7 * DAY_MS),
+    EventKind("training", pb.TrainingReport, 7 * DAY_MS),
+    EventKind("memory", pb.MemoryReport, 1 * DAY_MS),
+    EventKind("drops", pb.DropReport, 30 * DAY_MS),
+    EventKind("assimilation", pb.AssimilationEvent, 30 * DAY_MS),
+)
+KINDS: tuple[Kind, ...] = tuple(row.kind for row in EVENT_KINDS)
+KIND_OF_MESSAGE: dict[type, Kind] = {row.message: row.kind for row in EVENT_KINDS}
 TOPICS: dict[Kind, str] = {kind: f"borg.telemetry.{kind}" for kind in KINDS}
 INDICES: dict[Kind, str] = {kind: f"borg-{kind}" for kind in KINDS}
 

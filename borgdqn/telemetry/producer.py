@@ -40,10 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from google.protobuf.message import Message
+
 from borgdqn.config import parse_kafka_bootstrap as parse_bootstrap
 from borgdqn.one_line import one_line
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
-from borgdqn.telemetry.events import KINDS, TOPICS, Kind, Source, encode_event, header
+from borgdqn.telemetry.events import EVENT_KINDS, KIND_OF_MESSAGE, KINDS, TOPICS, Kind, Source, encode_event, header
 from borgdqn.telemetry.kafka_access import KafkaAccess
 
 if TYPE_CHECKING:
@@ -51,8 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 DEFAULT_BUFFER = 10_000
 # gzip: every Kafka client and broker reads it without extra libraries (aiokafka 0.14 needs `cramjam` for
 # lz4/zstd/snappy, on the producer AND on every consumer). Telemetry is a few events per second per source,
@@ -71,24 +71,10 @@ class TopicSettings:
     retention_ms: int
 
 
-# Episodes and training reports are the run's history (Elasticsearch keeps it longer): a week in Kafka is
-# room for an indexer that was down over a long weekend. Memory readings come every few seconds and are only
-# a snapshot: a day. Drop reports and assimilations are rare and explain gaps and jumps: a month.
 TOPIC_SETTINGS: dict[Kind, TopicSettings] = {
-    "episode": TopicSettings(partitions=3, retention_ms=7 * DAY_MS),
-    "training": TopicSettings(partitions=3, retention_ms=7 * DAY_MS),
-    "memory": TopicSettings(partitions=3, retention_ms=1 * DAY_MS),
-    "drops": TopicSettings(partitions=3, retention_ms=30 * DAY_MS),
-    "assimilation": TopicSettings(partitions=3, retention_ms=30 * DAY_MS),
+    row.kind: TopicSettings(partitions=row.partitions, retention_ms=row.retention_ms) for row in EVENT_KINDS
 }
 
-_KIND_OF: dict[type, Kind] = {
-    pb.EpisodeEvent: "episode",
-    pb.TrainingReport: "training",
-    pb.MemoryReport: "memory",
-    pb.DropReport: "drops",
-    pb.AssimilationEvent: "assimilation",
-}
 # aiokafka logs every reconnect attempt of an outage (several ERROR lines a second); the producer says it once
 # in its own words, and lets each of aiokafka's messages through once a minute.
 _CLIENT_LOGGERS = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.sender",
@@ -226,13 +212,13 @@ class TelemetryProducer:
                  self.bootstrap, max_buffered, compression or "none")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ the caller
-    def emit(self, payload: pb.EpisodeEvent | pb.TrainingReport | pb.MemoryReport | pb.DropReport
-             | pb.AssimilationEvent) -> int | None:
-        """Queue one event; returns its seq (None after ``close``). Never blocks on Kafka.
+    def emit(self, payload: Message) -> int | None:
+        """Queue one event (a payload message of ``EVENT_KINDS``); returns its seq (None after ``close``). Never
+        blocks on Kafka.
 
         Raises TypeError only for a payload that is not an event kind (a bug), never for Kafka's sake.
         """
-        kind = _KIND_OF.get(type(payload))
+        kind = KIND_OF_MESSAGE.get(type(payload))
         if kind is None:
             raise TypeError(f"not a telemetry payload: {type(payload).__name__}")
         event = pb.TelemetryEvent()
