@@ -90,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", type=Path, help="DIR/checkpoints/agent-<i>-best.pt (or agent-<i>.pt, the latest), "
                                                    "or a directory that `borgdqn export` wrote")
     ev.add_argument("--episodes", type=int, default=10, help="full games to play (default 10)")
-    ev.add_argument("--epsilon", type=float, default=0.0, help="random-action probability (default 0)")
+    ev.add_argument("--epsilon", type=float, default=0.0, help="random-action probability in [0, 1] (default 0)")
     ev.add_argument("--seed", type=int, default=12_345)
 
     exp = sub.add_parser(

@@ -66,6 +66,8 @@ def evaluate(
     ``epsilon`` (0: greedy; e.g. 0.001 adds the usual evaluation noise)."""
     if episodes < 1:
         raise ValueError("--episodes must be >= 1")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"--epsilon {epsilon:g}: a probability, within [0, 1]")
     player = load_player(checkpoint)
     envs = num_envs or min(episodes, player.env.num_envs)
     # Evaluation reports whole games: no life-loss terminals, no truncation beyond the configured limit.

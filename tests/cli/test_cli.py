@@ -20,6 +20,7 @@ from tests.support.cli import assert_one_line_error, borgdqn
         (["train", "--config", "/nonexistent/c.yaml"], {}, ["cannot read config file"]),
         (["train", "--agents", "two"], {}, ["invalid int value"]),
         (["eval", "/nonexistent/agent-0.pt"], {}, ["no checkpoint at"]),
+        (["eval", "/nonexistent/agent-0.pt", "--epsilon", "1.5"], {}, ["--epsilon 1.5", "within [0, 1]"]),
         (["--no-such-option"], {}, ["unrecognized arguments: --no-such-option", "borgdqn --help"]),
         ([], {}, ["choose a command: train, eval"]),
         (["train", "--steps", "many"], {}, ["invalid int value", "borgdqn train --help"]),
