@@ -33,36 +33,48 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- schedules
+def _kind(kind: str, description: str) -> Any:
+    """A tagged union member's ``kind`` (its literal default) and what that kind does (the CRD says it)."""
+    return Field(default=kind, description=description)
+
+
+def _policy_name() -> Any:
+    return Field(default=None, description="a name for this policy in telemetry")
+
+
 class ConstantSchedule(_Strict):
-    kind: Literal["constant"] = "constant"
-    value: float
+    kind: Literal["constant"] = _kind("constant", "value")
+    value: float = Field(description="the value at every step")
 
 
 class LinearSchedule(_Strict):
     """From ``start`` to ``end`` over ``steps`` steps (after ``begin``), then ``end``."""
 
-    kind: Literal["linear"] = "linear"
-    start: float
-    end: float
-    steps: int = Field(gt=0)
-    begin: int = Field(default=0, ge=0)
+    kind: Literal["linear"] = _kind("linear", "from start to end over steps (after begin steps), then end")
+    start: float = Field(description="the value at the start")
+    end: float = Field(description="the value at the end (and after it)")
+    steps: int = Field(gt=0, description="steps from start to end")
+    begin: int = Field(default=0, ge=0, description="steps before the schedule starts to move")
 
 
 class ExponentialSchedule(_Strict):
     """``start * decay ** (step / steps)``, floored (or capped) at ``end``."""
 
-    kind: Literal["exponential"] = "exponential"
-    start: float
-    end: float
-    decay: float = Field(gt=0.0, lt=1.0, default=0.1)
-    steps: int = Field(gt=0)
+    kind: Literal["exponential"] = _kind("exponential", "start * decay ** (step / steps), floored (or capped) at end")
+    start: float = Field(description="the value at the start")
+    end: float = Field(description="the value at the end (and after it)")
+    decay: float = Field(gt=0.0, lt=1.0, default=0.1,
+                         description="factor the value is multiplied by every `steps` steps")
+    steps: int = Field(gt=0, description="steps from start to end")
 
 
 class PiecewiseSchedule(_Strict):
     """Linear interpolation between ``(step, value)`` points; constant outside them."""
 
-    kind: Literal["piecewise"] = "piecewise"
-    points: list[tuple[int, float]] = Field(min_length=1)
+    kind: Literal["piecewise"] = _kind("piecewise", "linear between [step, value] points, constant outside them")
+    points: list[tuple[int, float]] = Field(
+        min_length=1, description="[step, value] pairs sorted by step; linear between them, constant outside them"
+    )
 
     @model_validator(mode="after")
     def _sorted(self) -> PiecewiseSchedule:
@@ -90,50 +102,56 @@ Schedule = Annotated[
 
 # ---------------------------------------------------------------------------------------------- policies
 class RandomPolicySpec(_Strict):
-    kind: Literal["random"] = "random"
-    name: str | None = None
+    kind: Literal["random"] = _kind("random", "uniformly random actions")
+    name: str | None = _policy_name()
 
 
 class GreedyPolicySpec(_Strict):
-    kind: Literal["greedy"] = "greedy"
-    name: str | None = None
+    kind: Literal["greedy"] = _kind("greedy", "the action with the largest Q value")
+    name: str | None = _policy_name()
 
 
 class EpsilonGreedyPolicySpec(_Strict):
-    kind: Literal["epsilon_greedy"] = "epsilon_greedy"
-    name: str | None = None
+    kind: Literal["epsilon_greedy"] = _kind("epsilon_greedy", "a random action with probability epsilon, else greedy")
+    name: str | None = _policy_name()
     epsilon: Schedule = Field(
         default_factory=lambda: LinearSchedule(start=1.0, end=0.01, steps=250_000),
+        description="the exploration rate over each agent's env steps",
     )
 
 
 class BoltzmannPolicySpec(_Strict):
-    kind: Literal["boltzmann"] = "boltzmann"
-    name: str | None = None
-    temperature: Schedule = Field(default_factory=lambda: ConstantSchedule(value=1.0))
+    kind: Literal["boltzmann"] = _kind("boltzmann", "actions drawn from softmax(Q / temperature)")
+    name: str | None = _policy_name()
+    temperature: Schedule = Field(default_factory=lambda: ConstantSchedule(value=1.0),
+                                  description="the softmax temperature over each agent's env steps")
 
 
 class SwitchPolicySpec(_Strict):
     """Acts with ``first`` for the first ``after`` steps of each episode, then with ``second``."""
 
-    kind: Literal["switch"] = "switch"
-    name: str | None = None
-    first: PolicySpec
-    second: PolicySpec
+    kind: Literal["switch"] = _kind("switch", "first for the first `after` steps of each episode, then second")
+    name: str | None = _policy_name()
+    first: PolicySpec = Field(description="the policy for the first `after` steps of each episode")
+    second: PolicySpec = Field(description="the policy for the rest of each episode")
     after: int = Field(gt=0, description="episode step at which the second policy takes over")
 
 
 class MixtureComponent(_Strict):
-    policy: PolicySpec
-    weight: Schedule
+    policy: PolicySpec = Field(description="a policy of the mixture")
+    weight: Schedule = Field(description="its weight (relative to the others) over each agent's env steps")
 
 
 class MixturePolicySpec(_Strict):
     """At each episode start a component is drawn with probability proportional to its scheduled weight."""
 
-    kind: Literal["mixture"] = "mixture"
-    name: str | None = None
-    components: list[MixtureComponent] = Field(min_length=1)
+    kind: Literal["mixture"] = _kind(
+        "mixture", "at each episode start, a component drawn with probability proportional to its weight"
+    )
+    name: str | None = _policy_name()
+    components: list[MixtureComponent] = Field(
+        min_length=1, description="the policies to draw from, each with a scheduled weight"
+    )
 
 
 PolicySpec = Annotated[

@@ -137,44 +137,6 @@ OBJECT_RULES: dict[str, list[Schema]] = {
 # -------------------------------------------------------------------------------------- descriptions pydantic lacks
 # borgdqn's schedule and policy models describe themselves in docstrings, not Field descriptions; the CRD needs a
 # description on every property (`kubectl explain`). The generator fails on a field found in neither place.
-FIELD_DESCRIPTIONS: dict[str, str] = {
-    "ConstantSchedule.value": "the value at every step",
-    "LinearSchedule.start": "the value at the start",
-    "LinearSchedule.end": "the value at the end (and after it)",
-    "LinearSchedule.steps": "steps from start to end",
-    "LinearSchedule.begin": "steps before the schedule starts to move",
-    "ExponentialSchedule.start": "the value at the start",
-    "ExponentialSchedule.end": "the value at the end (and after it)",
-    "ExponentialSchedule.decay": "factor the value is multiplied by every `steps` steps",
-    "ExponentialSchedule.steps": "steps from start to end",
-    "PiecewiseSchedule.points": "[step, value] pairs sorted by step; linear between them, constant outside them",
-    "RandomPolicySpec.name": "a name for this policy in telemetry",
-    "GreedyPolicySpec.name": "a name for this policy in telemetry",
-    "EpsilonGreedyPolicySpec.name": "a name for this policy in telemetry",
-    "EpsilonGreedyPolicySpec.epsilon": "the exploration rate over each agent's env steps",
-    "BoltzmannPolicySpec.name": "a name for this policy in telemetry",
-    "BoltzmannPolicySpec.temperature": "the softmax temperature over each agent's env steps",
-    "SwitchPolicySpec.name": "a name for this policy in telemetry",
-    "SwitchPolicySpec.first": "the policy for the first `after` steps of each episode",
-    "SwitchPolicySpec.second": "the policy for the rest of each episode",
-    "MixturePolicySpec.name": "a name for this policy in telemetry",
-    "MixturePolicySpec.components": "the policies to draw from, each with a scheduled weight",
-    "MixtureComponent.policy": "a policy of the mixture",
-    "MixtureComponent.weight": "its weight (relative to the others) over each agent's env steps",
-}
-KIND_DESCRIPTIONS: dict[str, str] = {
-    "random": "uniformly random actions",
-    "greedy": "the action with the largest Q value",
-    "epsilon_greedy": "a random action with probability epsilon, else greedy",
-    "boltzmann": "actions drawn from softmax(Q / temperature)",
-    "switch": "first for the first `after` steps of each episode, then second",
-    "mixture": "at each episode start, a component drawn with probability proportional to its weight",
-    "constant": "value",
-    "linear": "from start to end over steps (after begin steps), then end",
-    "exponential": "start * decay ** (step / steps), floored (or capped) at end",
-    "piecewise": "linear between [step, value] points, constant outside them",
-}
-
 # Fields whose Python type says less than Kubernetes knows.
 _TOLERATION: Schema = {
     "type": "object",
@@ -297,10 +259,9 @@ def _type_schema(annotation: Any, metadata: Sequence[Any], path: str, unions: _U
 
 
 def _description(model: type[BaseModel], name: str, info: FieldInfo, path: str) -> str:
-    text = info.description or FIELD_DESCRIPTIONS.get(f"{model.__name__}.{name}")
+    text = info.description
     if not text:
-        raise CrdError(f"{path}: no description (give the Field one, or add {model.__name__}.{name} to "
-                       "FIELD_DESCRIPTIONS in crd.py)")
+        raise CrdError(f"{path}: no description (give {model.__name__}.{name}'s Field one)")
     return text
 
 
@@ -370,10 +331,10 @@ def kind_of(member: type[BaseModel]) -> str:
 def _kind_schema(members: tuple[type[BaseModel], ...], path: str) -> Schema:
     kinds = [kind_of(member) for member in members]
     lines = []
-    for kind in kinds:
-        text = KIND_DESCRIPTIONS.get(kind)
+    for member, kind in zip(members, kinds, strict=True):
+        text = member.model_fields["kind"].description
         if not text:
-            raise CrdError(f"{path}: no description of kind {kind!r} (add it to KIND_DESCRIPTIONS in crd.py)")
+            raise CrdError(f"{path}: no description of kind {kind!r} (give {member.__name__}.kind's Field one)")
         lines.append(f"{kind} ({text})")
     return {"description": "one of: " + "; ".join(lines), "type": "string", "enum": kinds}
 
