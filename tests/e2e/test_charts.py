@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from borg_operator import chart_files, names, rbac
-from borg_operator.crd import dump
 from borg_operator.images import (
     DEFAULT_AGENT_IMAGE,
     DEFAULT_KAFKA_IMAGE,
@@ -26,6 +25,7 @@ from borg_operator.images import (
     IMAGE_TAG,
     OPERATOR_REPOSITORY,
 )
+from borg_operator.schema import dump
 from borg_operator.spec import parse_spec
 from tests.harness.cache import Progress
 from tests.harness.kube import GPU_RESOURCE, KubeCluster, ToolError, service_monitor_crd

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from borg_operator.crd import CRD_NAME, CRD_PATH, IMMUTABLE, CrdError, dump, main, render
-from borg_operator.crd import _model_schema as model_schema
+from borg_operator.crd import CRD_NAME, CRD_PATH, IMMUTABLE, main, render
 from borg_operator.names import MAX_NAME, MAX_NAME_ECK, MAX_NAME_STRIMZI, check_name
+from borg_operator.schema import CrdError, Rules, dump, model_schema
 from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
 from borgdqn.config import ConstantSchedule, LinearSchedule
 from tests.harness.kube import KubeCluster
@@ -46,7 +46,7 @@ def test_a_field_without_a_description_stops_the_generator() -> None:
         size: int = 3
 
     with pytest.raises(CrdError, match="size: no description"):
-        model_schema(Undescribed, "", ())
+        model_schema(Undescribed, Rules())
 
 
 @pytest.fixture(scope="module")

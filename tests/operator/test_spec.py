@@ -16,7 +16,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from borg_operator.crd import crd, dump
+from borg_operator.crd import crd
+from borg_operator.schema import dump
 from borg_operator.spec import (
     AgentsSpec,
     CollectiveSpec,
