@@ -326,7 +326,8 @@ def test_the_image_tags_are_borgdqns_version() -> None:
 
 def test_a_digest_pinned_image_reaches_the_pods_unchanged() -> None:
     pinned = f"{DEFAULT_AGENT_IMAGE}@sha256:{'0123456789abcdef' * 4}"  # what docs/images.md tells users to do
-    manifest = build_agents("hive", "borg", parse_spec({"agents": {"image": pinned}}), memory_ca="unused")
+    manifest = build_agents("hive", "borg", parse_spec({"agents": {"image": pinned}}), memory_ca="unused",
+                            config="unused")
     assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == pinned
     assert image_tag(pinned) == images.IMAGE_TAG
 
@@ -360,7 +361,7 @@ def test_the_agent_image_runs_what_the_operator_starts() -> None:
     assert cmd == ["train", "--config", CONFIG_PATH]
     # The operator's Deployment sets command and args itself; they must be what the image runs by default, so
     # that `docker run IMAGE` and an agent pod differ only by --member.
-    agents = build_agents("hive", "borg", parse_spec({}), memory_ca="unused")
+    agents = build_agents("hive", "borg", parse_spec({}), memory_ca="unused", config="unused")
     container = agents["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == DEFAULT_AGENT_IMAGE
     assert container["command"] == entrypoint and container["args"][: len(cmd)] == cmd

@@ -274,7 +274,7 @@ def test_the_config_map_is_what_borgdqn_reads_and_its_checksum_rolls_the_agents(
                                                                                        parse_spec(spec))
     annotations = by_kind(children, "StatefulSet", "pong-agents")["spec"]["template"]["metadata"]["annotations"]
     checksum = annotations[names.CONFIG_CHECKSUM_ANNOTATION]
-    assert checksum == config_checksum(name, NAMESPACE, parse_spec(spec))
+    assert checksum == config_checksum(config_yaml(name, NAMESPACE, parse_spec(spec)))
     assert len(checksum) == 64 and int(checksum, 16) >= 0
 
     def agents_checksum(agents: dict[str, Any]) -> str:

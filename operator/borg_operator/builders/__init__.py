@@ -64,13 +64,15 @@ def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_pas
     if spec.kafka.mode == "managed" and spec.kafka.secured and not kafka_tls.get(CA_FILE):
         raise ValueError("a managed TLS Kafka needs its material (borg_operator.tls.make_kafka_tls)")
     client = kafka_client(name, spec.kafka, kafka_tls.get(CA_FILE, ""))
+    config = config_yaml(name, namespace, spec)
     return [
-        build_config_map(name, namespace, spec),
+        build_config_map(name, namespace, config),
         build_redis_secret(name, namespace, redis_passwords),
         *build_memory(name, namespace, spec, memory_tls, client),
         *build_kafka(name, namespace, spec, kafka_tls),
         *build_elastic(name, namespace, spec),
         *build_indexer(name, namespace, spec, client),
-        build_agents(name, namespace, spec, memory_ca=memory_tls[CA_FILE], kafka=client, completed=completed),
+        build_agents(name, namespace, spec, memory_ca=memory_tls[CA_FILE], config=config, kafka=client,
+                     completed=completed),
         *build_network(name, namespace, spec),
     ]

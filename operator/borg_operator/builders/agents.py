@@ -118,11 +118,12 @@ def _container(cr: str, spec: CollectiveSpec, kafka: KafkaClient) -> dict[str, A
     }
 
 
-def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: str,
+def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: str, config: str,
                  kafka: KafkaClient | None = None, completed: bool = False) -> Manifest:  # fmt: skip
     """``completed``: every agent finished its budget (the status says so): no pod is left, the GPUs go back.
-    ``memory_ca``: the memory's CA certificate (PEM), whose checksum the pod template carries; ``kafka``: what
-    reaching Kafka takes (builders/kafka.py: kafka_client)."""
+    ``memory_ca``: the memory's CA certificate (PEM) and ``config`` the rendered config (builders/config.py),
+    whose checksums the pod template carries; ``kafka``: what reaching Kafka takes (builders/kafka.py:
+    kafka_client)."""
     agents = spec.agents
     kafka = kafka or KafkaClient()
     pod_spec: dict[str, Any] = {
@@ -161,7 +162,7 @@ def build_agents(cr: str, namespace: str, spec: CollectiveSpec, *, memory_ca: st
                 "metadata": {
                     "labels": names.labels(cr, names.AGENT),
                     # A changed config (a learning rate, a policy) changes the template, so the pods roll.
-                    "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(cr, namespace, spec),
+                    "annotations": {names.CONFIG_CHECKSUM_ANNOTATION: config_checksum(config),
                                     names.MEMORY_CA_ANNOTATION: ca_checksum(memory_ca), **kafka.annotations},
                 },
                 "spec": pod_spec,

@@ -21,15 +21,16 @@ def config_yaml(cr: str, namespace: str, spec: CollectiveSpec) -> str:
     return yaml.safe_dump(to_borg_config(cr, namespace, spec).model_dump(mode="json"), sort_keys=False)
 
 
-def config_checksum(cr: str, namespace: str, spec: CollectiveSpec) -> str:
+def config_checksum(config: str) -> str:
     """sha256 of the rendered config: the agents' pod template carries it, so any change to it rolls them."""
-    return hashlib.sha256(config_yaml(cr, namespace, spec).encode()).hexdigest()
+    return hashlib.sha256(config.encode()).hexdigest()
 
 
-def build_config_map(cr: str, namespace: str, spec: CollectiveSpec) -> Manifest:
+def build_config_map(cr: str, namespace: str, config: str) -> Manifest:
+    """The ConfigMap of ``config``, the agents' config as `config_yaml` rendered it (once per reconcile)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(cr, namespace, names.config(cr), names.CONFIG),
-        "data": {CONFIG_KEY: config_yaml(cr, namespace, spec)},
+        "data": {CONFIG_KEY: config},
     }
