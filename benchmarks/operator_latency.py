@@ -39,9 +39,8 @@ from kubernetes.dynamic import DynamicClient  # noqa: E402
 
 from borg_operator import names  # noqa: E402
 from borg_operator.apply import Applier, discovery_cache_file  # noqa: E402
-from borg_operator.builders import OWNED_KINDS, build_children  # noqa: E402
-from borg_operator.reconcile import fresh_passwords  # noqa: E402
-from borg_operator.spec import parse_spec  # noqa: E402
+from borg_operator.builders import OWNED_KINDS, Material  # noqa: E402
+from borg_operator.material import fresh_passwords  # noqa: E402
 from borg_operator.tls import make_kafka_tls, make_memory_tls  # noqa: E402
 from tests.harness.cache import Progress  # noqa: E402
 from tests.harness.kube import KubeCluster, ensure_kube, start_kube  # noqa: E402
@@ -51,6 +50,7 @@ from tests.support.operator_process import (  # noqa: E402
     collective,
     expected_children,
     install_crds,
+    render_collective,
 )
 
 
@@ -130,8 +130,8 @@ def time_scale_to_5(kube: KubeCluster, applier: Applier, namespace: str, name: s
 def baseline_run(kube: KubeCluster, applier: Applier, name: str) -> tuple[float, float]:
     """(apply -> children, scale -> agents) without the operator: pre-rendered children, one server-side apply."""
     namespace = new_namespace(kube, "base")
-    rendered = build_children(name, namespace, parse_spec({}), redis_passwords=fresh_passwords(),
-                              memory_tls=make_memory_tls(name, namespace), kafka_tls=make_kafka_tls(name, namespace))
+    rendered = render_collective(name, namespace, {}, Material(
+        fresh_passwords(), make_memory_tls(name, namespace), make_kafka_tls(name, namespace)))
     want = {(child["kind"], child["metadata"]["name"]) for child in rendered}
     body = json.dumps({"apiVersion": "v1", "kind": "List", "items": rendered})
     started = time.monotonic()

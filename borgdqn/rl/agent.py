@@ -29,9 +29,10 @@ from borgdqn.memory.protocol import ReplayMemory, SamplingSpec
 from borgdqn.memory.redis.model_store import ModelEntry
 from borgdqn.metrics import MEAN_WINDOW, EpisodeTally, MetricsWriter, agent_metrics_path
 from borgdqn.one_line import one_line
+from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.actor import Actor
 from borgdqn.rl.adder import ChunkAdder
-from borgdqn.rl.assimilation import Assimilation, adopt, choose_donor, epsilon_floor, perturbed
+from borgdqn.rl.assimilation import adopt, choose_donor, epsilon_floor, perturbed
 from borgdqn.rl.checkpoint import (
     AgentCheckpoint,
     CheckpointError,
@@ -223,7 +224,7 @@ def _resume(run_dir: Path, config: BorgConfig, learner: Learner, state: AgentChe
 
 def _assimilate(learner: Learner, actor: Actor, hive_store: ModelStore, config: BorgConfig, identity: AgentIdentity,
                 state: AgentCheckpoint, tally: EpisodeTally, rng: np.random.Generator,
-                make_policy: Callable[[float | None], ActorPolicy]) -> Assimilation | None:  # fmt: skip
+                make_policy: Callable[[float | None], ActorPolicy]) -> pb.AssimilationEvent | None:  # fmt: skip
     """In the hive's bottom: adopt a top agent's networks and rate, perturbed, and a perturbed exploration floor."""
     settings = config.hive.assimilation
     try:
@@ -255,9 +256,9 @@ def _assimilate(learner: Learner, actor: Actor, hive_store: ModelStore, config: 
     log.info("assimilated by agent %d (mean return %.1f vs %.1f at env_steps=%d): learning rate %.3g, "
              "epsilon floor %s", donor.agent, donor.mean_return, mean_before, state.env_steps, rate,
              "-" if floor is None else f"{floor:.3g}")  # fmt: skip
-    return Assimilation(agent=state.agent, donor=donor.agent, env_steps=state.env_steps, mean_return=mean_before,
-                        donor_mean_return=donor.mean_return, donor_env_steps=adopted.env_steps, learning_rate=rate,
-                        epsilon_floor=floor)  # fmt: skip
+    return pb.AssimilationEvent(agent=state.agent, donor=donor.agent, env_steps=state.env_steps,
+                                mean_return=mean_before, donor_mean_return=donor.mean_return,
+                                donor_env_steps=adopted.env_steps, learning_rate=rate, epsilon_floor=floor)
 
 
 def _put_in_store(store: ModelStore, entry: ModelEntry, data: bytes, reporter: Reporter) -> None:

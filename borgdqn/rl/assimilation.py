@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,20 +23,6 @@ from borgdqn.config import AssimilationConfig, BorgConfig
 from borgdqn.memory.redis.model_store import ModelEntry
 from borgdqn.rl.checkpoint import AgentCheckpoint, check_learner_state, parse_checkpoint
 from borgdqn.rl.learner import Learner
-
-
-@dataclass(frozen=True)
-class Assimilation:
-    """One adoption: who took whose state, and the hyper-parameters the adopting agent goes on with."""
-
-    agent: int
-    donor: int
-    env_steps: int
-    mean_return: float
-    donor_mean_return: float
-    donor_env_steps: int
-    learning_rate: float
-    epsilon_floor: float | None
 
 
 def ranked(entries: Mapping[int, ModelEntry]) -> list[ModelEntry]:

@@ -21,7 +21,6 @@ from borgdqn.memory.redis.link import RedisLink
 from borgdqn.metrics import EpisodeTally, MetricsWriter
 from borgdqn.proto.borg.v1 import telemetry_pb2 as pb
 from borgdqn.rl.actor import Game
-from borgdqn.rl.assimilation import Assimilation
 from borgdqn.rl.learning import LearnStats
 from borgdqn.telemetry.producer import TelemetryProducer
 
@@ -158,11 +157,14 @@ class Reporter:
                 mem.replication_lag_p99_ms = link.lag_p99_ms
         self._telemetry.emit(mem)
 
-    def assimilation(self, event: Assimilation) -> None:
-        wall = self.wall()
-        self.metrics.write("assimilation", **asdict(event), wall=wall)
+    def assimilation(self, event: pb.AssimilationEvent) -> None:
+        """One adoption (the message's fields, and its wall time, are the metrics row's too)."""
+        event.wall_seconds = wall = self.wall()
+        row = {field.name: getattr(event, field.name) if not field.has_presence or event.HasField(field.name) else None
+               for field in event.DESCRIPTOR.fields if field.name != "wall_seconds"}
+        self.metrics.write("assimilation", **row, wall=wall)
         if self._telemetry is not None:
-            self._telemetry.emit(pb.AssimilationEvent(**asdict(event), wall_seconds=wall))
+            self._telemetry.emit(event)
 
     def stored(self, env_steps: int, size_bytes: int, *, seconds: float | None = None, store_bytes: int | None = None,
                error: str | None = None) -> None:  # fmt: skip

@@ -1,15 +1,18 @@
 """One idempotent reconcile of a BorgCollective, and the status refresh; no kopf in here (handlers.py wires it).
 
 reconcile(body):
-  1. paused (`borg.dev/paused: "true"`): touch nothing, status phase Paused.
-  2. parse the spec and render the children (builders); a spec that cannot run -> Ready=False InvalidSpec.
-  3. every kind the children need must be served (Strimzi's Kafka in strimzi mode, ECK's Elasticsearch and Kibana
+  1. parse the spec, once for the reconcile and its status; a spec that cannot run -> Ready=False InvalidSpec.
+  2. read the create-once Secrets (material.py: passwords, certificates), make anew in memory what is missing,
+     and render the children (builders); what the status will read of them is kept (observe.Rendered).
+  3. paused (`borg.dev/paused: "true"`): touch nothing, status phase Paused.
+  4. the memory's Redis users' passwords: a Secret gone while the memory runs, or one that lacks a user's
+     password -> Ready=False, nothing applied.
+  5. every kind the children need must be served (Strimzi's Kafka in strimzi mode, ECK's Elasticsearch and Kibana
      in eck mode); if not -> Ready=False with a reason naming what to install, and nothing is applied (the
      children of the last good spec keep running).
-  4. the Secret of the memory's Redis users' passwords: read; created (fresh passwords) only when missing, never
-     rewritten; one that lacks a user's password -> Ready=False, nothing applied.
-  5. server-side apply of every other child, owned by the collective; prune what the spec no longer renders.
-  6. the status, recomputed from the children (status.py), written only when it changed; events on transitions.
+  6. create the missing Secrets (builders/secrets.py; never rewritten), then server-side apply every child, owned
+     by the collective; prune what the spec no longer renders.
+  7. the status, recomputed from the children (status.py), written only when it changed; events on transitions.
 
 The per-collective lock serializes the handlers, the resync and the children's watch for one collective, so a
 status is never computed from a half-applied set by one thread while another applies.
@@ -17,11 +20,9 @@ status is never computed from a half-applied set by one thread while another app
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,11 +31,12 @@ from typing import Any
 
 from borg_operator import KIND, metrics, names
 from borg_operator.apply import API_VERSION, Applier, Owner, describe
-from borg_operator.builders import OWNED_KINDS, build_children
+from borg_operator.builders import APPLIED_KINDS, build_children, build_secrets
 from borg_operator.images import DEFAULT_ALLOWED_IMAGES, image_allowed
+from borg_operator.material import Stored, incomplete_secret_message, lost_secret_message, read_stored
 from borg_operator.memory_fill import FillReader
-from borg_operator.observe import observe, read_kafka_tls, read_memory_tls, read_passwords
-from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
+from borg_operator.observe import Rendered, observe
+from borg_operator.spec import CollectiveSpec, SpecError
 from borg_operator.status import (
     Collective,
     Event,
@@ -42,11 +44,10 @@ from borg_operator.status import (
     compute_status,
     is_completed,
     is_paused,
+    parse_body,
     status_patch,
     transition_events,
 )
-from borg_operator.tls import make_kafka_tls, make_memory_tls
-from borgdqn.memory.redis.acl import USERS
 from borgdqn.one_line import one_line as plain_one_line
 from borgdqn.one_line import one_line_text
 
@@ -65,26 +66,6 @@ def check_images(spec: CollectiveSpec, allowed: tuple[str, ...]) -> None:
             raise SpecError(f"{where} {image} is not from an allowed repository ({', '.join(allowed)}): the "
                             "operator's --allowed-image (the chart's allowedImages) lists the repositories whose "
                             "pods may get the collective's credentials")
-
-
-SECRET_KEYS = ", ".join(user.secret_key for user in USERS)
-
-
-def lost_secret_message(cr: str) -> str:
-    return (f"Secret {names.redis_secret(cr)} is gone while StatefulSet {names.memory(cr)} runs with its passwords: "
-            "new ones would lock every agent out of the memory, so none are made; recreate the Secret with the old "
-            f"passwords (keys: {SECRET_KEYS}), or delete the memory StatefulSet (and its volume, losing the "
-            "hive's experience and model store) to start anew")
-
-
-def incomplete_secret_message(cr: str, missing: list[str]) -> str:
-    return (f"Secret {names.redis_secret(cr)} has no {', '.join(missing)}: the memory's Redis users need a password "
-            f"each (keys: {SECRET_KEYS}); Secrets are immutable, so delete it and create it with every key")
-
-
-def fresh_passwords() -> dict[str, str]:
-    """A new password for each of the memory's users (32 random URL-safe bytes each)."""
-    return {user.secret_key: secrets.token_urlsafe(32) for user in USERS}
 
 
 def one_line(err: BaseException) -> str:
@@ -109,6 +90,9 @@ class Outcome:
     result: str  # applied | paused | invalid | blocked | error
     missing: tuple[MissingApi, ...] = ()
     error: str | None = None
+    # The generation's spec as parsed once for the reconcile and its status (None: it cannot run, `spec_error`).
+    spec: CollectiveSpec | None = None
+    spec_error: str | None = None
 
     @property
     def observed_generation(self) -> int | None:
@@ -125,6 +109,7 @@ class Reconciler:
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _outcomes: dict[str, Outcome] = field(default_factory=dict)
+    _rendered: dict[str, Rendered] = field(default_factory=dict)  # uid -> what its last render has the status read
     _handled: dict[str, float] = field(default_factory=dict)  # uid -> monotonic time of the last reconcile
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,7 +129,7 @@ class Reconciler:
     def retain(self, uids: set[str]) -> None:
         """Forgets the collectives that are gone (the resync lists the ones that exist)."""
         with self._guard:
-            for table in (self._locks, self._outcomes, self._handled):
+            for table in (self._locks, self._outcomes, self._rendered, self._handled):
                 for uid in [uid for uid in table if uid not in uids]:
                     del table[uid]
 
@@ -162,12 +147,13 @@ class Reconciler:
 
     def _timed(self, owner: Owner, generation: int, body: Mapping[str, Any]) -> Outcome:
         with metrics.timed_reconcile():
+            spec, spec_error = parse_body(body)
             try:
-                outcome = self._reconcile(owner, generation, body)
+                outcome = self._reconcile(owner, generation, body, spec, spec_error)
             except Exception as err:
                 metrics.RECONCILES.labels("error").inc()
                 metrics.ERRORS.labels("reconcile").inc()
-                outcome = Outcome(generation, "error", error=one_line(err))
+                outcome = Outcome(generation, "error", error=one_line(err), spec=spec, spec_error=spec_error)
                 self._outcomes[owner.uid] = outcome
                 self._handled[owner.uid] = time.monotonic()
                 self._refresh_locked(owner.namespace, owner.name)
@@ -178,55 +164,53 @@ class Reconciler:
             self._refresh_locked(owner.namespace, owner.name)
             return outcome
 
-    def _reconcile(self, owner: Owner, generation: int, body: Mapping[str, Any]) -> Outcome:
-        if is_paused(body):
-            return Outcome(generation, "paused")
+    def _reconcile(self, owner: Owner, generation: int, body: Mapping[str, Any], spec: CollectiveSpec | None,
+                   spec_error: str | None) -> Outcome:
+        paused = is_paused(body)
+
+        def invalid(error: str) -> Outcome:
+            # Paused: said in the status all the same, with nothing touched.
+            return Outcome(generation, "paused" if paused else "invalid", error=error, spec_error=error)
+
+        if spec is None:
+            return invalid(spec_error or "the spec cannot be parsed")
         try:
-            spec = parse_spec(dict(body.get("spec") or {}))
-            check_images(spec, self.allowed_images)
-            passwords = read_passwords(self.applier, owner.namespace, owner.name)
-            fresh = passwords is None
-            if fresh and self.applier.get("apps/v1", "StatefulSet", owner.namespace, names.memory(owner.name)):
-                # The memory runs with the old password (and holds the hive's data): a new one would lock every
-                # agent out of it. Say so and change nothing until a person decides.
-                error = lost_secret_message(owner.name)
-                previous = self._outcomes.get(owner.uid)
-                if previous is None or previous.error != error:  # once, not at every resync
-                    self._post(owner, Event("Warning", "SecretMissing", error))
-                return Outcome(generation, "error", error=error)
-            lacking = [user.secret_key for user in USERS if passwords is not None and user.secret_key not in passwords]
-            if lacking:
-                return Outcome(generation, "error", error=incomplete_secret_message(owner.name, lacking))
+            if not paused:
+                check_images(spec, self.allowed_images)
             # A missing certificate is made anew: the pods roll onto it (their templates carry its CA's checksum).
-            tls = read_memory_tls(self.applier, owner.namespace, owner.name)
-            kafka_tls = self._kafka_tls(owner, spec)
+            stored = read_stored(self.applier, owner.namespace, owner.name, spec)
+            material = stored.completed(owner.name, owner.namespace, spec)
             completed = is_completed(dict(body.get("status") or {}), spec)
-            children = self._render(owner, spec, passwords or fresh_passwords(),
-                                    tls or make_memory_tls(owner.name, owner.namespace),
-                                    kafka_tls or (make_kafka_tls(owner.name, owner.namespace)
-                                                  if self._kafka_tls_wanted(spec) else {}), completed)
+            children = build_children(owner.name, owner.namespace, spec, material, completed=completed)
         except SpecError as err:
-            return Outcome(generation, "invalid", error=str(err))
+            return invalid(str(err))
+        self._rendered[owner.uid] = Rendered.of(children, material)
+        if paused:
+            return Outcome(generation, "paused", spec=spec)
+        failed = self._secrets_failed(owner, stored)
+        if failed is not None:
+            return Outcome(generation, "error", error=failed, spec=spec)
         needed = dict.fromkeys((str(c["apiVersion"]), str(c["kind"])) for c in children)
         missing = tuple(MissingApi(*kind) for kind in needed if not self.applier.served(*kind))
         if missing:
-            return Outcome(generation, "blocked", missing=missing)
+            return Outcome(generation, "blocked", missing=missing, spec=spec)
 
         # The Secrets are created once, never applied again, pruned nor listed (the operator may only get and
-        # create Secrets): the passwords' when there was none, the certificate's likewise.
-        create = {names.redis_secret(owner.name): fresh, names.memory_tls_secret(owner.name): tls is None,
-                  names.kafka_tls_secret(owner.name): self._kafka_tls_wanted(spec) and kafka_tls is None}
-        secrets_ = [c for c in children if c["kind"] == "Secret" and c["metadata"]["name"] in create]
-        created = [s for s in secrets_ if create[s["metadata"]["name"]] and self.applier.create_once(owner, s)]
-        if len(created) < sum(create.values()):
+        # create Secrets): the passwords' when there was none, the certificates' likewise.
+        wanted = stored.missing(owner.name, spec)
+        created = [secret for secret in build_secrets(owner.name, owner.namespace, spec, material)
+                   if secret["metadata"]["name"] in wanted and self.applier.create_once(owner, secret)]
+        if len(created) < len(wanted):
             # Created meanwhile (a run of ours killed after creating one): render again with what is stored.
-            children = self._render(owner, spec, read_passwords(self.applier, owner.namespace, owner.name) or {},
-                                    read_memory_tls(self.applier, owner.namespace, owner.name) or {},
-                                    self._kafka_tls(owner, spec) or {}, completed)
-        others = [c for c in children if not (c["kind"] == "Secret" and c["metadata"]["name"] in create)]
-        kinds = [(api_version, kind) for api_version, kind, _ in OWNED_KINDS if kind != "Secret"]
+            stored = read_stored(self.applier, owner.namespace, owner.name, spec)
+            if stored.missing(owner.name, spec):
+                raise RuntimeError(f"Secrets {', '.join(sorted(stored.missing(owner.name, spec)))} were created "
+                                   "and are gone again")
+            material = stored.completed(owner.name, owner.namespace, spec)
+            children = build_children(owner.name, owner.namespace, spec, material, completed=completed)
+            self._rendered[owner.uid] = Rendered.of(children, material)
         selector = ",".join(f"{k}={v}" for k, v in sorted(names.instance_selector(owner.name).items()))
-        result = self.applier.apply(owner, others, kinds=kinds, selector=selector)
+        result = self.applier.apply(owner, children, kinds=list(APPLIED_KINDS), selector=selector)
         result.created[:0] = [describe(secret) for secret in created]
         for change, count in (("created", len(result.created)), ("configured", len(result.configured)),
                               ("pruned", len(result.pruned))):
@@ -237,22 +221,21 @@ class Reconciler:
         # A reconcile that changed nothing (every resync, normally) is not news.
         log.log(logging.INFO if result.changed else logging.DEBUG, "reconciled %s/%s generation %d: %s",
                 owner.namespace, owner.name, generation, result.summary())
-        return Outcome(generation, "applied")
+        return Outcome(generation, "applied", spec=spec)
 
-    @staticmethod
-    def _kafka_tls_wanted(spec: CollectiveSpec) -> bool:
-        return spec.kafka.mode == "managed" and spec.kafka.secured
-
-    def _kafka_tls(self, owner: Owner, spec: CollectiveSpec) -> dict[str, str] | None:
-        """A managed TLS Kafka's stored material; None when there is none yet or the spec wants none."""
-        if not self._kafka_tls_wanted(spec):
-            return None
-        return read_kafka_tls(self.applier, owner.namespace, owner.name)
-
-    def _render(self, owner: Owner, spec: CollectiveSpec, passwords: Mapping[str, str], tls: Mapping[str, str],
-                kafka_tls: Mapping[str, str], completed: bool) -> list[dict[str, Any]]:
-        return build_children(owner.name, owner.namespace, spec, redis_passwords=passwords, memory_tls=tls,
-                              kafka_tls=kafka_tls, completed=completed)
+    def _secrets_failed(self, owner: Owner, stored: Stored) -> str | None:
+        """Why the stored passwords cannot be used (one line), or None."""
+        if stored.passwords is None and self.applier.get("apps/v1", "StatefulSet", owner.namespace,
+                                                         names.memory(owner.name)):
+            # The memory runs with the old password (and holds the hive's data): a new one would lock every
+            # agent out of it. Say so and change nothing until a person decides.
+            error = lost_secret_message(owner.name)
+            previous = self._outcomes.get(owner.uid)
+            if previous is None or previous.error != error:  # once, not at every resync
+                self._post(owner, Event("Warning", "SecretMissing", error))
+            return error
+        lacking = stored.lacking_passwords()
+        return incomplete_secret_message(owner.name, lacking) if lacking else None
 
     # ------------------------------------------------------------------------------------------ status
     def refresh(self, namespace: str, name: str) -> None:
@@ -268,17 +251,18 @@ class Reconciler:
             body = self.applier.get(API_VERSION, KIND, namespace, name)  # the status as it is now
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
-            collective = Collective.from_body(body)
-            outcome = self._outcomes.get(str(body["metadata"]["uid"]))
-            if outcome is not None and outcome.result == "invalid" and outcome.generation == collective.generation:
-                # The schema and the model accepted it, the builders did not (e.g. Redis would not fit).
-                collective = dataclasses.replace(collective, spec=None, spec_error=outcome.error)
+            uid = str(body["metadata"]["uid"])
+            outcome = self._outcomes.get(uid)
+            if outcome is None:
+                # Not reconciled by this operator yet (a child's event came first): the reconcile writes it.
+                return
+            generation = int(body["metadata"].get("generation") or 0)
+            collective = Collective.from_body(
+                body, (outcome.spec, outcome.spec_error) if outcome.generation == generation else None)
             observed = observe(
-                self.applier, name, namespace, collective.spec,
-                missing=outcome.missing if outcome else (),
-                error=outcome.error if outcome and outcome.result == "error" else None,
-                observed_generation=outcome.observed_generation if outcome else None,
-                fills=self.fills)
+                self.applier, name, namespace, self._rendered.get(uid) if collective.spec is not None else None,
+                missing=outcome.missing, error=outcome.error if outcome.result == "error" else None,
+                observed_generation=outcome.observed_generation, fills=self.fills)
             new = compute_status(collective, observed, self.clock())
             patch = status_patch(collective.status, new)
             if patch is None:
@@ -293,7 +277,8 @@ class Reconciler:
                 # Release the agents' pods (and their GPUs) now rather than at the next resync.
                 fresh = self.applier.get(API_VERSION, KIND, namespace, name)
                 if fresh is not None:
-                    self._reconcile(Owner.from_body(fresh), int(fresh["metadata"].get("generation") or 0), fresh)
+                    self._reconcile(Owner.from_body(fresh), int(fresh["metadata"].get("generation") or 0), fresh,
+                                    *parse_body(fresh))
         except Exception as err:
             metrics.ERRORS.labels("status").inc()
             log.warning("status of %s/%s not updated: %s", namespace, name, one_line(err))

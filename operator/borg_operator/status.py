@@ -37,6 +37,14 @@ def is_paused(body: Mapping[str, Any]) -> bool:
     return str(annotations.get(PAUSED_ANNOTATION, "")).strip().lower() == "true"
 
 
+def parse_body(body: Mapping[str, Any]) -> tuple[CollectiveSpec | None, str | None]:
+    """A collective's spec, parsed, or why it cannot run (one line)."""
+    try:
+        return parse_spec(dict(body.get("spec") or {})), None
+    except SpecError as err:
+        return None, str(err)
+
+
 @dataclass(frozen=True)
 class Collective:
     """What the status needs of the BorgCollective itself."""
@@ -50,14 +58,11 @@ class Collective:
     status: Mapping[str, Any] = field(default_factory=dict)  # the status it has now
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Collective:
+    def from_body(cls, body: Mapping[str, Any],
+                  parsed: tuple[CollectiveSpec | None, str | None] | None = None) -> Collective:
+        """`parsed`: the body's spec as the reconciler parsed it (`parse_body`), so it is not parsed again."""
         meta = body.get("metadata") or {}
-        spec: CollectiveSpec | None = None
-        error: str | None = None
-        try:
-            spec = parse_spec(dict(body.get("spec") or {}))
-        except SpecError as err:
-            error = str(err)
+        spec, error = parsed or parse_body(body)
         return cls(name=meta.get("name", ""), namespace=meta.get("namespace", ""),
                    generation=int(meta.get("generation") or 0), paused=is_paused(body), spec=spec,
                    spec_error=error, status=dict(body.get("status") or {}))

@@ -45,10 +45,10 @@ import yaml
 from elasticsearch import Elasticsearch
 
 from borg_operator import names
-from borg_operator.builders import build_children
+from borg_operator.builders import Material
 from borg_operator.builders.config import CONFIG_KEY
 from borg_operator.builders.kafka import CLIENT_LISTENER
-from borg_operator.spec import CONFIG_PATH, KAFKA_CA_FILE, RUN_DIR, parse_spec
+from borg_operator.spec import CONFIG_PATH, KAFKA_CA_FILE, RUN_DIR
 from borg_operator.tls import make_kafka_tls, make_memory_tls
 from borgdqn.config import BorgConfig
 from borgdqn.memory.redis.acl import MONITOR, USERS
@@ -64,7 +64,7 @@ from tests.harness.kafka import KafkaServer, ensure_kafka, start_kafka
 from tests.harness.process import free_port
 from tests.harness.redis import RedisInstall, ensure_redis
 from tests.support.conditions import eventually
-from tests.support.operator_process import image_properties
+from tests.support.operator_process import image_properties, render_collective
 
 NAMESPACE = "borg-test"
 STEPS = 2000  # env steps per member
@@ -336,10 +336,9 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
         request: pytest.FixtureRequest) -> None:  # fmt: skip
     cr = f"dp-{uuid.uuid4().hex[:6]}"  # the collective's name: its memory's name and its telemetry's collective
     passwords = {user.secret_key: f"{user.name}-{uuid.uuid4().hex}" for user in USERS}
-    tls = make_memory_tls(cr, NAMESPACE)
-    kafka_tls = make_kafka_tls(cr, NAMESPACE, also=("127.0.0.1",))
-    children = by_kind(build_children(cr, NAMESPACE, parse_spec(SPEC), redis_passwords=passwords, memory_tls=tls,
-                                      kafka_tls=kafka_tls))
+    material = Material(passwords, make_memory_tls(cr, NAMESPACE),
+                        make_kafka_tls(cr, NAMESPACE, also=("127.0.0.1",)))
+    children = by_kind(render_collective(cr, NAMESPACE, SPEC, material))
     config_text = children[("ConfigMap", f"{cr}-config")]["data"][CONFIG_KEY]
     rendered = yaml.safe_load(config_text)
     config_file = tmp_path / CONFIG_KEY
@@ -532,8 +531,7 @@ def test_the_rendered_collective_trains_shares_its_memory_and_reports_to_elastic
     # with its env-step counter kept, and goes on with the new config.
     changed = {**SPEC, "agents": {**SPEC["agents"], "steps": 2 * STEPS,
                                   "learner": {**SPEC["agents"]["learner"], "lr": 5e-4}}}
-    rolled = by_kind(build_children(cr, NAMESPACE, parse_spec(changed), redis_passwords=passwords, memory_tls=tls,
-                                    kafka_tls=kafka_tls))
+    rolled = by_kind(render_collective(cr, NAMESPACE, changed, material))
 
     def checksum(found: Mapping[tuple[str, str], dict[str, Any]]) -> str:
         template = found[("StatefulSet", f"{cr}-agents")]["spec"]["template"]

@@ -18,11 +18,20 @@ import pytest
 import yaml
 
 from borg_operator import names
-from borg_operator.builders import OWNED_KINDS, build_children, children_kinds, config_checksum
+from borg_operator.builders import (
+    APPLIED_KINDS,
+    OWNED_KINDS,
+    Material,
+    build_children,
+    build_secrets,
+    children_kinds,
+    config_checksum,
+)
 from borg_operator.builders.agents import GPU_RESOURCE, GPU_TOLERATION
 from borg_operator.builders.config import CONFIG_KEY, config_yaml
 from borg_operator.builders.kafka import cluster_id
-from borg_operator.builders.memory import build_redis_secret, redis_maxmemory
+from borg_operator.builders.memory import redis_maxmemory
+from borg_operator.builders.secrets import build_redis_secret
 from borg_operator.spec import SpecError, kafka_bootstrap, parse_spec, to_borg_config
 from borg_operator.tls import CA_FILE, CERT_FILE, KAFKA_TLS_KEYS, KEY_FILE
 from borgdqn.config import build_config
@@ -31,6 +40,7 @@ from borgdqn.memory.redis.sizing import replica_bytes
 from tests.harness.cache import Progress
 from tests.harness.kube import KubeCluster, eck_crds, strimzi_crds
 from tests.support.kube_helpers import install_borg_crd, namespaces_deleted_after, new_namespace, wait_established
+from tests.support.operator_process import render_collective
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "operator"
@@ -61,10 +71,13 @@ def example(which: str) -> tuple[str, dict[str, Any]]:
     return manifest["metadata"]["name"], manifest.get("spec") or {}
 
 
+GOLDEN_MATERIAL = Material(GOLDEN_PASSWORDS, GOLDEN_TLS, GOLDEN_KAFKA_TLS)
+
+
 def render(name: str, spec: dict[str, Any], namespace: str = NAMESPACE,
            passwords: Mapping[str, str] = GOLDEN_PASSWORDS) -> list[dict[str, Any]]:
-    return build_children(name, namespace, parse_spec(spec), redis_passwords=passwords, memory_tls=GOLDEN_TLS,
-                          kafka_tls=GOLDEN_KAFKA_TLS)
+    """The create-once Secrets, then the applied children."""
+    return render_collective(name, namespace, spec, Material(passwords, GOLDEN_TLS, GOLDEN_KAFKA_TLS))
 
 
 def all_renders() -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -136,11 +149,11 @@ def test_rendering_is_deterministic_and_does_not_share_state() -> None:
 def test_children_come_in_the_documented_order() -> None:
     kinds = [(c["kind"], c["metadata"]["name"]) for c in render(*example("minimal"))]
     assert kinds == [
-        ("ConfigMap", "pong-minimal-config"), ("Secret", "pong-minimal-redis"),
-        ("Secret", "pong-minimal-memory-tls"), ("StatefulSet", "pong-minimal-memory"),
+        ("Secret", "pong-minimal-redis"), ("Secret", "pong-minimal-memory-tls"), ("Secret", "pong-minimal-kafka-tls"),
+        ("ConfigMap", "pong-minimal-config"), ("StatefulSet", "pong-minimal-memory"),
         ("Service", "pong-minimal-memory-headless"),
         ("Service", "pong-minimal-memory"), ("PodDisruptionBudget", "pong-minimal-memory"),
-        ("Secret", "pong-minimal-kafka-tls"), ("StatefulSet", "pong-minimal-kafka"),
+        ("StatefulSet", "pong-minimal-kafka"),
         ("Service", "pong-minimal-kafka-headless"), ("Service", "pong-minimal-kafka"),
         ("Elasticsearch", "pong-minimal-es"), ("Kibana", "pong-minimal-kibana"),
         ("Deployment", "pong-minimal-indexer"), ("Job", "pong-minimal-kibana-setup"),
@@ -158,7 +171,7 @@ def test_every_child_is_an_owned_kind_in_the_namespace_and_labelled() -> None:
     assert set(children_kinds()) == owned
     assert len({plural for _, _, plural in OWNED_KINDS}) == len(OWNED_KINDS)
     for which, children in all_renders():
-        cr = children[0]["metadata"]["name"].removesuffix("-config")
+        cr = children[0]["metadata"]["labels"][names.LABEL_INSTANCE]
         for child in children:
             where = f"{which}: {child['kind']}/{child['metadata']['name']}"
             assert (child["apiVersion"], child["kind"]) in owned, where
@@ -211,10 +224,8 @@ def test_agents_ask_for_their_gpus_and_tolerate_the_gpu_taint() -> None:
 
 def test_a_completed_collective_keeps_every_child_but_gives_its_agents_no_pods() -> None:
     name, spec = example("full")
-    running = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
-                             memory_tls=GOLDEN_TLS, kafka_tls=GOLDEN_KAFKA_TLS)
-    completed = build_children(name, NAMESPACE, parse_spec(spec), redis_passwords=GOLDEN_PASSWORDS,
-                               memory_tls=GOLDEN_TLS, kafka_tls=GOLDEN_KAFKA_TLS, completed=True)
+    running = build_children(name, NAMESPACE, parse_spec(spec), GOLDEN_MATERIAL)
+    completed = build_children(name, NAMESPACE, parse_spec(spec), GOLDEN_MATERIAL, completed=True)
     assert by_kind(running, "StatefulSet", "pong-agents")["spec"]["replicas"] == 8
     assert by_kind(completed, "StatefulSet", "pong-agents")["spec"]["replicas"] == 0
     # The memory, Kafka, Elasticsearch, Kibana and the rest stay for inspection, unchanged.
@@ -326,6 +337,19 @@ def test_every_pod_runs_non_root_read_only_without_a_token() -> None:
                 assert container["resources"]["requests"] == container["resources"]["limits"], where
                 checked += 1
         assert checked >= 3, which  # at least the agent, Redis and the monitor
+
+
+def test_the_create_once_secrets_are_built_apart_from_the_applied_children() -> None:
+    for which, spec in [*((w, example(w)[1]) for w in EXAMPLES), *VARIANTS.items()]:
+        parsed = parse_spec(spec)
+        assert not [c for c in build_children(which, NAMESPACE, parsed, GOLDEN_MATERIAL) if c["kind"] == "Secret"]
+        secrets = {s["metadata"]["name"]: s for s in build_secrets(which, NAMESPACE, parsed, GOLDEN_MATERIAL)}
+        managed_tls = parsed.kafka.mode == "managed" and parsed.kafka.secured
+        assert set(secrets) == {f"{which}-redis", f"{which}-memory-tls", *([f"{which}-kafka-tls"] * managed_tls)}
+        assert all(secret["immutable"] is True for secret in secrets.values())
+    # The reconciler applies and prunes every owned kind but Secrets (it may not list them).
+    assert ("v1", "Secret") not in APPLIED_KINDS
+    assert set(APPLIED_KINDS) == set(children_kinds()) - {("v1", "Secret")}
 
 
 def test_the_passwords_are_in_the_secret_and_nowhere_else() -> None:
@@ -522,7 +546,7 @@ def test_strimzi_mode_renders_a_kafka_with_a_kraft_node_pool() -> None:
 def test_external_kafka_and_disabled_elastic_render_neither() -> None:
     children = render("cpu-external", VARIANTS["cpu-external"])
     kinds = [c["kind"] for c in children]
-    assert kinds == ["ConfigMap", "Secret", "Secret", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
+    assert kinds == ["Secret", "Secret", "ConfigMap", "StatefulSet", "Service", "Service", "PodDisruptionBudget",
                      "StatefulSet", "NetworkPolicy"]
     monitor = pod_spec(by_kind(children, "StatefulSet", "cpu-external-memory"))["containers"][1]
     assert monitor["args"][monitor["args"].index("--kafka") + 1] == "kafka-0.shared:9092,kafka-1.shared:9092"

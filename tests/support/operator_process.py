@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from borg_operator import names
-from borg_operator.builders import OWNED_KINDS, build_children
+from borg_operator.builders import OWNED_KINDS, Manifest, Material, build_children, build_secrets
 from borg_operator.spec import parse_spec
 from borg_operator.tls import CA_FILE, CERT_FILE, KAFKA_TLS_KEYS, KEY_FILE
 from borgdqn.memory.redis.acl import USERS
@@ -59,13 +59,21 @@ def collective(name: str, namespace: str, spec: dict[str, Any] | None = None,
     return {"apiVersion": "borg.dev/v1alpha1", "kind": "BorgCollective", "metadata": meta, "spec": spec or {}}
 
 
+def render_collective(name: str, namespace: str, spec: dict[str, Any], material: Material,
+                      completed: bool = False) -> list[Manifest]:
+    """Everything the operator makes of a spec: the create-once Secrets, then the applied children."""
+    parsed = parse_spec(spec)
+    return [*build_secrets(name, namespace, parsed, material),
+            *build_children(name, namespace, parsed, material, completed=completed)]
+
+
 def expected_children(name: str, namespace: str, spec: dict[str, Any] | None = None) -> set[tuple[str, str]]:
-    """(kind, name) of everything the builders render for this spec (the password does not change the set)."""
-    passwords = {user.secret_key: "unused" for user in USERS}
-    tls = {key: "unused" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
-    rendered = build_children(name, namespace, parse_spec(spec or {}), redis_passwords=passwords, memory_tls=tls,
-                              kafka_tls=dict.fromkeys(KAFKA_TLS_KEYS, "unused"))
-    return {(child["kind"], child["metadata"]["name"]) for child in rendered}
+    """(kind, name) of everything the operator makes of this spec (the material does not change the set)."""
+    material = Material(passwords={user.secret_key: "unused" for user in USERS},
+                        memory_tls=dict.fromkeys((CA_FILE, CERT_FILE, KEY_FILE), "unused"),
+                        kafka_tls=dict.fromkeys(KAFKA_TLS_KEYS, "unused"))
+    return {(child["kind"], child["metadata"]["name"]) for child in render_collective(name, namespace, spec or {},
+                                                                                       material)}
 
 
 def _resource(api_version: str, plural: str) -> str:

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from borg_operator.builders import build_children
+from borg_operator.builders import Material
 from borg_operator.spec import SpecError, parse_spec
 from borg_operator.tls import (
     CA_FILE,
@@ -33,7 +33,7 @@ from borg_operator.tls import (
     make_kafka_tls,
 )
 from borgdqn.config import ConfigError, build_config
-from tests.support.operator_process import image_properties
+from tests.support.operator_process import image_properties, render_collective
 
 NAMESPACE = "borg"
 PASSWORDS = {key: "unused" for key in ("agent-password", "monitor-password", "admin-password")}
@@ -41,8 +41,7 @@ MEMORY_TLS = {key: "unused" for key in (CA_FILE, CERT_FILE, KEY_FILE)}
 
 
 def render(spec: dict[str, Any], kafka_tls: dict[str, str] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-    children = build_children("hive", NAMESPACE, parse_spec(spec), redis_passwords=PASSWORDS, memory_tls=MEMORY_TLS,
-                              kafka_tls=kafka_tls)
+    children = render_collective("hive", NAMESPACE, spec, Material(PASSWORDS, MEMORY_TLS, kafka_tls or {}))
     return {(c["kind"], c["metadata"]["name"]): c for c in children}
 
 

@@ -1,13 +1,12 @@
 """Pure builders: a collective's spec -> the manifests of its children (dicts, no cluster access).
 
-`build_children` renders all of them in a stable order; the reconciler adds ownerReferences and applies them
-(server-side apply). What a spec does not render (e.g. the Kafka StatefulSet after a switch to external mode)
-is found through `OWNED_KINDS` and the instance labels (`names.instance_selector`).
+`build_children` renders the children the reconciler applies (server-side apply, with ownerReferences), in a
+stable order; what a spec no longer renders (e.g. the Kafka StatefulSet after a switch to external mode) is
+found through `OWNED_KINDS` and the instance labels (`names.instance_selector`) and pruned. `build_secrets`
+renders the create-once Secrets apart (secrets.py): created when missing, never applied again nor pruned.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from borg_operator import names
 from borg_operator.builders.agents import build_agents
@@ -16,12 +15,13 @@ from borg_operator.builders.config import build_config_map, config_checksum, con
 from borg_operator.builders.elastic import build_elastic
 from borg_operator.builders.indexer import build_indexer
 from borg_operator.builders.kafka import build_kafka, kafka_client
-from borg_operator.builders.memory import build_memory, build_redis_secret
+from borg_operator.builders.memory import build_memory
 from borg_operator.builders.network import build_network
+from borg_operator.builders.secrets import Material, build_secrets, wants_kafka_tls
 from borg_operator.spec import CollectiveSpec
-from borg_operator.tls import CA_FILE
 
-__all__ = ["OWNED_KINDS", "Manifest", "build_children", "children_kinds", "config_checksum", "config_yaml"]
+__all__ = ["APPLIED_KINDS", "OWNED_KINDS", "Manifest", "Material", "build_children", "build_secrets", "children_kinds",
+           "config_checksum", "config_yaml"]
 
 # (apiVersion, kind, plural) of every kind a collective may own: for listing, pruning and RBAC.
 OWNED_KINDS: tuple[tuple[str, str, str], ...] = (
@@ -42,37 +42,37 @@ OWNED_KINDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# What the reconciler applies and prunes: every owned kind but the create-once Secrets (which it may not list).
+APPLIED_KINDS: tuple[tuple[str, str], ...] = tuple(
+    (api_version, kind) for api_version, kind, _ in OWNED_KINDS if kind != "Secret")
+
+
 def children_kinds() -> list[tuple[str, str]]:
     """(apiVersion, kind) of every kind a collective may own."""
     return [(api_version, kind) for api_version, kind, _ in OWNED_KINDS]
 
 
-def build_children(name: str, namespace: str, spec: CollectiveSpec, *, redis_passwords: Mapping[str, str],
-                   memory_tls: Mapping[str, str], kafka_tls: Mapping[str, str] | None = None,
+def build_children(name: str, namespace: str, spec: CollectiveSpec, material: Material, *,
                    completed: bool = False) -> list[Manifest]:
-    """Every child of the collective `namespace/name`, in a stable order: config, secret, memory, kafka, elastic,
+    """Every applied child of the collective `namespace/name`, in a stable order: config, memory, kafka, elastic,
     indexer, agents, network. SpecError (one line) when the spec cannot work.
 
-    `redis_passwords` are the existing Secret's passwords of the memory's Redis users, by key (the reconciler
-    reads them first and generates them only when there is no Secret), `memory_tls` the memory's CA, certificate
-    and key (borg_operator.tls, likewise), `kafka_tls` a managed TLS Kafka's (make_kafka_tls; needed when the
-    spec has one): the builders never invent one, so rendering twice gives the same objects. `completed`: every
-    agent finished its budget (`status.completed`), so the agents have no pods.
+    `material` is what the create-once Secrets hold (build_secrets); the children take only its CAs (their
+    pods' checksums roll them onto a new one). `completed`: every agent finished its budget
+    (`status.completed`), so the agents have no pods.
     """
     names.check_name(name, eck=spec.elastic.mode == "eck", strimzi=spec.kafka.mode == "strimzi")
-    kafka_tls = kafka_tls or {}
-    if spec.kafka.mode == "managed" and spec.kafka.secured and not kafka_tls.get(CA_FILE):
+    if wants_kafka_tls(spec) and not material.kafka_ca:
         raise ValueError("a managed TLS Kafka needs its material (borg_operator.tls.make_kafka_tls)")
-    client = kafka_client(name, spec.kafka, kafka_tls.get(CA_FILE, ""))
+    client = kafka_client(name, spec.kafka, material.kafka_ca)
     config = config_yaml(name, namespace, spec)
     return [
         build_config_map(name, namespace, config),
-        build_redis_secret(name, namespace, redis_passwords),
-        *build_memory(name, namespace, spec, memory_tls, client),
-        *build_kafka(name, namespace, spec, kafka_tls),
+        *build_memory(name, namespace, spec, material.memory_ca, client),
+        *build_kafka(name, namespace, spec, material.kafka_ca),
         *build_elastic(name, namespace, spec),
         *build_indexer(name, namespace, spec, client),
-        build_agents(name, namespace, spec, memory_ca=memory_tls[CA_FILE], config=config, kafka=client,
+        build_agents(name, namespace, spec, memory_ca=material.memory_ca, config=config, kafka=client,
                      completed=completed),
         *build_network(name, namespace, spec),
     ]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-from collections.abc import Mapping
 from typing import Any
 
 from borg_operator import names
@@ -89,18 +87,6 @@ def secret_volume(name: str, secret: str, keys: tuple[str, ...]) -> dict[str, An
 def ca_checksum(ca: str) -> str:
     """What a pod template carries of a CA certificate, so that a new one rolls the pods."""
     return hashlib.sha256(ca.encode()).hexdigest()
-
-
-def immutable_secret(cr: str, namespace: str, name: str, component: str, data: Mapping[str, str]) -> Manifest:
-    """A Secret the reconciler creates once and never changes (passwords, certificates)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(cr, namespace, name, component),
-        "type": "Opaque",
-        "immutable": True,
-        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
-    }
 
 
 def memory_ca_volume(cr: str) -> dict[str, Any]:

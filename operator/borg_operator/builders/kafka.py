@@ -1,14 +1,13 @@
 """Telemetry transport. managed: a KRaft StatefulSet `<cr>-kafka` of the apache/kafka image (each node broker
-and controller) with its Services and, with TLS (the default), the Secret `<cr>-kafka-tls`: its clients and
-brokers meet on one listener that wants a client certificate; strimzi: a Strimzi `Kafka` `<cr>-kafka` with one
-KafkaNodePool; external: nothing (the spec names the bootstrap servers and the Secrets that reach them).
-`kafka_client`: what every pod that talks to Kafka mounts and is told, whichever the mode."""
+and controller) with its Services; with TLS (the default) its clients and brokers meet on one listener that wants
+a client certificate (the Secret `<cr>-kafka-tls`, builders/secrets.py); strimzi: a Strimzi `Kafka`
+`<cr>-kafka` with one KafkaNodePool; external: nothing (the spec names the bootstrap servers and the Secrets
+that reach them). `kafka_client`: what every pod that talks to Kafka mounts and is told, whichever the mode."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,6 @@ from borg_operator.builders.common import (
     env_field,
     env_secret,
     guaranteed,
-    immutable_secret,
     metadata,
     pod_security_context,
     secret_volume,
@@ -41,7 +39,6 @@ from borg_operator.tls import (
     CERT_FILE,
     CLIENT_CERT_FILE,
     CLIENT_KEY_FILE,
-    KAFKA_TLS_KEYS,
     KEY_FILE,
     KEYSTORE_FILE,
 )
@@ -153,16 +150,6 @@ def _kafka_container(cr: str, namespace: str, spec: CollectiveSpec) -> dict[str,
         "securityContext": container_security_context(KAFKA_UID),
         "volumeMounts": mounts,
     }
-
-
-def build_kafka_tls_secret(cr: str, namespace: str, material: Mapping[str, str]) -> Manifest:
-    """A managed Kafka's CA, broker keystore and client certificate (borg_operator.tls.make_kafka_tls, made once
-    by the reconciler). Immutable: a new certificate is a new Secret."""
-    missing = [key for key in KAFKA_TLS_KEYS if not material.get(key)]
-    if missing:
-        raise ValueError(f"the Kafka TLS Secret needs {', '.join(missing)}")
-    return immutable_secret(cr, namespace, names.kafka_tls_secret(cr), names.KAFKA,
-                            {key: material[key] for key in KAFKA_TLS_KEYS})
 
 
 def build_managed_statefulset(cr: str, namespace: str, spec: CollectiveSpec, kafka_ca: str = "") -> Manifest:
@@ -341,12 +328,10 @@ def kafka_client(cr: str, kafka: KafkaSpec, kafka_ca: str = "") -> KafkaClient:
         annotations={names.KAFKA_CA_ANNOTATION: ca_checksum(kafka_ca)} if kafka.mode == "managed" else {})
 
 
-def build_kafka(cr: str, namespace: str, spec: CollectiveSpec, kafka_tls: Mapping[str, str]) -> list[Manifest]:
-    """`kafka_tls`: a managed TLS Kafka's material (borg_operator.tls.make_kafka_tls), else empty."""
+def build_kafka(cr: str, namespace: str, spec: CollectiveSpec, kafka_ca: str) -> list[Manifest]:
+    """`kafka_ca`: a managed TLS Kafka's CA certificate (its Secret is builders/secrets.py's), else empty."""
     if spec.kafka.mode == "managed":
-        secret = [build_kafka_tls_secret(cr, namespace, kafka_tls)] if spec.kafka.secured else []
-        return [*secret, build_managed_statefulset(cr, namespace, spec, kafka_tls.get(CA_FILE, "")),
-                *build_managed_services(cr, namespace)]
+        return [build_managed_statefulset(cr, namespace, spec, kafka_ca), *build_managed_services(cr, namespace)]
     if spec.kafka.mode == "strimzi":
         return build_strimzi(cr, namespace, spec)
     return []  # external: the spec's bootstrapServers

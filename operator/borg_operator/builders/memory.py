@@ -1,10 +1,9 @@
-"""The replay memory: Secrets `<cr>-redis` (its users' passwords) and `<cr>-memory-tls` (its CA and certificate),
-StatefulSet `<cr>-memory` (Redis + the monitor sidecar), its
-Services and PodDisruptionBudget. The pod runs the memory image (memory_image/, docs/memory-image.md)."""
+"""The replay memory: StatefulSet `<cr>-memory` (Redis + the monitor sidecar), its Services and
+PodDisruptionBudget. The pod runs the memory image (memory_image/, docs/memory-image.md); its passwords and
+certificate are the create-once Secrets (builders/secrets.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -18,15 +17,14 @@ from borg_operator.builders.common import (
     empty_dir,
     env,
     guaranteed,
-    immutable_secret,
     memory_ca_volume,
     metadata,
     pod_basics,
     secret_volume,
 )
 from borg_operator.builders.kafka import KafkaClient
+from borg_operator.builders.secrets import MEMORY_TLS_KEYS
 from borg_operator.spec import MEMORY_CA_FILE, MEMORY_TLS_DIR, REDIS_PORT, CollectiveSpec, SpecError, kafka_bootstrap
-from borg_operator.tls import CA_FILE, CERT_FILE, KEY_FILE
 from borgdqn.memory.redis.acl import MONITOR, USERS
 from borgdqn.memory.redis.client import REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import size_memory
@@ -45,29 +43,6 @@ READY_COMMAND = (f'test "$(REDISCLI_AUTH="$(cat {MONITOR_PASSWORD_FILE})" redis-
 
 ALIVE_COMMAND = (f'case "$(redis-cli --tls --cacert {MEMORY_CA_FILE} -p {REDIS_PORT} --no-auth-warning ping 2>&1)" '
                  'in PONG|*NOAUTH*|*LOADING*) exit 0;; *) exit 1;; esac')
-
-
-def build_redis_secret(cr: str, namespace: str, passwords: Mapping[str, str]) -> Manifest:
-    """The memory's Redis users' passwords, a key each (borgdqn.memory.redis.acl.USERS). Immutable: the apiserver
-    itself refuses to change them, so no reconcile can rotate one by accident and lock the agents out of a
-    memory that outlives them (new passwords are a new Secret)."""
-    for user in USERS:
-        password = passwords.get(user.secret_key, "")
-        if not password or any(ord(c) < 0x20 or ord(c) == 0x7F for c in password):
-            # The memory image refuses both (a control character is usually a stray newline); fail here instead.
-            raise ValueError(f"the Redis password {user.secret_key} must be non-empty printable text")
-    return immutable_secret(cr, namespace, names.redis_secret(cr), names.MEMORY,
-                             {user.secret_key: passwords[user.secret_key] for user in USERS})
-
-
-def build_memory_tls_secret(cr: str, namespace: str, material: Mapping[str, str]) -> Manifest:
-    """The memory's CA certificate, server certificate and key (borg_operator.tls, made once by the reconciler).
-    Immutable, as the passwords are: a new certificate is a new Secret."""
-    missing = [key for key in (CA_FILE, CERT_FILE, KEY_FILE) if not material.get(key)]
-    if missing:
-        raise ValueError(f"the memory's TLS Secret needs {', '.join(missing)}")
-    return immutable_secret(cr, namespace, names.memory_tls_secret(cr), names.MEMORY,
-                             {key: material[key] for key in (CA_FILE, CERT_FILE, KEY_FILE)})
 
 
 def redis_maxmemory(spec: CollectiveSpec) -> int:
@@ -155,7 +130,7 @@ def build_memory_statefulset(cr: str, namespace: str, spec: CollectiveSpec, memo
     volumes: list[dict[str, Any]] = [
         secret_volume("redis-users", names.redis_secret(cr), tuple(user.secret_key for user in USERS)),
         secret_volume("redis-monitor", names.redis_secret(cr), (MONITOR.secret_key,)),
-        secret_volume("memory-tls", names.memory_tls_secret(cr), (CA_FILE, CERT_FILE, KEY_FILE)),
+        secret_volume("memory-tls", names.memory_tls_secret(cr), MEMORY_TLS_KEYS),
         memory_ca_volume(cr),
         # Memory-backed: the rendered config holds the password, which so never touches a disk.
         empty_dir("conf", memory=True, size_limit="1Mi"),
@@ -231,8 +206,6 @@ def build_memory_pdb(cr: str, namespace: str) -> Manifest:
     }
 
 
-def build_memory(cr: str, namespace: str, spec: CollectiveSpec, tls: Mapping[str, str],
-                 kafka: KafkaClient) -> list[Manifest]:  # fmt: skip
-    return [build_memory_tls_secret(cr, namespace, tls),
-            build_memory_statefulset(cr, namespace, spec, tls[CA_FILE], kafka),
+def build_memory(cr: str, namespace: str, spec: CollectiveSpec, memory_ca: str, kafka: KafkaClient) -> list[Manifest]:
+    return [build_memory_statefulset(cr, namespace, spec, memory_ca, kafka),
             *build_memory_services(cr, namespace), build_memory_pdb(cr, namespace)]
