@@ -36,6 +36,7 @@ from borgdqn.config import (
 DEFAULT_ELASTIC_VERSION = "8.19.7"
 DEFAULT_STRIMZI_KAFKA_VERSION = "4.1.0"
 REDIS_PORT = 6379
+GPU_RESOURCE = "nvidia.com/gpu"  # what `agents.gpus` counts: the NVIDIA device plugin's extended resource
 KAFKA_PORT = 9092
 STRIMZI_TLS_PORT = 9093  # Strimzi's convention for an internal TLS listener (9092 is its plain one)
 CONFIG_PATH = "/etc/borgdqn/borgdqn.yaml"

@@ -20,14 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from borg_operator.spec import CollectiveSpec, SpecError, parse_spec
+from borg_operator.spec import GPU_RESOURCE, CollectiveSpec, SpecError, parse_spec
 from borgdqn.memory.redis.keys import LinkTotals
 
 PAUSED_ANNOTATION = "borg.dev/paused"
 CONDITION_TYPES = ("Ready", "AgentsReady", "MemoryReady", "KafkaReady", "ElasticReady", "Complete")
 STATUS_KEYS = ("observedGeneration", "phase", "conditions", "agents", "gpus", "completed", "memory")
 PHASES = ("Pending", "Creating", "Running", "Degraded", "Succeeded", "Paused", "Failed")
-GPU_RESOURCE = "nvidia.com/gpu"
 # The scheduler's message is kept whole in the pod's condition; a status line only needs its gist.
 _MAX_SCHEDULER_MESSAGE = 200
 

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from borg_operator.spec import GPU_RESOURCE
 from tests.harness.cache import Progress
 from tests.harness.errors import HarnessError
 from tests.harness.gobuild import GoTool, go_binaries, go_module_dir
@@ -77,7 +78,6 @@ SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 FAKE_NODE_ANNOTATION_VALUE = "fake"
-GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 # The stages kwokctl installs by default: nodes become Ready and keep a lease, pods go Running, complete and
 # are removed once deleted (there is no kubelet to finish a graceful deletion).

@@ -30,12 +30,11 @@ from borg_operator.builders.common import (
 )
 from borg_operator.builders.config import CONFIG_DIR, CONFIG_KEY, config_checksum
 from borg_operator.builders.kafka import KafkaClient
-from borg_operator.spec import CONFIG_PATH, MEMORY_TLS_DIR, RUN_DIR, CollectiveSpec, SpecError
+from borg_operator.spec import CONFIG_PATH, GPU_RESOURCE, MEMORY_TLS_DIR, RUN_DIR, CollectiveSpec, SpecError
 from borgdqn.memory.redis.acl import AGENT
 from borgdqn.memory.redis.client import REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV
 from borgdqn.memory.redis.sizing import agent_pod_bytes
 
-GPU_RESOURCE = "nvidia.com/gpu"
 # The NVIDIA GPU operator and the cloud GPU node pools taint GPU nodes so that only pods asking for GPUs land
 # there; tolerating the key with any value covers `present`, `true` and the rest.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
