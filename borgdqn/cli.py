@@ -245,7 +245,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = hive["best_mean_return_20"]
     status = "stopped (continue with --resume)" if summary.get("interrupted") else "done"
     if summary.get("target_reached") and not summary.get("interrupted"):
-        status = f"done (an agent reached a mean return of {config.hive.stop_at_mean_return:g})"
+        reached, agents = summary["agents_reached"], len(summary["agents"])
+        who = ("an agent" if config.hive.stop_when == "first" else
+               "every agent" if reached == agents else f"{reached} of {agents} agents")
+        status = f"done ({who} reached a mean return of {config.hive.stop_at_mean_return:g})"
     print(
         f"{status}: {hive['env_steps']:,} env steps, {hive['episodes']} episodes, "
         f"mean return (last 20) {mean if mean is None else round(mean, 2)}, "

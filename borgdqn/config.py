@@ -316,8 +316,13 @@ class HiveConfig(_Strict):
     steps: int = Field(default=2_000_000, ge=1, description="total env steps over the whole hive")
     stop_at_mean_return: float | None = Field(
         default=None,
-        description="stop the hive as soon as an agent's mean return over 20 episodes reaches this "
-        "(null: run every step)",
+        description="stop as soon as an agent's mean return over 20 episodes reaches this (stop_when says who "
+        "stops; null: run every step)",
+    )
+    stop_when: Literal["first", "each"] = Field(
+        default="first",
+        description="with stop_at_mean_return: first: the first agent that reaches it stops the hive; each: each "
+        "agent stops when it reaches it (as Ray Tune stops a trial), the hive once every agent has stopped",
     )
     seed: int = Field(default=0, description="base seed of envs, networks and policies")
     out: Path = Field(default=Path("runs/hive"), description="run directory")

@@ -288,8 +288,8 @@ def restore_from_store(config: BorgConfig, member: str, spec: EnvSpec) -> bool:
 
 def train(config: BorgConfig, *, resume: bool = False, member: str | None = None,
           preset: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run the hive to the end of ``hive.steps``, until an agent reaches ``hive.stop_at_mean_return``, or to a
-    Ctrl-C; returns the summary written to summary.json.
+    """Run the hive to the end of ``hive.steps``, until an agent (``hive.stop_when`` first) or every agent (each)
+    reaches ``hive.stop_at_mean_return``, or to a Ctrl-C; returns the summary written to summary.json.
 
     ``member`` (a pod's name): run as that one member of a collective (see :mod:`borgdqn.rl.identity`); a run
     directory that already holds its run (the container restarted in the same pod) is resumed. ``preset``: the
@@ -373,10 +373,9 @@ def train(config: BorgConfig, *, resume: bool = False, member: str | None = None
     summary["interrupted"] = interrupted
     target = config.hive.stop_at_mean_return
     if target is not None:
-        summary["stop_at_mean_return"] = target
-        summary["target_reached"] = any(
-            (agent["best_mean_return_20"] or -math.inf) >= target for agent in summary["agents"].values()
-        )
+        reached = sum((agent["best_mean_return_20"] or -math.inf) >= target for agent in summary["agents"].values())
+        summary.update(stop_at_mean_return=target, stop_when=config.hive.stop_when, target_reached=reached > 0,
+                       agents_reached=reached)
     write_summary(run_dir, summary)
     # A killed agent first: the others may have failed because of it (a lock it died holding).
     crashed = [i for i, p in enumerate(procs) if (p.exitcode or 0) < 0]

@@ -68,8 +68,8 @@ def run_agent(
     store: ModelStore | None = None,
 ) -> AgentCheckpoint:
     """Run the agent ``identity`` until its ``steps`` are done, its mean return reaches
-    ``hive.stop_at_mean_return`` (it then sets ``stop``: the hive ends with it) or ``stop`` is set; returns its
-    final state.
+    ``hive.stop_at_mean_return`` (with ``hive.stop_when`` first it then sets ``stop``: the hive ends with it) or
+    ``stop`` is set; returns its final state.
 
     ``reports`` is anything with ``put_nowait`` (a multiprocessing queue): AgentReport objects go there.
     ``store``: the hive's model store when it is not the run dir (a collective's memory), which gets each
@@ -158,10 +158,11 @@ def run_agent(
                 reporter.game(game, state.env_steps + num_envs, tally.episodes, actor.policy.epsilon(state.env_steps))
             if games and target is not None and tally.best_mean is not None and tally.best_mean >= target:
                 reached = True
+                whole_hive = hive.stop_when == "first"
                 log.info("agent=%d reached a mean return of %.1f over %d episodes at env_steps=%d "
-                         "(hive.stop_at_mean_return %g): stopping the hive", agent, tally.best_mean, MEAN_WINDOW,
-                         state.env_steps + num_envs, target)  # fmt: skip
-                if stop is not None:
+                         "(hive.stop_at_mean_return %g): stopping %s", agent, tally.best_mean, MEAN_WINDOW,
+                         state.env_steps + num_envs, target, "the hive" if whole_hive else "this agent")  # fmt: skip
+                if whole_hive and stop is not None:
                     stop.set()  # the whole hive ends with this agent, each agent saving as at a Ctrl-C
             state.env_steps += num_envs
 

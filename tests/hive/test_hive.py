@@ -166,6 +166,27 @@ def test_the_hive_stops_when_an_agent_reaches_the_mean_return_asked_for(tmp_path
     )
 
 
+def test_with_stop_when_each_every_agent_stops_at_the_mean_return_on_its_own(tmp_path: Path) -> None:
+    """hive.stop_when each: an agent that reaches the mean stops alone, the others go on to theirs; the hive ends
+    once every agent has (as Ray Tune stops each trial)."""
+    out = tmp_path / "run"
+    budget = 1_000_000
+    done = subprocess.run(
+        [sys.executable, "-m", "borgdqn", "train", "--config", str(EXAMPLES / "cartpole.yaml"), "--out", str(out),
+         "--steps", str(budget), "--no-live", "--set", "hive.stop_at_mean_return=12", "--set", "hive.stop_when=each"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done (every agent reached a mean return of 12)" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stop_when"], summary["agents_reached"], summary["interrupted"]) == ("each", 2, False)
+    for agent in (0, 1):
+        stats = summary["agents"][str(agent)]
+        assert stats["best_mean_return_20"] >= 12 and stats["env_steps"] < budget // 100
+        assert read_checkpoint(agent_checkpoint_path(out, agent))[1].env_steps == stats["env_steps"]
+        assert "stopping this agent" in (out / "logs" / f"agent-{agent}.log").read_text()
+
+
 @pytest.mark.slow
 def test_cartpole_hive_of_two_learns_from_the_bare_command(tmp_path: Path) -> None:
     """The bar: mean return >= 475 over 20 episodes within 100k total env steps on a CPU, from the command a new

@@ -217,7 +217,9 @@ def _crippled_hive(out: Path, assimilation: bool, steps: int) -> dict[str, Any]:
     overrides = {"hive.out": str(out), "hive.agents": 3, "hive.steps": steps, "hive.live": "off",
                  "hive.learner_by_agent": {2: {"lr": 1e-6}},  # 1,000x too small
                  "hive.assimilation.enabled": assimilation, "hive.assimilation.every": 4000,
-                 "hive.assimilation.bottom": 0.34, "hive.assimilation.top": 0.34}
+                 "hive.assimilation.bottom": 0.34, "hive.assimilation.top": 0.34,
+                 # Each agent stops at CartPole's bar on its own; the stopped ones stay donors in the store.
+                 "hive.stop_at_mean_return": 475, "hive.stop_when": "each"}
     train(build_config(yaml_path=EXAMPLES / "cartpole.yaml", environ={}, overrides=overrides))
     return json.loads((out / "summary.json").read_text())
 
@@ -227,6 +229,8 @@ def _crippled_hive(out: Path, assimilation: bool, steps: int) -> dict[str, Any]:
 # reached 493-500 by 60k steps of its own (459 once with checks every 8000 steps, and 456 once at 70k with checks
 # every 4000 while the whole hive did worse than usual: hence 4000 and 85k). A learning rate of 1e-6 learns
 # nothing in any budget (its best mean of 20 stayed under 30 in 35k), so the run without assimilation stops at 20k.
+# Since 2026-12-08 each agent stops on its own at 475 (hive.stop_when each): the healthy ones when they get there,
+# the adopter when it does (or at its budget); the stopped agents' last states stay donors in the store.
 CRIPPLED_HIVE_STEPS_ON = 3 * 85_000
 CRIPPLED_HIVE_STEPS_OFF = 3 * 20_000
 
